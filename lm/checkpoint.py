@@ -1,0 +1,327 @@
+"""Checkpoint formats: Meta's (params.json + consolidated.NN.pth) and HF's (config.json + *.safetensors).
+
+Loading builds the model on the meta device and assigns the checkpoint's tensors into it, so a large
+model never exists twice in memory: Meta shards are memory-mapped, safetensors are read one tensor at a
+time. Every file is written under a temporary name and renamed into place, so an interrupted save never
+leaves a truncated file where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from lm.config import LMConfig
+from lm.model import Transformer
+
+HF_SHARD_BYTES = 5 * 2**30
+
+# Meta parameter name -> HF parameter name ("{}" is the layer index).
+_META_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+}
+_HF_TO_META = {hf: meta for meta, hf in _META_TO_HF.items()}
+
+
+def _rename(name: str, table: dict[str, str]) -> str | None:
+    layer = re.search(r"\.(\d+)\.", name)
+    key = name.replace(f".{layer.group(1)}.", ".{}.", 1) if layer else name
+    target = table.get(key)
+    if target is None:
+        return None
+    return target.format(layer.group(1)) if layer else target
+
+
+def meta_to_hf_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows from Meta's interleaved rotary pairs to HF's rotate-half layout."""
+    out_dim, in_dim = weight.shape
+    return weight.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_to_meta_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `meta_to_hf_rotary`."""
+    out_dim, in_dim = weight.shape
+    return weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+# ---- detection and loading ------------------------------------------------------------------------
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'meta' or 'hf', from the files in a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if (path / "params.json").exists() and sorted(path.glob("consolidated.*.pth")):
+        return "meta"
+    if (path / "config.json").exists() and sorted(path.glob("*.safetensors")):
+        return "hf"
+    raise ValueError(
+        f"{path} is neither a Meta checkpoint (params.json + consolidated.NN.pth) "
+        f"nor an HF checkpoint (config.json + *.safetensors); it holds: {sorted(p.name for p in path.iterdir())}"
+    )
+
+
+def load_config(path: str | os.PathLike) -> LMConfig:
+    """The LMConfig of a Meta or HF checkpoint directory."""
+    path = Path(path)
+    if detect_format(path) == "meta":
+        return LMConfig.from_meta_params(path / "params.json")
+    return LMConfig.from_hf_config(path / "config.json")
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_backend: str | None = None,
+) -> Transformer:
+    """Load a Meta or HF checkpoint directory into a Transformer (weights keep their dtype unless given)."""
+    path = Path(path)
+    config = load_config(path)
+    if attn_backend is not None:
+        config.attn_backend = attn_backend
+    with torch.device("meta"):
+        model = Transformer(config)
+    if detect_format(path) == "meta":
+        state = _read_meta(path, model)
+    else:
+        state = _read_hf(path, config)
+    if config.tie_word_embeddings or "output.weight" not in state:
+        # Llama 3.2 1B/3B tie the output projection to the embeddings; their checkpoints may omit it.
+        if "output.weight" not in state and not config.tie_word_embeddings:
+            model.config.tie_word_embeddings = config.tie_word_embeddings = True
+            model.output.weight = model.tok_embeddings.weight
+        state["output.weight"] = state["tok_embeddings.weight"]
+    check_state_dict(model, state, source=str(path))
+    model.load_state_dict(state, assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a KeyError/ValueError naming the key (and both shapes) where `state` does not fit `model`."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise KeyError(f"{source}: missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        raise KeyError(f"{source}: unexpected weights {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(tensor.shape)} in the checkpoint but the config "
+                f"expects {tuple(expected[key].shape)}"
+            )
+
+
+def _read_meta(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
+    """Read consolidated.NN.pth shards (memory-mapped) and merge model-parallel splits."""
+    files = sorted(path.glob("consolidated.*.pth"))
+    shards = []
+    for file in files:
+        try:
+            shards.append(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as error:
+            raise ValueError(f"cannot read Meta checkpoint shard {file}: {error}") from error
+    if len(shards) == 1:
+        return {k: v for k, v in shards[0].items() if k != "rope.freqs"}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    merged = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # Llama 2 checkpoints store the RoPE table; it is derived, not learned
+            continue
+        parts = []
+        for file, shard in zip(files, shards, strict=True):
+            if key not in shard:
+                raise KeyError(f"{file}: missing {key} (present in {files[0].name})")
+            parts.append(shard[key])
+        merged[key] = _merge_parallel(key, parts, expected.get(key))
+    return merged
+
+
+def _merge_parallel(key: str, parts: list[torch.Tensor], full_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """Undo one model-parallel split: find the dimension it was split on from the expected full shape."""
+    first = parts[0]
+    if full_shape is None or tuple(first.shape) == full_shape:
+        return first  # replicated (norms) or unknown key (reported by check_state_dict)
+    for dim, (part_size, full_size) in enumerate(zip(first.shape, full_shape, strict=True)):
+        if part_size == full_size:
+            continue
+        if (part_size * len(parts)) % full_size == 0 and full_size % part_size == 0:
+            # With more model-parallel ranks than KV heads, each KV head is replicated on several ranks.
+            replicas = part_size * len(parts) // full_size
+            return torch.cat(parts[::replicas], dim=dim)
+        break
+    raise ValueError(
+        f"{key}: {len(parts)} model-parallel shards of shape {tuple(first.shape)} cannot form the shape "
+        f"{full_shape} that the config expects"
+    )
+
+
+def _read_hf(path: Path, config: LMConfig) -> dict[str, torch.Tensor]:
+    """Read HF safetensors one tensor at a time, renaming to Meta names and undoing the rotary permutation."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / name for name in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    state = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as error:
+            raise ValueError(f"cannot read safetensors file {file}: {error}") from error
+        with handle:
+            for hf_name in handle.keys():
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue
+                name = _rename(hf_name, _HF_TO_META)
+                if name is None:
+                    raise KeyError(f"{file}: unexpected weight {hf_name} for a Llama model")
+                tensor = handle.get_tensor(hf_name)
+                if name.endswith("attention.wq.weight"):
+                    tensor = hf_to_meta_rotary(tensor, config.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    tensor = hf_to_meta_rotary(tensor, config.n_kv_heads)
+                state[name] = tensor
+    return state
+
+
+# ---- saving -----------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    format: str = "hf",
+    model_parallel: int = 1,
+    max_shard_bytes: int = HF_SHARD_BYTES,
+) -> Path:
+    """Write `model` as an HF (config.json + safetensors) or Meta (params.json + consolidated.NN.pth) dir."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if format == "hf":
+        _save_hf(state, config, path, max_shard_bytes)
+    elif format == "meta":
+        _save_meta(state, config, path, model_parallel)
+    else:
+        raise ValueError(f"format={format!r}; expected 'hf' or 'meta'")
+    return path
+
+
+def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    hf_state = {}
+    for name, tensor in state.items():
+        if name == "output.weight" and config.tie_word_embeddings:
+            continue  # HF re-ties lm_head to embed_tokens from tie_word_embeddings
+        if name.endswith("attention.wq.weight"):
+            tensor = meta_to_hf_rotary(tensor, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = meta_to_hf_rotary(tensor, config.n_kv_heads)
+        hf_state[_rename(name, _META_TO_HF)] = tensor.contiguous()
+    shards = list(_split_by_size(hf_state, max_shard_bytes))
+    dtype = next(iter(hf_state.values())).dtype
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in hf_state.values())}, "weight_map": weight_map}
+        _atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+    hf_config = config.to_hf_config()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
+
+
+def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, model_parallel: int) -> None:
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    for rank in range(model_parallel):
+        shard = {}
+        for name, tensor in state.items():
+            dim = _meta_split_dim(name)
+            if dim is None or model_parallel == 1:
+                shard[name] = tensor.clone() if model_parallel > 1 else tensor
+                continue
+            if tensor.shape[dim] % model_parallel:
+                raise ValueError(f"{name}: size {tensor.shape[dim]} on dim {dim} does not split {model_parallel} ways")
+            shard[name] = tensor.chunk(model_parallel, dim=dim)[rank].clone()
+        _atomic_write(path / f"consolidated.{rank:02d}.pth", lambda tmp, shard=shard: torch.save(shard, tmp))
+    _atomic_write_text(path / "params.json", json.dumps(config.to_meta_params(), indent=2))
+
+
+def _meta_split_dim(name: str) -> int | None:
+    """The dimension Meta's model-parallel layers split a weight on (None: replicated)."""
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1  # row-parallel
+    if name.endswith("norm.weight"):
+        return None
+    return 0  # column-parallel projections, vocabulary-parallel embeddings and output
+
+
+def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    shard, size = {}, 0
+    for name, tensor in state.items():
+        if shard and size + tensor.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensor
+        size += tensor.nbytes
+    if shard:
+        yield shard
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through `write(tmp)` then rename over `path`, so readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+__all__ = [
+    "check_state_dict",
+    "detect_format",
+    "hf_to_meta_rotary",
+    "load_config",
+    "load_pretrained",
+    "meta_to_hf_rotary",
+    "save_pretrained",
+]

@@ -1,0 +1,266 @@
+"""The Llama 3 transformer: GQA attention, RoPE (with Llama 3.1 scaling), SwiGLU, pre-RMSNorm.
+
+Parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, ...) so its
+checkpoints load as they are. The model knows nothing of parallelism: `train/parallel/` shards it from
+outside, which is why head counts are read from tensor shapes (`view(..., -1, head_dim)`) rather than
+from the config, and why layers live in a ModuleDict keyed by index (pipeline stages delete some).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.attention import AttentionMask, attend, build_mask, check_backend, document_positions
+from lm.config import LMConfig, RopeScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with Llama 3.1's long-context scaling when given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Wavelengths longer than the original context are stretched by `factor`; short ones are kept;
+    # the band between is interpolated smoothly (Meta's apply_scaling, vectorized).
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, interpolated)
+    return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns token positions into the (cos, sin) tables that `apply_rotary` uses."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = config.head_dim, config.rope_theta, config.rope_scaling
+        # Not a buffer: derived from the config, absent from checkpoints, and kept in fp32 even when
+        # the model is cast to bf16. Computed per device on first use (the model may be built on meta).
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, S] or [S]; angles in fp32 whatever the model dtype, as Meta's reference does.
+        inv_freq = self._inv_freq.get(positions.device)
+        if inv_freq is None:
+            inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling).to(positions.device)
+            self._inv_freq[positions.device] = inv_freq
+        angles = positions.float()[..., None] * inv_freq
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, D] by the given angles (Meta's layout)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    if cos.dim() == 3:  # per-row positions [B, S, D/2] broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32 and scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer for incremental decoding."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at [start, start + S) and return everything up to there."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        start_pos: int | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if start_pos is not None:
+            if self.cache is None:
+                raise RuntimeError("start_pos given but no KV cache: call model.setup_cache(batch, max_len) first")
+            k, v = self.cache.update(start_pos, k, v)
+        out = attend(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+
+    def __init__(self, layer_id: int, config: LMConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, rope, mask, start_pos=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, n_layers: int) -> None:
+        """Truncated normal projections; outputs of each residual branch scaled down with depth."""
+        out_std = 0.02 / (2 * (self.layer_id + 1)) ** 0.5
+        for linear in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+        for linear in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
+            nn.init.trunc_normal_(linear.weight, std=out_std)
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+
+
+class Transformer(nn.Module):
+    """Llama 3 decoder: tokens [B, S] -> logits [B, S, vocab]."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        check_backend(config.attn_backend)
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, config) for i in range(config.n_layers)})
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(config)
+
+    def init_weights(self) -> None:
+        """Initialize every parameter (after `to_empty` when built on the meta device)."""
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=0.02 if self.config.tie_word_embeddings else 1.0)
+        for layer in self.layers.values():
+            layer.init_weights(self.config.n_layers)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.config.tie_word_embeddings:
+            std = self.config.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+
+    # ---- inference cache --------------------------------------------------------------------------
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Allocate a KV cache of `max_len` positions for `batch` sequences in every layer."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len={self.config.max_seq_len}")
+        weight = next(iter(self.layers.values())).attention.wk.weight
+        n_kv_heads = weight.shape[0] // self.config.head_dim
+        for layer in self.layers.values():
+            layer.attention.cache = KVCache(
+                batch, max_len, n_kv_heads, self.config.head_dim, dtype or weight.dtype, device or weight.device
+            )
+
+    def clear_cache(self) -> None:
+        """Free the KV caches."""
+        for layer in self.layers.values():
+            layer.attention.cache = None
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        start_pos: int | None = None,
+        key_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [B, S] (or hidden states [B, S, dim] on a pipeline stage without embeddings).
+
+        document_ids [B, S]: packed training rows; no attention across documents, positions restart.
+        start_pos: decode with the KV cache, writing these tokens at [start_pos, start_pos + S).
+        key_valid [B, start_pos + S]: False at left padding of a batch of prompts (inference).
+        positions [B, S]: explicit RoPE positions (left-padded batches); derived otherwise.
+        last_only: compute logits for the last position only (generation prefill).
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        batch, seq = h.shape[:2]
+        if positions is None:
+            if document_ids is not None:
+                positions = document_positions(document_ids)
+            else:
+                positions = torch.arange(start_pos or 0, (start_pos or 0) + seq, device=h.device)
+        mask = build_mask(
+            self.config.attn_backend,
+            batch=batch,
+            q_len=seq,
+            kv_len=(start_pos or 0) + seq,
+            device=h.device,
+            document_ids=document_ids,
+            key_valid=key_valid,
+        )
+        rope = self.rope(positions)
+        for layer in self.layers.values():
+            h = layer(h, rope, mask, start_pos)
+        if self.norm is None:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+
+__all__ = ["Attention", "FeedForward", "KVCache", "RMSNorm", "RotaryEmbedding", "Transformer", "TransformerBlock"]
