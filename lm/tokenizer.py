@@ -179,9 +179,7 @@ class Tokenizer:
         for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             for piece in _split_runs(s[i : i + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS):
                 ids.extend(
-                    self.model.encode(
-                        piece, allowed_special=allowed_special, disallowed_special=disallowed_special
-                    )
+                    self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
                 )
         if eos:
             ids.append(self.eos_id)

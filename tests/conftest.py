@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny configs that keep every Llama 3 feature (GQA, 3.1 RoPE scaling) but run in ms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lm.config import LMConfig, RopeScaling
+from lm.model import Transformer
+
+
+def tiny_config(**overrides) -> LMConfig:
+    """GQA (4 query heads per KV head) and a RoPE scaling whose bands all fall inside short test lengths."""
+    base = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        multiple_of=32,
+        ffn_dim_multiplier=None,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+        ),
+        max_seq_len=256,
+    )
+    base.update(overrides)
+    return LMConfig(**base)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A randomly initialized tiny Transformer in eval mode."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(**overrides))
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.fixture
+def model() -> Transformer:
+    return tiny_model()
