@@ -8,6 +8,7 @@ kernel alone. Queries are [B, n_heads, S, head_dim]; keys and values are [B, n_k
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +124,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
             q, k, v, attn_mask=mask.dense, is_causal=mask.is_causal, enable_gqa=k.shape[1] != q.shape[1]
         )
     if mask.backend == "flex":
-        return _flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        return _flex_attention(q.device.type)(q, k, v, block_mask=mask.block_mask, enable_gqa=k.shape[1] != q.shape[1])
     return _xformers_attention(q, k, v, mask)
 
 
@@ -151,12 +152,16 @@ def _document_lengths(document_ids: torch.Tensor) -> list[int]:
     return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-@functools.lru_cache(maxsize=1)
-def _flex_attention():
+@functools.lru_cache(maxsize=4)
+def _flex_attention(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Eager flex_attention is a reference implementation; the fused kernel needs compile (CUDA).
-    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=False)
+    # On CPU flex_attention runs eagerly (unfused, forward only): a reference path for tests and
+    # mask checks, where torch's advice to compile is noise.
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    return flex_attention
 
 
 @functools.lru_cache(maxsize=8)

@@ -8,6 +8,7 @@ model's `max_seq_len`. Also a command line: `python -m lm.generate --checkpoint 
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 import time
@@ -61,17 +62,32 @@ def _sample(
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        # Sorted top-k also gives the order top-p needs, on k entries instead of the whole vocabulary.
-        values, indices = torch.topk(logits, top_k, dim=-1)
+    vocab = logits.shape[-1]
+    use_top_p = top_p is not None and top_p < 1.0
+    if top_k is not None and 0 < top_k < vocab:
+        values, indices = torch.topk(logits, top_k, dim=-1)  # sorted, as top-p needs
+        probs = torch.softmax(values, dim=-1)
+    elif use_top_p:
+        # Sorting a 128K vocabulary costs tens of ms on a CPU. The nucleus is almost always small, so
+        # take the top k by probability, growing k until the k hold more than top_p of the mass: then
+        # every token outside them falls outside the nucleus, and the result equals a full sort's.
+        full = torch.softmax(logits, dim=-1)
+        k = min(256, vocab)
+        while True:
+            probs, indices = torch.topk(full, k, dim=-1)
+            if k == vocab or bool((probs.sum(dim=-1) > top_p).all()):
+                break
+            k = min(k * 8, vocab)
     else:
-        values, indices = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    if top_p is not None and top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1)
+        # With replacement: the same law for one draw, but a cumulative-sum search instead of one
+        # exponential random number per vocabulary entry.
+        return torch.multinomial(probs, 1, replacement=True, generator=generator).squeeze(-1)
+    if use_top_p:
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays), as Meta does.
         cumulative = probs.cumsum(dim=-1)
         probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    choice = torch.multinomial(probs, 1, replacement=True, generator=generator)
     return indices.gather(-1, choice).squeeze(-1)
 
 
@@ -231,30 +247,20 @@ def stream_generate(
 
 
 class _IncrementalDecoder:
-    """Turns a growing list of token ids into text pieces without splitting multi-byte characters."""
-
-    # A UTF-8 character spans at most 4 bytes, hence at most 4 tokens; past that, an incomplete
-    # sequence is genuinely invalid and is flushed as the replacement character.
-    _MAX_PENDING = 4
+    """Turns token ids into text pieces without splitting multi-byte UTF-8 characters across tokens."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.pending: list[int] = []
+        # A character cut between tokens stays buffered here until its last byte arrives.
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
         """Text completed by this token ('' while a character is still incomplete)."""
-        self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self._MAX_PENDING:
-            return ""
-        self.pending = []
-        return text
+        return self.utf8.decode(self.tokenizer.decode_token(token))
 
     def flush(self) -> str:
-        """Whatever is still held back."""
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text
+        """Whatever is still held back (an incomplete character at the end becomes U+FFFD)."""
+        return self.utf8.decode(b"", final=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from lm.tokenizer import ChatFormat, Tokenizer
 
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer()
-    model = load_pretrained(args.checkpoint).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model = load_pretrained(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
     if args.chat:
         prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": args.prompt}])
     else:
