@@ -12,10 +12,13 @@ import codecs
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from lm.model import Transformer
@@ -26,7 +29,7 @@ Prompt = str | Sequence[int]
 
 def _encode_prompts(tokenizer: Tokenizer | None, prompt) -> tuple[list[list[int]], bool]:
     """Normalize a prompt or a batch of prompts to token id lists; also say whether it was a batch."""
-    if isinstance(prompt, torch.Tensor):
+    if hasattr(prompt, "tolist"):  # tensors and numpy arrays
         prompt = prompt.tolist()
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and not _is_prompt(prompt[0])):
         prompts, batched = [prompt], False
@@ -60,7 +63,8 @@ def _sample(
 ) -> torch.Tensor:
     """Pick the next token of each row from logits [B, V]; temperature 0 is greedy (argmax)."""
     if temperature <= 0 or top_k == 1:
-        return logits.argmax(dim=-1)
+        # max() returns the first maximal index like argmax, but argmax is ~4x slower on bf16 CPU tensors.
+        return logits.max(dim=-1).indices
     logits = logits.float() / temperature
     vocab = logits.shape[-1]
     use_top_p = top_p is not None and top_p < 1.0
@@ -79,16 +83,23 @@ def _sample(
                 break
             k = min(k * 8, vocab)
     else:
-        probs = torch.softmax(logits, dim=-1)
-        # With replacement: the same law for one draw, but a cumulative-sum search instead of one
-        # exponential random number per vocabulary entry.
-        return torch.multinomial(probs, 1, replacement=True, generator=generator).squeeze(-1)
+        return _draw(torch.softmax(logits, dim=-1), generator)
     if use_top_p:
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays), as Meta does.
         cumulative = probs.cumsum(dim=-1)
         probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
-    choice = torch.multinomial(probs, 1, replacement=True, generator=generator)
-    return indices.gather(-1, choice).squeeze(-1)
+    return indices.gather(-1, _draw(probs, generator)[:, None]).squeeze(-1)
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of weights [B, N] (not necessarily normalized), with probability ~ weight."""
+    # Inverse CDF with one uniform per row: torch.multinomial draws one exponential per entry
+    # instead, which costs milliseconds on a 128K vocabulary.
+    cdf = weights.cumsum(dim=-1)
+    u = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device, dtype=cdf.dtype)
+    # right=True skips zero-weight entries (their cdf equals the previous one).
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return index.clamp_(max=weights.shape[-1] - 1).squeeze(-1)
 
 
 def _stream_rows(
@@ -101,6 +112,7 @@ def _stream_rows(
     top_k: int | None,
     stop_tokens: Iterable[int],
     seed: int | None,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per decode step, each row's new token, or None once that row has finished."""
     max_seq_len = model.config.max_seq_len
@@ -112,8 +124,8 @@ def _stream_rows(
     total_len = min(max_seq_len, prompt_len + max_new_tokens)
     if total_len <= prompt_len:
         return
-    weight = model.output.weight if model.output is not None else model.tok_embeddings.weight
-    device = weight.device
+    output_weight = model.output.weight
+    device = output_weight.device
     stops = frozenset(int(t) for t in stop_tokens)
 
     tokens = torch.zeros(batch, prompt_len, dtype=torch.long)
@@ -136,19 +148,22 @@ def _stream_rows(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
+    decode_step = _compiled(model) if compile else model
     # The last sampled token is never fed back, so the cache needs one column less than the sequence.
     model.setup_cache(batch, total_len - 1)
     try:
-        logits = model(
+        hidden = model(
             tokens,
             start_pos=0,
             key_valid=None if key_valid is None else key_valid[:, :prompt_len],
             positions=None if positions is None else positions[:, :prompt_len],
             last_only=True,
+            skip_output=True,
         )
         done = [False] * batch
         for cur in range(prompt_len, total_len):
-            next_token = _sample(logits[:, -1], temperature, top_p, top_k, generator)
+            logits = vocab_projection(hidden[:, -1], output_weight)
+            next_token = _sample(logits, temperature, top_p, top_k, generator)
             # One host sync per step: the ids are needed for stop checks (and streaming) anyway.
             ids = next_token.tolist()
             out: list[int | None] = []
@@ -161,14 +176,54 @@ def _stream_rows(
             yield out
             if all(done) or cur + 1 == total_len:
                 break
-            logits = model(
+            hidden = decode_step(
                 next_token[:, None],
                 start_pos=cur,
                 key_valid=None if key_valid is None else key_valid[:, : cur + 1],
                 positions=None if positions is None else positions[:, cur : cur + 1],
+                skip_output=True,
             )
     finally:
         model.clear_cache()
+
+
+_GEMV_THREADS: ThreadPoolExecutor | None = None
+
+
+def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] from final hidden states [B, D]: the largest matrix of a decode step, read once per token."""
+    if hidden.shape[0] > 1 or hidden.device.type != "cpu" or weight.dtype != torch.float32:
+        return F.linear(hidden, weight)
+    # Batch-1 decoding on a CPU: MKL runs an fp32 matrix-vector product on one thread, which leaves the
+    # other cores idle while streaming the 128K-row vocabulary matrix (most of a step's time). Split the
+    # rows across threads (torch releases the GIL inside the kernel).
+    global _GEMV_THREADS
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return F.linear(hidden, weight)
+    if _GEMV_THREADS is None or _GEMV_THREADS._max_workers != threads:
+        _GEMV_THREADS = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gemv")
+    logits = torch.empty(1, weight.shape[0], dtype=hidden.dtype)
+    vector = hidden[0].detach()
+    parts = zip(weight.detach().chunk(threads), logits[0].chunk(threads), strict=True)
+    for job in [_GEMV_THREADS.submit(_mv_into, rows, vector, out) for rows, out in parts]:
+        job.result()
+    return logits
+
+
+def _mv_into(matrix: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> None:
+    with torch.inference_mode():  # grad modes are per thread; the caller's does not reach a worker
+        torch.mv(matrix, vector, out=out)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: Transformer):
+    """The model's forward compiled once for decode steps (dynamic shapes: one graph for every position)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
 
 
 @torch.inference_mode()
@@ -184,8 +239,13 @@ def generate(
     stop_tokens: Iterable[int] | None = None,
     seed: int | None = None,
     echo: bool = False,
+    compile: bool = False,
 ) -> list[int] | list[list[int]]:
-    """New token ids (stop token excluded) for one prompt, or a list of them for a batch of prompts."""
+    """New token ids (stop token excluded) for one prompt, or a list of them for a batch of prompts.
+
+    compile=True runs decode steps through torch.compile: a one-time compile (tens of seconds on a CPU)
+    buys fused kernels and far less per-token overhead, worth it for long or repeated generation.
+    """
     rows, batched = _encode_prompts(tokenizer, prompt)
     if stop_tokens is None:
         stop_tokens = tokenizer.stop_tokens if tokenizer is not None else ()
@@ -199,6 +259,7 @@ def generate(
         top_k=top_k,
         stop_tokens=stop_tokens,
         seed=seed,
+        compile=compile,
     ):
         for out, t in zip(outputs, step, strict=True):
             if t is not None:
@@ -219,6 +280,7 @@ def stream_generate(
     stop_tokens: Iterable[int] | None = None,
     seed: int | None = None,
     echo: bool = False,
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt as they are sampled (stop token excluded)."""
     rows, batched = _encode_prompts(tokenizer, prompt)
@@ -237,6 +299,7 @@ def stream_generate(
         top_k=top_k,
         stop_tokens=stop_tokens,
         seed=seed,
+        compile=compile,
     ):
         if t is None:
             return
@@ -274,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: as stored in the checkpoint"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: Llama 3's)")
     args = parser.parse_args(argv)
 
@@ -285,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     from lm.tokenizer import ChatFormat, Tokenizer
 
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer()
-    model = load_pretrained(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load_pretrained(args.checkpoint, device=args.device, dtype=dtype)
     if args.chat:
         prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -304,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        compile=args.compile,
     ):
         if first is None:
             first = time.perf_counter()

@@ -46,24 +46,22 @@ class RotaryEmbedding(nn.Module):
         # the model is cast to bf16. Computed per device on first use (the model may be built on meta).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [B, S] or [S]; angles in fp32 whatever the model dtype, as Meta's reference does.
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations e^(i * position * freq), [..., head_dim / 2], in fp32 whatever the model dtype."""
         inv_freq = self._inv_freq.get(positions.device)
         if inv_freq is None:
             inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling).to(positions.device)
             self._inv_freq[positions.device] = inv_freq
         angles = positions.float()[..., None] * inv_freq
-        return angles.cos(), angles.sin()
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, D] by the given angles (Meta's layout)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    if cos.dim() == 3:  # per-row positions [B, S, D/2] broadcast over heads
-        cos, sin = cos[:, None], sin[:, None]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, S, D] as complex numbers (Meta's layout)."""
+    if rotation.dim() == 3:  # per-row positions [B, S, D/2] broadcast over heads
+        rotation = rotation[:, None]
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -78,6 +76,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused call
+        # Low precision: normalize in fp32, round, then scale, in Meta's (and HF's) order.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -115,7 +116,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         mask: AttentionMask,
         start_pos: int | None = None,
     ) -> torch.Tensor:
@@ -123,7 +124,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if start_pos is not None:
             if self.cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_cache(batch, max_len) first")
@@ -227,6 +228,7 @@ class Transformer(nn.Module):
         start_pos: int | None = None,
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
+        skip_output: bool = False,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] (or hidden states [B, S, dim] on a pipeline stage without embeddings).
 
@@ -235,6 +237,7 @@ class Transformer(nn.Module):
         key_valid [B, start_pos + S]: False at left padding of a batch of prompts (inference).
         positions [B, S]: explicit RoPE positions (left-padded batches); derived otherwise.
         last_only: compute logits for the last position only (generation prefill).
+        skip_output: return the final-normed hidden states instead of logits (the caller projects them).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         batch, seq = h.shape[:2]
@@ -260,7 +263,7 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        return h if self.output is None or skip_output else self.output(h)
 
 
 __all__ = ["Attention", "FeedForward", "KVCache", "RMSNorm", "RotaryEmbedding", "Transformer", "TransformerBlock"]
