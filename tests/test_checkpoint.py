@@ -192,3 +192,16 @@ def test_meta_load_is_memory_mapped(tmp_path):
     address = model.layers["0"].feed_forward.w1.weight.data_ptr()
     regions = [line.split()[0].split("-") for line in open("/proc/self/maps") if "consolidated.00.pth" in line]
     assert any(int(start, 16) <= address < int(end, 16) for start, end in regions)
+
+
+def test_init_writes_a_loadable_preset_checkpoint(tmp_path):
+    from lm.init import main
+
+    main(["--preset", "debug", "--out", str(tmp_path / "debug"), "--format", "meta", "--seed", "3"])
+    model = load_pretrained(tmp_path / "debug")
+    preset = LMConfig.from_preset("debug")
+    assert model.config.dim == preset.dim and model.config.n_layers == preset.n_layers
+    assert model.config.ffn_hidden_dim == preset.ffn_hidden_dim and model.config.rope_scaling == preset.rope_scaling
+    main(["--preset", "debug", "--out", str(tmp_path / "again"), "--format", "meta", "--seed", "3"])
+    again = load_pretrained(tmp_path / "again")  # the seed makes it reproducible
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
