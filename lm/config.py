@@ -175,6 +175,12 @@ class LMConfig:
         elif rope_type != "default":
             raise ValueError(f"rope type {rope_type!r} in config.json is not Llama 3's ('llama3' or default)")
         dim, hidden = config["hidden_size"], config["intermediate_size"]
+        head_dim = config.get("head_dim") or dim // config["num_attention_heads"]
+        if head_dim * config["num_attention_heads"] != dim:
+            raise ValueError(
+                f"head_dim={head_dim} x num_attention_heads={config['num_attention_heads']} != hidden_size={dim}: "
+                "Llama 3 ties the head size to the width"
+            )
         multiplier, multiple_of = _ffn_shape_for(dim, hidden)
         return cls(
             dim=dim,

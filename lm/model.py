@@ -157,11 +157,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, rope, mask, start_pos=None):
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask, start_pos: int | None = None
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self, n_layers: int) -> None:
+    def init_weights(self) -> None:
         """Truncated normal projections; outputs of each residual branch scaled down with depth."""
         out_std = 0.02 / (2 * (self.layer_id + 1)) ** 0.5
         for linear in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
@@ -192,7 +194,7 @@ class Transformer(nn.Module):
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, std=0.02 if self.config.tie_word_embeddings else 1.0)
         for layer in self.layers.values():
-            layer.init_weights(self.config.n_layers)
+            layer.init_weights()
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and not self.config.tie_word_embeddings:
