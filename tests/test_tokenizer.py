@@ -8,6 +8,9 @@ import random
 import re
 import sys
 
+import llama_models.datatypes as ref_types
+import llama_models.llama3.chat_format as ref_chat
+import llama_models.llama3.tokenizer as ref_tokenizer
 import pytest
 
 from lm.tokenizer import (
@@ -18,10 +21,6 @@ from lm.tokenizer import (
     _split_runs,
     default_tokenizer_path,
 )
-
-ref_tokenizer = pytest.importorskip("llama_models.llama3.tokenizer")
-ref_chat = pytest.importorskip("llama_models.llama3.chat_format")
-ref_types = pytest.importorskip("llama_models.datatypes")
 
 
 @pytest.fixture(scope="module")
