@@ -108,7 +108,7 @@ class LMConfig:
         scaling = None
         if params.get("use_scaled_rope"):
             scaling = RopeScaling(
-                factor=params.get("rope_scaling_factor") or 8.0,
+                factor=params.get("rope_scaling_factor") or _meta_default_rope_factor(params),
                 low_freq_factor=params.get("rope_low_freq_factor", 1.0),
                 high_freq_factor=params.get("rope_high_freq_factor") or 4.0,
                 original_max_position_embeddings=params.get("rope_original_max_position_embeddings", 8192),
@@ -226,6 +226,19 @@ class LMConfig:
             config["rope_scaling"] = dict(rope)
         config["rope_parameters"] = rope
         return config
+
+
+def _meta_default_rope_factor(params: dict) -> float:
+    """The RoPE scaling factor of a Meta params.json that does not state one.
+
+    Meta's llama3 reference hard-codes 8, right for 3.1 and 3.3, but the Llama 3.2 1B and 3B were trained
+    with 32 (their HF configs say so; meta-llama/llama-models#166 and #241): recognize those shapes.
+    """
+    for name in ("llama3.2-1b", "llama3.2-3b"):
+        preset = PRESETS[name]
+        if (params["dim"], params["n_layers"], params["n_heads"]) == (preset.dim, preset.n_layers, preset.n_heads):
+            return preset.rope_scaling.factor
+    return 8.0
 
 
 def _ffn_shape_for(dim: int, hidden: int) -> tuple[float | None, int]:

@@ -165,3 +165,32 @@ def test_cache_overflow_and_missing_cache_are_errors(model):
     model.setup_cache(batch=1, max_len=8)
     with pytest.raises(ValueError, match="KV cache holds 8"):
         model(torch.zeros(1, 10, dtype=torch.long), start_pos=0)
+
+
+def test_meta_params_of_released_models_give_the_presets():
+    """llama-models' published architecture arguments, read as params.json, reproduce our presets."""
+    from llama_models.sku_list import arch_args_1b, arch_args_3b, resolve_model
+
+    llama31_8b = resolve_model("Llama3.1-8B").arch_args
+    cases = [(llama31_8b, "llama3-8b"), (arch_args_1b(), "llama3.2-1b"), (arch_args_3b(), "llama3.2-3b")]
+    for params, preset_name in cases:
+        config, preset = LMConfig.from_meta_params(params), LMConfig.from_preset(preset_name)
+        shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim", "vocab_size", "rope_theta")
+        assert all(getattr(config, f) == getattr(preset, f) for f in shape), preset_name
+        # The 3.2 small models use factor 32, which Meta's params.json leaves unsaid.
+        assert config.rope_scaling == preset.rope_scaling, preset_name
+
+
+def test_stages_that_drop_modules_compose_to_the_full_model(model):
+    """Pipeline stages delete layers and the embedding/output ends; run in sequence they equal the whole."""
+    import copy
+
+    first, last = copy.deepcopy(model), copy.deepcopy(model)
+    del first.layers["1"]
+    first.norm = first.output = None
+    del last.layers["0"]
+    last.tok_embeddings = None
+    assert set(last.state_dict()) >= {"layers.1.attention.wq.weight", "output.weight"}  # keys keep their index
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(last(first(tokens)), model(tokens), atol=1e-6, rtol=1e-6)
