@@ -30,8 +30,9 @@ def test_ours_to_hf_dir_to_hf_equals_ours(tmp_path, tied):
     assert (ours - hf_logits(tmp_path)).abs().max() <= 1e-4
 
 
-def test_hf_dir_to_ours_equals_hf(tmp_path):
-    config = tiny_config().to_hf_config()
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_dir_to_ours_equals_hf(tmp_path, tied):
+    config = tiny_config(tie_word_embeddings=tied).to_hf_config()
     torch.manual_seed(1)
     hf = LlamaForCausalLM(LlamaConfig(**config)).eval()
     for p in hf.parameters():  # HF's init leaves norms at 1; randomize everything so no weight hides
@@ -39,6 +40,7 @@ def test_hf_dir_to_ours_equals_hf(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path)
     assert ours.config.rope_scaling == tiny_config().rope_scaling
+    assert ours.config.tie_word_embeddings == tied and (ours.output.weight is ours.tok_embeddings.weight) == tied
     with torch.no_grad():
         expected = hf(TOKENS).logits
         assert (ours(TOKENS) - expected).abs().max() <= 1e-4
