@@ -104,11 +104,9 @@ def load_pretrained(
         state = _read_meta(path, model)
     else:
         state = _read_hf(path, config)
-    if config.tie_word_embeddings or "output.weight" not in state:
-        # Llama 3.2 1B/3B tie the output projection to the embeddings; their checkpoints may omit it.
-        if "output.weight" not in state and not config.tie_word_embeddings:
-            model.config.tie_word_embeddings = config.tie_word_embeddings = True
-            model.output.weight = model.tok_embeddings.weight
+    if "output.weight" not in state:
+        config.tie_word_embeddings = True  # Llama 3.2 1B/3B: the output projection is the embedding matrix
+    if config.tie_word_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, source=str(path))
     model.load_state_dict(state, assign=True, strict=True)

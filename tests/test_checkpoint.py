@@ -207,3 +207,13 @@ def test_init_writes_a_loadable_preset_checkpoint(tmp_path):
     main(["--preset", "debug", "--out", str(tmp_path / "again"), "--format", "meta", "--seed", "3"])
     again = load_pretrained(tmp_path / "again")  # the seed makes it reproducible
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_meta_checkpoint_without_output_ties_it(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    save_pretrained(model, tmp_path, format="meta")
+    assert "output.weight" not in torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    loaded = load_pretrained(tmp_path)
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKENS), model(TOKENS))
