@@ -119,19 +119,19 @@ def build_mask(
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with grouped-query heads; returns [B, n_heads, S, head_dim]."""
+    batch, n_heads, q_len, head_dim = q.shape
+    grouped_query = k.shape[1] != n_heads
     if mask.backend == "sdpa":
-        batch, n_heads, q_len, head_dim = q.shape
-        n_kv_heads = k.shape[1]
-        if q_len == 1 and mask.dense is None and n_kv_heads != n_heads:
+        if q_len == 1 and mask.dense is None and grouped_query:
             # One decode step: each KV head's query group is a short query sequence against that head's
             # keys, a plain (non-GQA) attention that avoids expanding K and V for every query head.
-            grouped = q.reshape(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
+            grouped = q.reshape(batch, k.shape[1], n_heads // k.shape[1], head_dim)
             return F.scaled_dot_product_attention(grouped, k, v).reshape(batch, n_heads, 1, head_dim)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.dense, is_causal=mask.is_causal, enable_gqa=k.shape[1] != q.shape[1]
+            q, k, v, attn_mask=mask.dense, is_causal=mask.is_causal, enable_gqa=grouped_query
         )
     if mask.backend == "flex":
-        return _flex_attention(q.device.type)(q, k, v, block_mask=mask.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        return _flex_attention(q.device.type)(q, k, v, block_mask=mask.block_mask, enable_gqa=grouped_query)
     return _xformers_attention(q, k, v, mask)
 
 

@@ -268,7 +268,7 @@ def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, mod
         for name, tensor in state.items():
             dim = _meta_split_dim(name)
             if dim is None or model_parallel == 1:
-                shard[name] = tensor.clone() if model_parallel > 1 else tensor
+                shard[name] = tensor  # replicated: the whole tensor is what every rank holds
                 continue
             if tensor.shape[dim] % model_parallel:
                 raise ValueError(f"{name}: size {tensor.shape[dim]} on dim {dim} does not split {model_parallel} ways")
