@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local package mirrors on these machines print one harmless warning per package; keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: install test lint quickstart bench clean
+.PHONY: install system-deps test lint quickstart bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,7 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" $(PIP_QUIET)
 	touch $@
 
-install: $(VENV)/.installed
+# Debian packages the tests and the embedded default data need: espeak-ng speaks the default speech data.
+SYSTEM_PACKAGES := espeak-ng
+APT := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
+
+system-deps:
+	@missing=""; for pkg in $(SYSTEM_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(APT) update -q && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $$missing >/dev/null; fi
+
+install: $(VENV)/.installed system-deps
 
 lint: install
 	$(VENV)/bin/ruff check .
