@@ -1,0 +1,190 @@
+"""Multi-process test helpers: a toy entry script driving the shared training machinery, and a torchrun launcher.
+
+Run as ``torchrun --nproc-per-node N tests/dist_utils.py --run.dir DIR [--section.key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(_HERE)
+if __name__ == "__main__":
+    # As a torchrun script tests/ leads sys.path; the repo root must win so `train` is the package.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    sys.path.insert(0, ROOT)
+
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from train.config import JobConfig  # noqa: E402
+
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy problem.
+
+
+@dataclass
+class ToySection:
+    """Toy model and fault injection knobs."""
+
+    dim: int = 16
+    n_blocks: int = 3
+    dropout: float = 0.0
+    # Return a NaN loss at this step (0 = never).
+    nan_at_step: int = 0
+    # This rank exits abruptly at the start of this step (0 = never).
+    kill_at_step: int = 0
+    kill_rank: int = 1
+
+
+@dataclass
+class ToyConfig(JobConfig):
+    """Root config of the toy entry."""
+
+    toy: ToySection = field(default_factory=ToySection)
+
+
+class Block(nn.Module):
+    """Pre-norm residual MLP."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.w1 = nn.Linear(dim, 2 * dim)
+        self.w2 = nn.Linear(2 * dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.w2(torch.nn.functional.gelu(self.w1(self.norm(x)))))
+
+
+class ToyModel(nn.Module):
+    """An embedding-free regression MLP with its blocks in a ModuleDict keyed by index (like the LM)."""
+
+    def __init__(self, dim: int, n_blocks: int, dropout: float) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.layers = nn.ModuleDict({str(i): Block(dim, dropout) for i in range(n_blocks)})
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.layers.values():
+            h = block(h)
+        return self.out(self.norm(h))  # [B, 1]: a fresh tensor (FSDP warns about returned views)
+
+
+class ToyData:
+    """Deterministic samples by global index; each rank takes its slice of every micro-batch.
+
+    State is the number of samples consumed globally, so it is valid under any data-parallel layout.
+    """
+
+    def __init__(self, dim: int, global_batch: int, grad_accum: int, dp_rank: int, dp_size: int) -> None:
+        self.dim, self.global_batch, self.accum = dim, global_batch, grad_accum
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro = global_batch // grad_accum
+        self.local = self.micro // dp_size
+        self.consumed = 0  # global samples
+        g = torch.Generator().manual_seed(1234)
+        self.target = torch.randn(dim, generator=g)
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(10_000 + index)
+        x = torch.randn(self.dim, generator=g)
+        return x, torch.tanh(x @ self.target) + 0.1 * x[0] ** 2
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.consumed + self.dp_rank * self.local
+        xs, ys = zip(*(self.sample(start + i) for i in range(self.local)), strict=True)
+        self.consumed += self.micro
+        return torch.stack(xs), torch.stack(ys)[:, None]
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """The toy entry: the same steps an entry script takes (config, mesh, model, parallelize, data, train)."""
+    from train.config import parse_cli
+    from train.loop import init_run, train
+    from train.parallel.fsdp import parallelize
+    from train.parallel.mesh import destroy_distributed
+
+    cfg, _ = parse_cli(ToyConfig, argv)
+    ctx = init_run(cfg)
+    try:
+        model = ToyModel(cfg.toy.dim, cfg.toy.n_blocks, cfg.toy.dropout)
+        parallelize(model, ctx.mesh, ac=cfg.train.ac, compile=False)
+        data = ToyData(cfg.toy.dim, cfg.train.batch_size, cfg.train.grad_accum, ctx.dp_rank, ctx.dp_size)
+
+        def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+            x, y = batch
+            pred = model(x)
+            loss = torch.nn.functional.mse_loss(pred, y)
+            if cfg.toy.nan_at_step and data.consumed == cfg.toy.nan_at_step * cfg.train.batch_size:
+                loss = loss * float("nan")
+            return loss, {"abs_err": (pred - y).abs().mean()}
+
+        def extra_state(step: int) -> dict:
+            if cfg.toy.kill_at_step and step + 1 == cfg.toy.kill_at_step and ctx.rank == cfg.toy.kill_rank:
+                os._exit(9)  # dies without a word, like an OOM kill, after finishing step-1's record
+            return {}
+
+        return train(cfg, model, loss_fn, data, extra_state=extra_state)
+    finally:
+        destroy_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launching.
+
+
+def torchrun(
+    script: str, nproc: int, args: list[str], *, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun with ``nproc`` CPU ranks; returns the finished process (output captured)."""
+    full_env = dict(os.environ)
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        script,
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """An unused TCP port on localhost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Distributed checkpoints (DCP) with atomic commit, pruning, auto-resume and resharding; safetensors export.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    step-300/            a complete checkpoint
+        .metadata        DCP's index (global tensor shapes, so any layout can load it)
+        __0_0.distcp ... the shards each rank wrote
+        meta.json        step, LR schedule, data-loader state per rank, RNG state per rank, layout
+    step-400.tmp/        a save in progress (or one that crashed): never loaded
+
+A save writes ``step-N.tmp``, waits for every rank, writes ``meta.json`` last and then renames the directory to
+``step-N`` (an atomic rename on one filesystem), so a crash at any point leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+META = "meta.json"
+# Fault injection for tests: the rank-0 process exits between writing a checkpoint and committing it.
+CRASH_BEFORE_COMMIT_ENV = "TRAIN_CRASH_BEFORE_COMMIT_STEP"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that is missing, incomplete or unreadable."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state (per rank: dropout, masking and sampling draw from each rank's own generators).
+
+
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch CPU (and CUDA) generator states, JSON-able."""
+    state: dict[str, Any] = {
+        "python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
+        "numpy": base64.b64encode(_np_state_bytes()).decode(),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _np_state_bytes() -> bytes:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]).encode()
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generator states written by :func:`rng_state`."""
+    py = json.loads(base64.b64decode(state["python"]))
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = json.loads(base64.b64decode(state["numpy"]))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding checkpoints.
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a committed checkpoint: DCP metadata and meta.json present."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META))
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """Committed-looking ``step-N`` directories in ``ckpt_dir``, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = []
+    for name in os.listdir(ckpt_dir):
+        m = _STEP_DIR.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint in ``ckpt_dir``; incomplete ones are skipped with a warning."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        if is_complete(path):
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path} (no .metadata or {META})", stacklevel=2)
+    return None
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checkpointer the training loop drives.
+
+
+class Checkpointer:
+    """Saves and restores model, optimizer, LR schedule, data-loader state, RNG and step with DCP.
+
+    ``data`` is anything with ``state_dict()`` / ``load_state_dict()`` returning JSON-able dicts (the loader).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        run_dir: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        data: Any = None,
+        *,
+        seed: int = 0,
+        async_save: bool | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
+        self.seed = seed
+        want_async = cfg.async_save if async_save is None else async_save
+        # Async writes overlap GPU training; on CPU the "background" thread would compete for the same cores.
+        self.async_save = bool(want_async) and torch.cuda.is_available()
+        self._pending: tuple[Any, str, str, int, dict] | None = None
+        # Background DCP collectives need their own (gloo) group so they never interleave with the main thread's.
+        self._async_pg = dist.new_group(backend="gloo") if self.async_save and dist.is_initialized() else None
+
+    # -- saving ---------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        data_state = self.data.state_dict() if self.data is not None and hasattr(self.data, "state_dict") else None
+        per_rank = _gather({"data": data_state, "rng": rng_state()})
+        return {
+            "step": step,
+            "world_size": _world(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "data": [r["data"] for r in per_rank],
+            "rng": [r["rng"] for r in per_rank],
+        }
+
+    def should_save(self, step: int, last: bool) -> bool:
+        """True at every ``checkpoint.interval`` steps and at the last step."""
+        if not self.cfg.enable:
+            return False
+        return last or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+
+    def save(self, step: int) -> str:
+        """Write ``step-N.tmp`` on all ranks, then commit it to ``step-N``; returns the final path."""
+        self.wait()  # one save in flight at a time
+        final = os.path.join(self.dir, f"step-{step}")
+        tmp = final + ".tmp"
+        if _rank() == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            if os.path.exists(tmp):  # left by a crash: never trusted
+                shutil.rmtree(tmp)
+            if os.path.exists(final):  # re-saving a step after a resume from an older checkpoint
+                shutil.rmtree(final)
+        _barrier()
+        state = self._state()
+        meta = self._meta(step)
+        if self.async_save:
+            fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_pg)
+            self._pending = (fut, tmp, final, step, meta)
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            self._commit(tmp, final, step, meta)
+        return final
+
+    def wait(self) -> None:
+        """Finish an async save in flight (then commit it)."""
+        if self._pending is None:
+            return
+        fut, tmp, final, step, meta = self._pending
+        self._pending = None
+        fut.result()
+        self._commit(tmp, final, step, meta)
+
+    def _commit(self, tmp: str, final: str, step: int, meta: dict) -> None:
+        _barrier()  # every rank's shards are written
+        if _rank() == 0:
+            _atomic_write(os.path.join(tmp, META), json.dumps(meta))
+            if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(step):
+                log.error("fault injection: exiting before committing %s", tmp)
+                os._exit(17)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            self._prune()
+            log.info("checkpoint saved: %s", final)
+        _barrier()  # nobody runs ahead of the commit
+
+    def _prune(self) -> None:
+        complete = [(s, p) for s, p in list_checkpoints(self.dir) if is_complete(p)]
+        if self.cfg.keep > 0:
+            for _, path in complete[: -self.cfg.keep]:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    def resume_path(self) -> str | None:
+        """The checkpoint to resume from: ``checkpoint.resume`` (must be complete) or the newest in the run dir."""
+        if self.cfg.resume:
+            path = self.cfg.resume
+            if not os.path.isdir(path):
+                raise CheckpointError(f"checkpoint.resume: {path} does not exist")
+            if not is_complete(path):
+                raise CheckpointError(
+                    f"checkpoint.resume: {path} is incomplete or corrupt (needs .metadata and {META}; "
+                    f"a '.tmp' directory is a save that never committed)"
+                )
+            return path
+        if not self.cfg.auto_resume:
+            return None
+        return latest_checkpoint(self.dir)
+
+    def load(self, path: str) -> int:
+        """Restore every piece of state from ``path`` (any parallel layout); returns the step it was saved at."""
+        try:
+            with open(os.path.join(path, META)) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint {path}: cannot read {META}: {e}") from e
+        state = self._state()
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.scheduler is not None and meta.get("scheduler") is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        rank, same_layout = _rank(), meta.get("world_size") == _world()
+        if self.data is not None and hasattr(self.data, "load_state_dict") and meta.get("data"):
+            # Loader states are global-compatible: a new layout takes rank 0's and re-derives its own share.
+            self.data.load_state_dict(meta["data"][rank if same_layout else 0])
+        if same_layout:
+            set_rng_state(meta["rng"][rank])
+        else:
+            # The per-rank generators of another layout have no counterpart here: reseed deterministically.
+            seed_everything(self.seed + 1_000_003 * meta["step"] + rank)
+        return int(meta["step"])
+
+    def maybe_resume(self) -> int:
+        """Load the resume checkpoint if there is one; returns the step to continue after (0 = fresh)."""
+        path = self.resume_path()
+        if path is None:
+            return 0
+        step = self.load(path)
+        if _rank() == 0:
+            log.info("resumed from %s (step %d)", path, step)
+        return step
+
+    def close(self) -> None:
+        """Finish pending work."""
+        self.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export of full (unsharded) weights.
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU, on rank 0 (empty elsewhere); a collective: call on every rank."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_safetensors(
+    model: nn.Module,
+    path: str,
+    *,
+    prefix: str = "",
+    config: dict | None = None,
+    select: Callable[[str], bool] | None = None,
+) -> None:
+    """Write the full weights under ``prefix`` (stripped) to ``path`` atomically, plus ``config`` as JSON beside it.
+
+    A collective (every rank gathers its shards); only rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    sd = full_state_dict(model)
+    if _rank() == 0:
+        tensors = {}
+        for k, v in sd.items():
+            if not k.startswith(prefix) or (select is not None and not select(k)):
+                continue
+            # clone: safetensors refuses tensors sharing storage (tied weights).
+            tensors[k[len(prefix) :]] = v.detach().contiguous().clone()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+        if config is not None:
+            _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(config, indent=2))
+    _barrier()

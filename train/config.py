@@ -1,0 +1,379 @@
+"""Run configs: nested dataclasses loaded from TOML with dotted command-line overrides, validated by type.
+
+An entry script subclasses :class:`JobConfig` (adding its own ``model`` / ``data`` / ... sections) and calls
+:func:`parse_cli`. Every section is a dataclass; every key has a type hint that values are checked against, so
+a typo or a wrong type fails before any work with a message naming the key (and the file it came from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclasses."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sections every entry shares.
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded."""
+
+    dir: str = "runs/default"
+    name: str = ""
+    seed: int = 0
+    # Seconds a collective may wait before the process group gives up: a dead peer must not hang the others.
+    timeout_s: float = 600.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop bounds, batch sizes and failure policy."""
+
+    steps: int = 100
+    # Global batch: samples (sequences) per optimizer step across all data-parallel ranks.
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    # Skip an optimizer step whose loss or gradient norm is NaN/Inf instead of stopping the run.
+    skip_nonfinite: bool = False
+    eval_interval: int = 0
+    # Activation checkpointing of each block: none, selective (save matmul outputs, recompute the rest) or full.
+    ac: Literal["none", "selective", "full"] = "none"
+    # torch.compile each block; None = on for CUDA, off on CPU.
+    compile: bool | None = None
+    # Use deterministic algorithms (tests of exact equality).
+    deterministic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    # The LR floor as a fraction of the peak.
+    min_lr_ratio: float = 0.1
+    # Steps the schedule spans; 0 = train.steps.
+    schedule_steps: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the device mesh [dp_replicate, dp_shard, pp, cp, tp], outermost to innermost."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    pp: int = 1
+    cp: int = 1
+    tp: int = 1
+    # Keep parameters gathered after forward (faster, more memory); False = reshard (ZeRO-3).
+    reshard_after_forward: bool = True
+    # FSDP mixed precision: parameter dtype in compute and gradient-reduction dtype (CUDA only; CPU stays fp32).
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+
+
+@dataclass
+class CheckpointConfig:
+    """DCP checkpoints under RUN_DIR/checkpoints."""
+
+    enable: bool = True
+    interval: int = 500
+    keep: int = 3
+    # A checkpoint directory to resume from; empty = the newest complete checkpoint in run.dir, if any.
+    resume: str = ""
+    # False: start fresh even when run.dir holds checkpoints.
+    auto_resume: bool = True
+    # Overlap checkpoint writes with training (CUDA only; CPU always saves synchronously).
+    async_save: bool = False
+
+
+@dataclass
+class MetricsConfig:
+    """metrics.jsonl, the progress line and TensorBoard."""
+
+    log_interval: int = 1
+    tensorboard: bool = False
+    # Peak FLOP/s of one device for MFU; 0 = look the device up in the built-in table.
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class JobConfig:
+    """The root config every entry extends with its own sections (model, data, ...)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and coercion.
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the type hint ``tp``; ints widen to floats, TOML arrays to lists/tuples."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected str, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def _build(cls: type[T], table: dict[str, Any], where: str) -> T:
+    """Instantiate dataclass ``cls`` from a (partial) table, defaults filling the rest."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in names:
+            kind = "section" if not where else "key"
+            raise ConfigError(f"{where + ': ' if where else ''}unknown {kind} '{key}' (known: {sorted(names)})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], table: dict[str, Any], source: str = "") -> T:
+    """Build root config ``cls`` from a nested dict; errors name the offending key and ``source``."""
+    try:
+        return _build(cls, table, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    """Read a command-line value as TOML (numbers, bools, arrays); strings may be given bare."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The type hint of ``section.key`` (any depth) in root dataclass ``cls``; an error names unknown parts."""
+    tp: Any = cls
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--{dotted}: '{'.'.join(parts[:i])}' is not a section")
+        hints = _hints(tp)
+        if part not in hints:
+            what = "section" if i == 0 else "key"
+            raise ConfigError(f"--{dotted}: unknown {what} '{part}' (known: {sorted(hints)})")
+        tp = hints[part]
+    return tp
+
+
+def _str_like(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_str_like(a) for a in typing.get_args(tp))
+    return False
+
+
+def apply_overrides(table: dict[str, Any], cls: type, overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--section.key=value`` / ``--section.key value`` overrides to a nested dict (checked against cls)."""
+    table = json.loads(json.dumps(table))  # deep copy of plain TOML data
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --section.key=value)")
+        body = arg[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+            i += 1
+        else:
+            key = body
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"--{key}: missing value")
+            text = overrides[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        if "." not in key:
+            raise ConfigError(f"unknown option --{key} (config overrides look like --section.key=value)")
+        tp = _field_type(cls, key)
+        value = _parse_value(text, tp)
+        # A string-typed key takes the text verbatim ("1" stays "1"), unless it is explicitly none.
+        if _str_like(tp) and not isinstance(value, str) and value is not None:
+            value = text
+        node = table
+        *sections, leaf = key.split(".")
+        for s in sections:
+            node = node.setdefault(s, {})
+        node[leaf] = value
+    return table
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Load root config ``cls`` from a TOML file (optional) and apply dotted overrides."""
+    table: dict[str, Any] = {}
+    source = ""
+    if path:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        # Validate the file alone first so that its errors name the file.
+        from_dict(cls, table, source)
+    if overrides:
+        table = apply_overrides(table, cls, overrides)
+        source = f"{source} + command line" if source else "command line"
+    return from_dict(cls, table, source)
+
+
+def parse_cli(
+    cls: type[T], argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> tuple[T, argparse.Namespace]:
+    """Parse ``--config FILE`` plus entry flags of ``parser`` and dotted overrides into ``(config, namespace)``."""
+    parser = parser or argparse.ArgumentParser()
+    parser.add_argument("--config", default=None, help="TOML run config")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(cls, args.config, rest)
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg, args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the resolved config.
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a nested dict of plain values."""
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Any) -> str:
+    """Render a config as TOML; None values (which TOML lacks) are written as comments."""
+    lines: list[str] = []
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix and scalars:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"# {k} = null" if v is None else f"{k} = {_toml_value(v)}")
+        if prefix and scalars:
+            lines.append("")
+        for k, v in subs.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(to_dict(cfg), "")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Any, run_dir: str | os.PathLike) -> None:
+    """Write the resolved config as ``config.toml`` and ``config.json`` in the run dir (atomically)."""
+    os.makedirs(run_dir, exist_ok=True)
+    for name, text in (("config.toml", to_toml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
+        path = os.path.join(run_dir, name)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)

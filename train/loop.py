@@ -1,0 +1,235 @@
+"""The one training loop every entry (lm, adapter, encoder) runs, and the run setup around it.
+
+An entry script builds its model (parallelized with ``train.parallel``), a resumable data iterator and a
+``loss_fn(model, micro_batch) -> (loss, metrics)``; :func:`train` does the rest: gradient accumulation, global-norm
+clipping, the LR schedule, non-finite loss policy, periodic eval, checkpoint/resume and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from train.checkpoint import Checkpointer, seed_everything
+from train.config import JobConfig, save_config
+from train.metrics import MetricsLogger, mem_gb, peak_flops
+from train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from train.parallel.mesh import ParallelDims, device_type, dp_rank_and_size, setup
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+EvalFn = Callable[[nn.Module, int], dict[str, Any]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/Inf and ``train.skip_nonfinite`` is off."""
+
+
+class DataExhaustedError(RuntimeError):
+    """A rank's data iterator ran out before ``train.steps``."""
+
+
+@dataclass
+class RunContext:
+    """What an entry needs after setup: layout, mesh, this rank's place and the device."""
+
+    dims: ParallelDims
+    mesh: DeviceMesh
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    def micro_batch_size(self, cfg: JobConfig) -> int:
+        """Samples per rank per micro-step: the global ``train.batch_size`` over dp ranks and accumulation steps."""
+        per = self.dp_size * cfg.train.grad_accum
+        if cfg.train.batch_size % per:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by dp ({self.dp_size}) x "
+                f"train.grad_accum ({cfg.train.grad_accum})"
+            )
+        return cfg.train.batch_size // per
+
+
+def init_run(cfg: JobConfig) -> RunContext:
+    """Validate the layout, start the process group, build the mesh, seed, and save the resolved config."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dims, mesh = setup(cfg.parallel, cfg.run.timeout_s)
+    rank = dist.get_rank()
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    dev = device_type()
+    device = torch.device(dev, torch.cuda.current_device()) if dev == "cuda" else torch.device("cpu")
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    # Same seed on every rank: model init must agree before fully_shard takes each rank's shard.
+    seed_everything(cfg.run.seed)
+    if rank == 0:
+        save_config(cfg, cfg.run.dir)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return RunContext(dims, mesh, rank, dims.world_size, dp_rank, dp_size, device)
+
+
+def compile_default(cfg: JobConfig) -> bool:
+    """``train.compile``, defaulting to on for CUDA and off on CPU."""
+    return cfg.train.compile if cfg.train.compile is not None else torch.cuda.is_available()
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def train(
+    cfg: JobConfig,
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Any,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    eval_fn: EvalFn | None = None,
+    tokens_per_sample: int | None = None,
+    flops_per_sample: float | None = None,
+    checkpointer: Checkpointer | None = None,
+    extra_state: Callable[[int], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``cfg.train.steps`` optimizer steps (resuming if a checkpoint exists); returns the logged records.
+
+    ``data`` yields micro-batches for this rank and has ``state_dict``/``load_state_dict`` (JSON-able). Every
+    rank runs the same number of micro-steps: a rank whose iterator ends stops all of them with an error.
+    ``loss_fn`` returns the mean loss of its micro-batch and a dict of scalars, averaged over micro-steps and ranks.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tc = cfg.train
+    optimizer = optimizer or build_optimizer(model, cfg.optim)
+    scheduler = scheduler or build_scheduler(optimizer, cfg.optim, tc.steps)
+    checkpointer = checkpointer or Checkpointer(
+        cfg.checkpoint, cfg.run.dir, model, optimizer, scheduler, data, seed=cfg.run.seed
+    )
+    metrics = MetricsLogger(cfg.run.dir, rank, total_steps=tc.steps, tensorboard=cfg.metrics.tensorboard)
+    # Per-rank streams for dropout / masking; a resume restores the saved ones over these.
+    seed_everything(cfg.run.seed + 7919 * (rank + 1))
+    start = checkpointer.maybe_resume()
+    metrics.truncate_after(start)
+    iterator: Iterator = data if hasattr(data, "__next__") else iter(data)
+    peak = cfg.metrics.peak_tflops * 1e12 if cfg.metrics.peak_tflops > 0 else peak_flops()
+    device = next(model.parameters()).device
+    records: list[dict[str, Any]] = []
+    window_t, window_steps = time.perf_counter(), 0
+
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            # Fetch all micro-batches first, then agree: no rank may enter a collective the others skip.
+            batches, exhausted = [], 0.0
+            for _ in range(tc.grad_accum):
+                try:
+                    batches.append(next(iterator))
+                except StopIteration:
+                    exhausted = 1.0
+                    break
+            if world > 1:
+                flag = torch.tensor([exhausted], device=device)
+                dist.all_reduce(flag)
+                exhausted = flag.item()
+            if exhausted:
+                raise DataExhaustedError(f"step {step}: a rank's data ran out before train.steps={tc.steps}")
+
+            model.train()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+            extra_sums: dict[str, torch.Tensor] = {}
+            for batch in batches:
+                loss, extra = loss_fn(model, batch)
+                (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach().float()
+                for k, v in extra.items():
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                    extra_sums[k] = extra_sums.get(k, torch.zeros((), device=device)) + v.to(device)
+            # One all-reduce for the loss and every extra metric: global means, identical on all ranks.
+            keys = sorted(extra_sums)
+            packed = torch.stack([loss_sum] + [extra_sums[k] for k in keys]) / tc.grad_accum
+            if world > 1:
+                dist.all_reduce(packed)
+                packed /= world
+            values = packed.tolist()
+            loss_val, extra_vals = values[0], dict(zip(keys, values[1:], strict=True))
+
+            grad_norm = clip_grad_norm(model.parameters(), tc.max_grad_norm).item()
+            lr = optimizer.param_groups[0]["lr"]
+            if not (_finite(loss_val) and _finite(grad_norm)):
+                what = f"loss {loss_val}" if not _finite(loss_val) else f"gradient norm {grad_norm}"
+                if not tc.skip_nonfinite:
+                    raise NonFiniteLossError(
+                        f"non-finite {what} at step {step}; stopping (set train.skip_nonfinite=true to skip such steps)"
+                    )
+                log.warning("step %d: non-finite %s, skipping the optimizer step", step, what)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                metrics.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "skipped": True})
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+
+            last = step == tc.steps
+            do_log = step % max(1, cfg.metrics.log_interval) == 0 or last or step == start + 1
+            do_eval = eval_fn is not None and ((tc.eval_interval > 0 and step % tc.eval_interval == 0) or last)
+            record: dict[str, Any] | None = None
+            if do_log or do_eval:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - window_t) / max(1, window_steps)
+                samples_per_s = tc.batch_size / dt
+                record = {
+                    "step": step,
+                    "loss": loss_val,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": samples_per_s * tokens_per_sample if tokens_per_sample else None,
+                    "samples_per_s": samples_per_s,
+                    "step_time_s": dt,
+                    "mfu": None,
+                    "mem_gb": mem_gb(),
+                }
+                if flops_per_sample:
+                    flops = flops_per_sample * samples_per_s / world
+                    record["tflops"] = flops / 1e12
+                    record["mfu"] = flops / peak if peak else None
+                record.update(extra_vals)
+                if extra_state is not None:
+                    record.update(extra_state(step))
+            if do_eval:
+                was_training = model.training
+                model.eval()
+                with torch.no_grad():
+                    record.update(eval_fn(model, step))
+                model.train(was_training)
+            if record is not None:
+                metrics.log(record)
+                records.append(record)
+            if checkpointer.should_save(step, last):
+                checkpointer.save(step)
+            if record is not None:
+                window_t, window_steps = time.perf_counter(), 0
+    finally:
+        checkpointer.close()
+        metrics.close()
+    return records
+
+
+def run_dir_of(cfg: JobConfig) -> str:
+    """The run directory as an absolute path."""
+    return os.path.abspath(cfg.run.dir)

@@ -1,0 +1,96 @@
+"""AdamW with decoupled weight decay, the warmup + decay LR schedule, and global-norm gradient clipping.
+
+Weight decay rule: decay only the weight matrices of linear/conv layers (parameters with 2+ dims that are not
+embeddings). Norm scales, biases, gates, temperatures (1-D or scalar) and embedding tables (token, positional,
+class tokens; by module type ``nn.Embedding`` or by a name containing ``embed``/``token``) are not decayed:
+decaying them pulls normalisation gains and rarely-seen token rows toward zero for no regularisation benefit
+(the GPT-2/3 and Llama practice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            for p_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices and undecayed norms/biases/embeddings (see module docstring)."""
+    embeds = _no_decay_names(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if p.ndim < 2 or name in embeds or "embed" in name.lower() or "token" in leaf:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters with the config's (``OptimConfig``) lr, betas and decay."""
+    return torch.optim.AdamW(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+    )
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then decay to the floor."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif decay == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"optim.decay must be cosine, linear or constant, got {decay!r}")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over :func:`lr_factor`; ``optim.schedule_steps`` (0 = ``total_steps``) is the decay horizon."""
+    total = optim.schedule_steps or total_steps
+
+    def fn(step: int) -> float:
+        return lr_factor(step, optim.warmup_steps, total, optim.decay, optim.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip gradients to ``max_norm`` by their global L2 norm over all ranks and shards; returns that norm.
+
+    With FSDP2 the gradients are DTensors: the per-shard norms reduce across the mesh, so the result is the norm
+    of the full (global) gradient, the same on every rank. ``max_norm <= 0`` only measures.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
+    if isinstance(total, DTensor):
+        # A Partial/Replicate DTensor: materialise the global value (an all-reduce over the shard groups).
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=None)
+    return total

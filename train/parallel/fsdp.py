@@ -1,0 +1,137 @@
+"""Data parallel (FSDP2 / HSDP), activation checkpointing and per-block compile, applied from outside the model.
+
+Generic over any model that exposes its repeated blocks: an LM's ``model.layers`` (ModuleDict), an encoder's
+block list. Order matters and follows torchtitan: activation checkpointing, then compile, then ``fully_shard``
+(per block, then the root), so that each block's all-gather overlaps the previous block's compute.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from train.parallel.mesh import submesh
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# Ops whose outputs selective checkpointing keeps: the expensive ones. Everything else (norms, activations,
+# elementwise) is recomputed in backward, which costs little compute but most of the activation memory.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: ``layers`` / ``blocks`` / ``resblocks`` containers, searched in that order."""
+    for name in ("layers", "blocks", "resblocks"):
+        container = getattr(model, name, None)
+        if isinstance(container, (nn.ModuleDict, nn.ModuleList)):
+            return list(container.values() if isinstance(container, nn.ModuleDict) else container)
+    raise ValueError(f"{type(model).__name__} exposes no block container (layers / blocks / resblocks): pass blocks")
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_ac(blocks: Iterable[nn.Module], mode: str) -> None:
+    """Activation checkpointing per block: ``none``, ``selective`` (keep matmul/attention outputs) or ``full``.
+
+    Uses the composable ``checkpoint`` (a forward hook, no wrapper module) so parameter names and therefore
+    checkpoint keys stay the same with and without it.
+    """
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ValueError(f"train.ac must be none, selective or full, got {mode!r}")
+    from torch.distributed._composable import checkpoint
+
+    for block in blocks:
+        if mode == "full":
+            checkpoint(block)
+        else:
+            checkpoint(block, context_fn=_selective_context)
+
+
+def apply_compile(blocks: Iterable[nn.Module]) -> None:
+    """``torch.compile`` each block in place (keeps its parameter names); repeated blocks share one graph."""
+    for block in blocks:
+        block.compile()
+
+
+def dp_mesh_for_fsdp(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: ``dp_shard_cp``, or 2-D ``(dp_replicate, dp_shard_cp)`` for HSDP."""
+    if mesh["dp_replicate"].size() > 1:
+        if mesh["cp"].size() == 1:
+            return mesh["dp_replicate", "dp_shard"]
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return submesh(mesh, "dp_shard_cp")
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    blocks: Iterable[nn.Module],
+    *,
+    param_dtype: str = "bfloat16",
+    reduce_dtype: str = "float32",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """``fully_shard`` each block, then the root; mixed precision (bf16 params, fp32 reduce) on CUDA only.
+
+    On CPU everything stays fp32: gloo reduces fp32 and the tests compare layouts at 1e-5.
+    """
+    dp_mesh = dp_mesh_for_fsdp(mesh)
+    if mesh.device_type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    else:
+        mp = MixedPrecisionPolicy()
+    shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=mp)
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    blocks: Iterable[nn.Module] | None = None,
+    *,
+    ac: str = "none",
+    compile: bool = False,
+    param_dtype: str = "bfloat16",
+    reduce_dtype: str = "float32",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """AC, compile and FSDP in torchtitan's order for a data-parallel-only model (encoders, the LM without TP)."""
+    blocks = list(blocks) if blocks is not None else find_blocks(model)
+    apply_ac(blocks, ac)
+    if compile:
+        apply_compile(blocks)
+    return apply_fsdp(
+        model,
+        mesh,
+        blocks,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        reshard_after_forward=reshard_after_forward,
+    )
