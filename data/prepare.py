@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SAMPLE_EXT, DataError, ShardSink
+from data.shards import DataError, ShardSink, write_manifest
 
 __all__ = ["DataError", "iter_documents", "prepare_text", "resolve_inputs"]
 
@@ -229,34 +229,36 @@ def prepare_text(
         pool.close()
         pool.join()
 
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "sample": {"extension": SAMPLE_EXT, "dtype": "<u4", "layout": "one document per sample"},
-        "tokenizer": {
+    manifest = write_manifest(
+        staging,
+        shards,
+        tokenizer={
             "file": tokenizer.path.name,
             "sha256": tokenizer.sha256,
             "vocab_size": tokenizer.n_words,
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
         },
-        "bos": True,
-        "eos": True,
-        "documents": sum(s["documents"] for s in shards),
-        "tokens": sum(s["tokens"] for s in shards),
-        "bytes": sum(s["bytes"] for s in shards),
-        "input_bytes": sum(Path(f).stat().st_size for f in counts),
-        "skipped_empty": sum(c[1] for c in counts.values()),
-        "inputs": [{"path": path, "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()],
-        "shards": shards,
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        bos=True,
+        eos=True,
+        input_bytes=sum(Path(f).stat().st_size for f in counts),
+        skipped_empty=sum(c[1] for c in counts.values()),
+        # Relative to the inputs' common folder: the same data prepared from another place gives the same bytes.
+        inputs=[
+            {"path": _relative(path, files), "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()
+        ],
+    )
     if output.exists():
         shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, output)
     manifest["seconds"] = time.perf_counter() - started
     return manifest
+
+
+def _relative(path: str, files: list[Path]) -> str:
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    return Path(path).resolve().relative_to(root).as_posix()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

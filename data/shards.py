@@ -32,6 +32,8 @@ __all__ = [
     "check_tokenizer",
     "file_sha256",
     "read_manifest",
+    "write_manifest",
+    "write_token_source",
 ]
 
 MANIFEST = "manifest.json"
@@ -110,6 +112,37 @@ class ShardSink:
         """Close the last shard and return the per-shard records for the manifest."""
         self._writer.close()
         return self.shards
+
+
+def write_manifest(directory: str | os.PathLike[str], shards: list[dict], **fields) -> dict:
+    """Write `directory/manifest.json` for `shards` (ShardSink records) with totals and extra `fields`."""
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "sample": {"extension": SAMPLE_EXT, "dtype": "<u4", "layout": "one document per sample"},
+        "documents": sum(s["documents"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+        **fields,
+    }
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def write_token_source(
+    directory: str | os.PathLike[str], documents: Iterable[np.ndarray], shard_tokens: int, **fields
+) -> dict:
+    """Write already-tokenized documents as shards plus manifest into `directory` (created); returns the manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sink = None
+    for doc in documents:
+        sink = sink or ShardSink(directory, shard_tokens)
+        sink.write(doc)
+    if sink is None:
+        raise DataError(f"{directory}: no documents to write")
+    return write_manifest(directory, sink.close(), **fields)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict:

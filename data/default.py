@@ -1,0 +1,337 @@
+"""The embedded default text corpus, made offline: `python -m data.default --out DIR [--seed 0] [--scale 1.0]`.
+
+Four sources, each prepared as token shards under DIR/<source>/ (see data/prepare.py):
+  general       scene descriptions in varied English sentences, the vocabulary of data/scenes.py, so the
+                words a vision or speech adapter must ground are words the LM already knows
+  math          arithmetic and word problems with worked answers
+  code          the Python standard library's own .py files of the running interpreter (a deterministic
+                subset: files ordered by a hash of their relative path, taken up to a byte budget)
+  multilingual  the scene captions in French, German, Spanish and Italian, from the word tables, some
+                paired with their English caption
+DIR/mixture.json, written last, records the weights and marks the corpus complete. At scale 1.0 the text is
+about 10 MB (about 3M tokens). Same seed, scale and interpreter give byte-identical shards.
+
+Default mixture (the paper's final pretraining mix): general 50%, math 25%, code 17%, multilingual 8%.
+Annealing mixture (last 10% of steps; the paper anneals on upsampled high-quality math and code):
+general 30%, math 40%, code 25%, multilingual 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from data import scenes
+from data.mixture import Mixture
+from data.prepare import prepare_text
+from data.shards import DataError
+
+__all__ = [
+    "ANNEAL_FRACTION",
+    "ANNEAL_WEIGHTS",
+    "DEFAULT_WEIGHTS",
+    "build_default_corpus",
+    "ensure_default_corpus",
+    "load_default_mixture",
+]
+
+DEFAULT_WEIGHTS = {"general": 0.5, "math": 0.25, "code": 0.17, "multilingual": 0.08}
+ANNEAL_WEIGHTS = {"general": 0.3, "math": 0.4, "code": 0.25, "multilingual": 0.05}
+ANNEAL_FRACTION = 0.1
+# Text bytes per source at scale 1.0.
+BUDGET = {"general": 3_000_000, "math": 2_000_000, "code": 4_000_000, "multilingual": 1_000_000}
+MIXTURE_FILE = "mixture.json"
+LANGUAGES = ("fr", "de", "es", "it")
+LANGUAGE_NAMES = {"en": "English", "fr": "Français", "de": "Deutsch", "es": "Español", "it": "Italiano"}
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + "."
+
+
+# ---------------------------------------------------------------- general: scenes in English
+
+
+def _describe(rng: random.Random) -> str:
+    scene = scenes.random_scene(rng)
+    cap = scenes.caption(scene)
+    objs = scene.objects
+    count = scenes.DIGITS[len(objs)]
+    openers = (
+        f"the picture shows {cap}",
+        f"on a {scene.background} background there is {cap}",
+        f"in this image we see {cap}",
+        f"here is {cap} on {scene.background}",
+        f"the scene has {count} {'shape' if len(objs) == 1 else 'shapes'}: {cap}",
+        f"look at {cap}",
+    )
+    sentences = [_sentence(rng.choice(openers))]
+    for obj in rng.sample(objs, len(objs)):
+        facts = (
+            f"the {obj.shape} is {obj.colour}",
+            f"the {obj.colour} {obj.shape} is {obj.size}",
+            f"there is a {obj.size} {obj.shape}",
+            f"one of the shapes is a {obj.colour} {obj.shape}",
+        )
+        sentences.append(_sentence(rng.choice(facts)))
+    if len(objs) > 1 and rng.random() < 0.5:
+        a, b = objs[1], objs[0]
+        sentences.append(_sentence(f"{a.phrase()} is {scenes.relation(a, b)} {b.phrase()}"))
+    if rng.random() < 0.3:
+        sentences.append(_sentence(f"the background is {scene.background}"))
+    return " ".join(sentences)
+
+
+def _general(rng: random.Random) -> str:
+    return "\n\n".join(_describe(rng) for _ in range(rng.randint(2, 6)))
+
+
+# ---------------------------------------------------------------- math: worked problems
+
+_NAMES = ("Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo", "Ines", "Jonas")
+
+
+def _arithmetic(rng: random.Random) -> str:
+    op = rng.choice("+-*/")
+    if op == "+":
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        return f"Question: What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}. The answer is {a + b}."
+    if op == "-":
+        a, b = sorted((rng.randint(0, 999), rng.randint(0, 999)), reverse=True)
+        return f"Question: What is {a} - {b}?\nAnswer: {a} - {b} = {a - b}. The answer is {a - b}."
+    if op == "*":
+        a, b = rng.randint(2, 99), rng.randint(2, 19)
+        tens, ones = b // 10 * 10, b % 10
+        steps = f"{a} * {b} = {a} * {tens} + {a} * {ones} = {a * tens} + {a * ones} = {a * b}" if tens and ones else ""
+        steps = steps or f"{a} * {b} = {a * b}"
+        return f"Question: What is {a} * {b}?\nAnswer: {steps}. The answer is {a * b}."
+    b, q = rng.randint(2, 12), rng.randint(2, 99)
+    a = b * q
+    return f"Question: What is {a} / {b}?\nAnswer: {b} * {q} = {a}, so {a} / {b} = {q}. The answer is {q}."
+
+
+def _word_problem(rng: random.Random) -> str:
+    who, other = rng.sample(_NAMES, 2)
+    colour, shape = rng.choice(scenes.COLOURS), rng.choice(scenes.SHAPES)
+    things = f"{colour} {shape}s"
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randint(5, 60), rng.randint(1, 4)
+        b = min(b * rng.randint(1, 5), a)
+        return (
+            f"Question: {who} has {a} {things} and gives {b} to {other}. How many {things} does {who} have left?\n"
+            f"Answer: {who} starts with {a} and gives away {b}, so {a} - {b} = {a - b}. The answer is {a - b}."
+        )
+    if kind == 1:
+        boxes, per = rng.randint(2, 12), rng.randint(2, 15)
+        return (
+            f"Question: {who} has {boxes} boxes with {per} {things} in each box. How many {things} are there?\n"
+            f"Answer: {boxes} boxes of {per} make {boxes} * {per} = {boxes * per}. The answer is {boxes * per}."
+        )
+    if kind == 2:
+        friends, each = rng.randint(2, 9), rng.randint(2, 12)
+        total = friends * each
+        return (
+            f"Question: {who} shares {total} {things} equally among {friends} friends. How many does each get?\n"
+            f"Answer: {total} / {friends} = {each}, because {friends} * {each} = {total}. The answer is {each}."
+        )
+    a, b, c = rng.randint(3, 40), rng.randint(3, 40), rng.randint(1, 20)
+    c = min(c, a + b)
+    return (
+        f"Question: {who} draws {a} {things} and {other} draws {b} more. Then {c} are erased. "
+        f"How many {things} are left?\n"
+        f"Answer: First {a} + {b} = {a + b}. Then {a + b} - {c} = {a + b - c}. The answer is {a + b - c}."
+    )
+
+
+def _math(rng: random.Random) -> str:
+    return "\n\n".join((_word_problem if rng.random() < 0.5 else _arithmetic)(rng) for _ in range(rng.randint(3, 8)))
+
+
+# ---------------------------------------------------------------- multilingual: translated captions
+
+
+def _multilingual(rng: random.Random) -> str:
+    language = rng.choice(LANGUAGES)
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+        scene = scenes.random_scene(rng)
+        text = _sentence(scenes.translate_caption(scene, language))
+        if rng.random() < 0.3:
+            # Parallel pairs tie the word tables to the English the general source teaches.
+            text = f"English: {_sentence(scenes.caption(scene))}\n{LANGUAGE_NAMES[language]}: {text}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- code: the standard library
+
+
+def stdlib_files(budget: int) -> list[Path]:
+    """A deterministic subset of the running interpreter's standard library .py files, up to `budget` bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1])]
+    # Ordering by a hash of the relative path mixes packages instead of taking the alphabet's first ones.
+    files.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+    chosen, used = [], 0
+    for path in files:
+        size = path.stat().st_size
+        if size == 0 or size > budget // 4:
+            continue
+        if used + size > budget:
+            break
+        chosen.append(path)
+        used += size
+    if not chosen:
+        raise DataError(f"{root}: no standard library .py files found for the code source")
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------- building
+
+_GENERATORS = {"general": _general, "math": _math, "multilingual": _multilingual}
+
+
+def _documents(name: str, seed: int, budget: int) -> Iterator[str]:
+    rng = random.Random(f"{name}:{seed}")
+    used = 0
+    while used < budget:
+        text = _GENERATORS[name](rng)
+        used += len(text.encode())
+        yield text
+
+
+def build_default_corpus(
+    out: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Mixture:
+    """Generate and prepare the default corpus under `out` (built aside, then renamed into place)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: exists and is not empty")
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    raw = staging / "raw"
+    raw.mkdir(parents=True)
+    try:
+        for name in DEFAULT_WEIGHTS:
+            budget = max(1, int(BUDGET[name] * scale))
+            if name == "code":
+                inputs = [str(p) for p in stdlib_files(budget)]
+            else:
+                path = raw / f"{name}.jsonl"
+                with open(path, "w", encoding="utf-8") as f:
+                    for text in _documents(name, seed, budget):
+                        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                inputs = [str(path)]
+            prepare_text(inputs, staging / name, tokenizer_path=tokenizer_path, workers=workers, progress=progress)
+        shutil.rmtree(raw)
+        record = {
+            "sources": list(DEFAULT_WEIGHTS),
+            "weights": DEFAULT_WEIGHTS,
+            "anneal_weights": ANNEAL_WEIGHTS,
+            "anneal_fraction": ANNEAL_FRACTION,
+            "seed": seed,
+            "scale": scale,
+            "python": sys.version.split()[0],
+        }
+        (staging / MIXTURE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_default_mixture(out)
+
+
+def load_default_mixture(directory: str | os.PathLike[str]) -> Mixture:
+    """The Mixture of a built default corpus, from its mixture.json."""
+    directory = Path(directory)
+    path = directory / MIXTURE_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a built default corpus ({e})") from None
+    return Mixture(
+        {name: directory / name for name in record["sources"]},
+        record["weights"],
+        record["anneal_weights"],
+        record["anneal_fraction"],
+    )
+
+
+def ensure_default_corpus(
+    directory: str | os.PathLike[str], *, seed: int = 0, scale: float = 1.0, timeout: float = 1800.0
+) -> Mixture:
+    """Return the default corpus Mixture at `directory`, building it first if missing; safe from many ranks."""
+    directory = Path(directory)
+    if (directory / MIXTURE_FILE).is_file():
+        return load_default_mixture(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds while the others block on the lock; the renamed-in directory is complete or absent.
+    # On a multi-node filesystem without working flock, build on node-local disk: the build is deterministic.
+    lock_path = directory.with_name(f".{directory.name}.lock")
+    deadline = time.monotonic() + timeout
+    with open(lock_path, "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock_path}: waited {timeout:.0f} s for another process to build") from None
+                time.sleep(0.2)
+        try:
+            if not (directory / MIXTURE_FILE).is_file():
+                build_default_corpus(directory, seed=seed, scale=scale)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        lock_path.unlink()
+    return load_default_mixture(directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m data.default", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="size multiplier (1.0: about 10 MB of text)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the Llama 3 tokenizer)")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        mixture = build_default_corpus(
+            args.out, seed=args.seed, scale=args.scale, tokenizer_path=args.tokenizer, workers=args.workers
+        )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, path in mixture.sources.items():
+        manifest = json.loads((path / "manifest.json").read_text())
+        print(f"{name:13s} {manifest['documents']:7d} documents {manifest['tokens']:9d} tokens  -> {path}")
+    print(f"default corpus in {args.out} ({time.perf_counter() - started:.1f} s); mixture {mixture.weights}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
