@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -93,7 +94,9 @@ def seed_everything(seed: int) -> None:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a committed checkpoint: DCP metadata and meta.json present."""
+    """True when ``path`` is a committed checkpoint: not a ``.tmp`` save, DCP metadata and meta.json present."""
+    if os.path.basename(os.path.normpath(path)).endswith(".tmp"):
+        return False
     return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META))
 
 
@@ -295,7 +298,7 @@ class Checkpointer:
         state = self._state()
         try:
             dcp.load(state, checkpoint_id=path)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.scheduler is not None and meta.get("scheduler") is not None:

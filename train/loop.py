@@ -177,7 +177,9 @@ def train(
                 log.warning("step %d: non-finite %s, skipping the optimizer step", step, what)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                metrics.log({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "skipped": True})
+                skipped = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "skipped": True}
+                metrics.log(skipped)
+                records.append(skipped)
                 continue
             optimizer.step()
             scheduler.step()
