@@ -283,8 +283,10 @@ class _Reader:
             s.corrupt_skipped = 0
         return {
             "step": step,
-            "tokens": torch.from_numpy(tokens),
-            "document_ids": torch.from_numpy(doc_ids),
+            # numpy, not tensors: pickled through the worker pipe instead of shared-memory file descriptors,
+            # which are cheap at these sizes and leave nothing half-received when a worker dies.
+            "tokens": tokens,
+            "document_ids": doc_ids,
             "sources": sources,
             "delta": delta,
             "corrupt_skipped": skipped,
@@ -292,7 +294,7 @@ class _Reader:
 
 
 class _WorkerDataset(IterableDataset):
-    """The batch stream of one rank, split across DataLoader workers by step: worker w makes steps w, w+W, ..."""
+    """The batch stream of one rank, split across DataLoader workers by step: worker w makes steps w, w+W, ... of it."""
 
     def __init__(self, cfg: _Config, positions: list[np.ndarray], step: int, rows: int):
         self.cfg, self.positions, self.step, self.rows = cfg, positions, step, rows
@@ -301,7 +303,10 @@ class _WorkerDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cfg = self.cfg
-        reader = _Reader(cfg, cfg.rank * workers + worker, cfg.world_size * workers, self.positions)
+        # DataLoader fetches from worker 0 first, but step k always belongs to reader k mod workers, so a
+        # resumed run (starting at any step) reads each step from the same units as an uninterrupted one.
+        slot = (self.step + worker) % workers
+        reader = _Reader(cfg, cfg.rank * workers + slot, cfg.world_size * workers, self.positions)
         global_batch = cfg.world_size * cfg.batch_size
         j = worker
         while True:
@@ -415,9 +420,23 @@ class PackedLoader:
                 self._rows += global_batch
                 names = cfg.mixture.names
                 yield Batch(
-                    out["tokens"], out["document_ids"], [names[i] for i in np.asarray(out["sources"])], out["step"]
+                    torch.from_numpy(out["tokens"]),
+                    torch.from_numpy(out["document_ids"]),
+                    [names[i] for i in np.asarray(out["sources"])],
+                    out["step"],
                 )
+        except (ConnectionError, EOFError) as e:
+            raise RuntimeError(f"a data loader worker died: {e!r}") from e
+        except DataError as e:
+            if self._iterator is None:
+                raise
+            # From a worker the message carries the worker's traceback; keep its last line, which names the file.
+            last = str(e).strip().splitlines()[-1]
+            raise DataError(last.split("DataError: ", 1)[-1]) from None
         finally:
+            # Stop the workers now: left to the garbage collector, an errored DataLoader waits 5 s per worker.
+            if self._iterator is not None:
+                self._iterator._shutdown_workers()
             self._iterator = None
 
     # ---------------------------------------------------------------- state
