@@ -371,19 +371,24 @@ class ShardWriter:
         self.close()
 
 
-def _map(fn: Callable, jobs: list, workers: int, threads: bool = False) -> Iterator:
-    """fn over jobs in order; in a spawned process pool when workers > 1 (spawn: safe beside torch threads).
+def _map(fn: Callable, jobs: list, workers: int, processes: bool = False) -> Iterator:
+    """fn over jobs in order, by `workers` threads, or processes when processes=True.
 
-    threads=True uses a thread pool instead, for jobs whose work happens in a subprocess (espeak-ng): as fast as
-    processes there, without starting interpreters.
+    Threads suit drawing (PIL releases the GIL) and espeak-ng (each job is a subprocess); H.264 encoding holds the
+    GIL, so clips take processes. Those fork from a forkserver that imported this module once: safe beside torch
+    threads (unlike fork), and pools do not each pay the seconds that `import data` costs (unlike spawn).
     """
     if workers <= 1 or len(jobs) < 64:
         yield from map(fn, jobs)
         return
-    chunksize = max(1, min(64, len(jobs) // (8 * workers)))
-    pool = ThreadPool(workers) if threads else multiprocessing.get_context("spawn").Pool(workers)
+    if processes:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["data.synthetic"])
+        pool = context.Pool(workers)
+    else:
+        pool = ThreadPool(workers)
     with pool:
-        yield from pool.imap(fn, jobs, chunksize=chunksize)
+        yield from pool.imap(fn, jobs, chunksize=max(1, min(32, len(jobs) // (8 * workers))))
 
 
 def _progress(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
@@ -447,7 +452,7 @@ def generate(
             jobs, fn = speech_jobs(split, counts[split], seed, counts["heldout"]), _speak_job
         resampler = _Resampler() if kind == "speech" else None
         with ShardWriter(directory, split, shard_size) as writer:
-            results = _progress(_map(fn, jobs, workers, kind == "speech"), len(jobs), f"{kind}/{split}", progress)
+            results = _progress(_map(fn, jobs, workers, kind == "video"), len(jobs), f"{kind}/{split}", progress)
             for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
                 if resampler is not None:
                     flac, seconds = resampler(result)
@@ -499,4 +504,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, so that worker jobs pickle as data.synthetic.* rather than __main__.*.
+    from data.synthetic import main as _main
+
+    _main()
