@@ -155,7 +155,7 @@ def train(
                 (loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float()
                 for k, v in extra.items():
-                    v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                    v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                     extra_sums[k] = extra_sums.get(k, torch.zeros((), device=device)) + v.to(device)
             # One all-reduce for the loss and every extra metric: global means, identical on all ranks.
             keys = sorted(extra_sums)

@@ -84,6 +84,17 @@ def dp_mesh_for_fsdp(mesh: DeviceMesh) -> DeviceMesh:
     return submesh(mesh, "dp_shard_cp")
 
 
+def _promote_scalar_params(model: nn.Module) -> None:
+    """Reshape 0-dim parameters (e.g. CLIP's logit scale) to shape [1]: fully_shard cannot shard scalars.
+
+    Broadcasting keeps the model's arithmetic unchanged; checkpoints then hold shape [1] for these entries.
+    """
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(module, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -97,6 +108,7 @@ def apply_fsdp(
 
     On CPU everything stays fp32: gloo reduces fp32 and the tests compare layouts at 1e-5.
     """
+    _promote_scalar_params(model)
     dp_mesh = dp_mesh_for_fsdp(mesh)
     if mesh.device_type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])

@@ -1,0 +1,382 @@
+"""Encoder pretraining: CLIP (vision) or BEST-RQ (speech) on media shards, with the shared training machinery.
+
+    torchrun --nproc-per-node N train/encoder.py --modality vision|speech --config configs/encoder/vision_tiny.toml \
+        [--train.steps N] [--run.dir DIR] [--section.key=value ...]
+
+Writes RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/step-N (DCP, exact resume) and, at the end, the encoder's full
+weights as RUN_DIR/final/encoder.safetensors + encoder.json (its config) for the adapter stage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # `torchrun train/encoder.py` puts train/ first on sys.path, where its modules would shadow top-level packages
+    # (train/lm.py vs lm/): drop it and put the repository root first.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from train.checkpoint import export_safetensors  # noqa: E402
+from train.config import JobConfig, parse_cli  # noqa: E402
+from train.loop import RunContext, compile_default, init_run, train  # noqa: E402
+from train.parallel.fsdp import parallelize  # noqa: E402
+from train.parallel.mesh import destroy_distributed  # noqa: E402
+
+log = logging.getLogger("train.encoder")
+
+MODALITIES = ("vision", "speech")
+
+
+@dataclass
+class EncoderModelConfig:
+    """Encoder shapes: named presets plus per-field overrides (tables of the encoders' config dataclasses)."""
+
+    vision_preset: str = "tiny"
+    vision: dict = field(default_factory=dict)
+    text_preset: str = "tiny"
+    text: dict = field(default_factory=dict)
+    speech_preset: str = "tiny"
+    speech: dict = field(default_factory=dict)
+    # BEST-RQ quantizer and masking (preset of encoders.objectives.BEST_RQ_PRESETS plus overrides).
+    bestrq_preset: str = "tiny"
+    bestrq: dict = field(default_factory=dict)
+
+
+@dataclass
+class EncoderDataConfig:
+    """Media shards; the embedded synthetic set is generated into ``dir`` when it has none."""
+
+    dir: str = "runs/data/media"
+    # Generate the embedded default data when ``dir`` lacks shards (rank 0 builds, the others wait).
+    generate: bool = True
+    # Sizes of the generated sets (train, held-out); 0 = data.synthetic's defaults.
+    train_count: int = 0
+    heldout_count: int = 0
+    seed: int = 0
+    on_corrupt: str = "skip"
+
+
+@dataclass
+class EncoderEvalConfig:
+    """Held-out evaluation: retrieval among groups (vision) or masked-prediction accuracy (speech)."""
+
+    group_size: int = 20
+    # Held-out groups (vision) or batches (speech) evaluated each time.
+    batches: int = 10
+    batch_size: int = 20
+
+
+@dataclass
+class EncoderJobConfig(JobConfig):
+    """Root config of ``train/encoder.py``."""
+
+    model: EncoderModelConfig = field(default_factory=EncoderModelConfig)
+    data: EncoderDataConfig = field(default_factory=EncoderDataConfig)
+    eval: EncoderEvalConfig = field(default_factory=EncoderEvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def ensure_data(cfg: EncoderJobConfig, modality: str, rank: int) -> None:
+    """Make the embedded synthetic shards in ``data.dir`` when missing: rank 0 writes, every rank waits."""
+    from data.media import find_shards
+
+    kind = "image" if modality == "vision" else "audio"
+    synth_kind = "images" if modality == "vision" else "speech"
+    try:
+        find_shards(cfg.data.dir, kind, "train")
+        present = True
+    except FileNotFoundError:
+        present = False
+    if not present and rank == 0:
+        if not cfg.data.generate:
+            raise FileNotFoundError(f"no {kind} shards in {cfg.data.dir} and data.generate is off")
+        from data.synthetic import generate
+
+        log.info("generating the embedded %s data in %s", synth_kind, cfg.data.dir)
+        generate(
+            synth_kind,
+            cfg.data.dir,
+            train=cfg.data.train_count or None,
+            heldout=cfg.data.heldout_count or None,
+            seed=cfg.data.seed,
+        )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class EncoderBatches:
+    """Micro-batches for one rank from a resumable ``MediaSamples`` stream, transformed for the model.
+
+    The state is the sample stream's (global position, valid under any world size); batching reads no sample
+    ahead, so the state between batches is exact.
+    """
+
+    def __init__(self, samples, batch_size: int, transform) -> None:
+        self.samples, self.batch_size, self.transform = samples, batch_size, transform
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Any:
+        from data.media import batches
+
+        if self._it is None:
+            self._it = batches(iter(self.samples), self.batch_size)
+        return self.transform(next(self._it))
+
+    def state_dict(self) -> dict:
+        """The sample stream's position (plus its counters, for the metrics)."""
+        return dict(self.samples.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (taken under any world size)."""
+        self.samples.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
+        self._it = None
+
+    def stats(self) -> dict:
+        """Corrupt / skipped sample counts of this rank's stream."""
+        return self.samples.stats()
+
+
+def vision_transform(model_cfg, tokenize):
+    """Batch of decoded images/captions -> (normalised pixels [B,3,S,S], token ids, captions)."""
+    from encoders.tiling import CLIP_MEAN, CLIP_STD
+
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    size = model_cfg.image_size
+
+    def fn(batch: dict) -> dict:
+        images = batch["image"]
+        if not isinstance(images, torch.Tensor):  # mixed sizes: resize each
+            images = torch.stack([F.interpolate(im[None], size=(size, size), mode="bilinear")[0] for im in images])
+        elif images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        return {"images": (images - mean) / std, "tokens": tokenize(batch["text"]), "text": batch["text"]}
+
+    return fn
+
+
+def speech_transform(batch: dict) -> dict:
+    """Batch of waveforms -> padded log-mel features [B, T, 80] with lengths [B]."""
+    from encoders.speech import log_mel, num_feature_frames
+
+    audio, lengths = batch["audio"], batch["audio_lengths"]
+    feats = log_mel(audio, batch["sample_rate"])
+    frames = torch.tensor([num_feature_frames(int(n)) for n in lengths])
+    return {"features": feats, "lengths": frames.clamp(max=feats.shape[1])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models, losses and evals.
+
+
+def build_vision(cfg: EncoderJobConfig):
+    """CLIPModel (our VisionEncoder + open_clip text tower) from the config's presets and overrides."""
+    from encoders.objectives import CLIPModel, TextTowerConfig
+    from encoders.vision import VisionEncoderConfig
+
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.vision.items()}
+    vcfg = VisionEncoderConfig.from_preset(cfg.model.vision_preset, **overrides)
+    tcfg = TextTowerConfig.from_preset(cfg.model.text_preset, **cfg.model.text)
+    return CLIPModel(vcfg, tcfg), vcfg, tcfg
+
+
+def build_speech(cfg: EncoderJobConfig):
+    """BestRQ (SpeechEncoder + frozen random-projection quantizer) from the config's presets and overrides."""
+    from encoders.objectives import BEST_RQ_PRESETS, BestRQ
+    from encoders.speech import SpeechEncoderConfig
+
+    scfg = SpeechEncoderConfig.from_preset(cfg.model.speech_preset, **cfg.model.speech)
+    kwargs = {**BEST_RQ_PRESETS[cfg.model.bestrq_preset], **cfg.model.bestrq}
+    return BestRQ(scfg, seed=cfg.run.seed, **kwargs), scfg, kwargs
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize, vcfg) -> callable:
+    """Zero-shot retrieval on held-out images: top-1 image -> caption among groups of ``eval.group_size``."""
+    from data.media import MediaSamples
+
+    group = cfg.eval.group_size
+    heldout = MediaSamples(cfg.data.dir, kind="image", split="heldout", shuffle=False, epochs=1)
+    total_groups = min(cfg.eval.batches, heldout.num_samples // group)
+    # Every rank runs the same number of forwards (FSDP all-gathers): groups split evenly over dp ranks.
+    per_rank = total_groups // ctx.dp_size
+    transform = vision_transform(vcfg, tokenize)
+    stream = iter(heldout)
+    cached = []
+    for _ in range(per_rank * ctx.dp_size):
+        from data.media import collate_samples
+
+        cached.append(transform(collate_samples([next(stream) for _ in range(group)])))
+    mine = cached[ctx.dp_rank :: ctx.dp_size][:per_rank]
+
+    def fn(model: nn.Module, step: int) -> dict:
+        correct = count = 0.0
+        for b in mine:
+            img, txt, _ = model(b["images"].to(ctx.device), b["tokens"].to(ctx.device))
+            best = (img.float() @ txt.float().T).argmax(dim=1).tolist()
+            # Identical captions in a group (one-object scenes repeat) count as a hit either way.
+            correct += sum(b["text"][j] == b["text"][i] for i, j in enumerate(best))
+            count += len(best)
+        correct, count = _all_reduce_sum([correct, count], ctx.device)
+        return {"eval/retrieval_top1": correct / max(count, 1), "eval/retrieval_chance": 1.0 / group}
+
+    return fn
+
+
+def speech_eval(cfg: EncoderJobConfig, ctx: RunContext) -> callable:
+    """Masked-prediction accuracy on held-out utterances, with fixed masks (a seeded generator)."""
+    from data.media import MediaSamples, collate_samples
+
+    heldout = MediaSamples(cfg.data.dir, kind="audio", split="heldout", shuffle=False, epochs=1)
+    bs = cfg.eval.batch_size
+    n = min(cfg.eval.batches, heldout.num_samples // bs) // ctx.dp_size * ctx.dp_size
+    stream = iter(heldout)
+    cached = [speech_transform(collate_samples([next(stream) for _ in range(bs)])) for _ in range(n)]
+    mine = cached[ctx.dp_rank :: ctx.dp_size]
+
+    def fn(model: nn.Module, step: int) -> dict:
+        g = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.dp_rank)
+        hits = masked = loss_sum = 0.0
+        for b in mine:
+            out = model(b["features"].to(ctx.device), b["lengths"].to(ctx.device), g)
+            hits += out.accuracy.item() * out.num_masked
+            masked += out.num_masked
+            loss_sum += out.loss.item() * out.num_masked
+        hits, masked, loss_sum = _all_reduce_sum([hits, masked, loss_sum], ctx.device)
+        return {"eval/accuracy": hits / max(masked, 1), "eval/loss": loss_sum / max(masked, 1)}
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry.
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse, set up the mesh, build model/data/loss for the modality, train, export the encoder."""
+    parser = argparse.ArgumentParser(prog="train/encoder.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modality", choices=MODALITIES, required=True)
+    cfg, args = parse_cli(EncoderJobConfig, argv, parser)
+    ctx = init_run(cfg)
+    try:
+        return _run(cfg, args.modality, ctx)
+    finally:
+        destroy_distributed()
+
+
+def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
+    from data.media import MediaSamples
+
+    if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.dims.cp > 1:
+        raise ValueError("encoder pretraining is data parallel only: set parallel.tp = pp = cp = 1")
+    ensure_data(cfg, modality, ctx.rank)
+    micro = ctx.micro_batch_size(cfg)
+    kind = "image" if modality == "vision" else "audio"
+    samples = MediaSamples(
+        cfg.data.dir,
+        kind=kind,
+        split="train",
+        rank=ctx.dp_rank,
+        world_size=ctx.dp_size,
+        seed=cfg.data.seed,
+        on_corrupt=cfg.data.on_corrupt,
+    )
+
+    if modality == "vision":
+        from encoders.objectives import clip_loss
+
+        model, vcfg, tcfg = build_vision(cfg)
+        export_cfg = {"kind": "vision", "vision": vcfg.to_dict(), "text": tcfg.to_dict()}
+        tokenize = model.tokenize
+        # The ViT trunk runs its blocks through a function (not their __call__), so FSDP cannot hook them one by
+        # one: they stay in the root's all-gather group. The text tower's blocks are sharded per block.
+        blocks = list(model.text.transformer.resblocks)
+        data = EncoderBatches(samples, micro, vision_transform(vcfg, tokenize))
+        # Contrastive loss over the whole data-parallel batch: features all-gathered with gradients.
+        criterion = clip_loss(rank=ctx.dp_rank, world_size=ctx.dp_size, local_loss=False, gather_with_grad=True)
+
+        def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+            img, txt, scale = model(batch["images"].to(ctx.device), batch["tokens"].to(ctx.device))
+            loss = criterion(img.float(), txt.float(), scale.float())
+            with torch.no_grad():
+                acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
+            return loss, {"logit_scale": scale.detach(), "batch_top1": acc}
+
+        eval_fn = vision_eval(cfg, ctx, tokenize, vcfg)
+        export_prefix = "vision."
+    else:
+        model, scfg, rq = build_speech(cfg)
+        export_cfg = {"kind": "speech", "speech": scfg.to_dict(), "bestrq": rq}
+        blocks = list(model.encoder.layers.values())
+        data = EncoderBatches(samples, micro, speech_transform)
+        chance = 1.0 / rq["codebook_size"]
+
+        def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+            out = model(batch["features"].to(ctx.device), batch["lengths"].to(ctx.device))
+            return out.loss, {"accuracy": out.accuracy, "chance": chance, "masked_steps": float(out.num_masked)}
+
+        eval_fn = speech_eval(cfg, ctx)
+        export_prefix = "encoder."
+
+    model.to(ctx.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    parallelize(
+        model,
+        ctx.mesh,
+        blocks,
+        ac=cfg.train.ac,
+        compile=compile_default(cfg),
+        param_dtype=cfg.parallel.param_dtype,
+        reduce_dtype=cfg.parallel.reduce_dtype,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+    if ctx.rank == 0:
+        log.info("%s encoder pretraining: %.2fM parameters, %d ranks", modality, n_params / 1e6, ctx.world_size)
+
+    def extra_state(step: int) -> dict:
+        s = data.stats()
+        return {"data/skipped": s["skipped"], "data/epoch": data.state_dict()["epoch"]}
+
+    t0 = time.perf_counter()
+    records = train(cfg, model, loss_fn, data, eval_fn=eval_fn, extra_state=extra_state)
+    if ctx.rank == 0:
+        log.info("trained in %.1f s", time.perf_counter() - t0)
+    # The encoder's full weights for the adapter stage (a collective: every rank takes part, rank 0 writes).
+    final = Path(cfg.run.dir) / "final"
+    export_safetensors(model, str(final / "encoder.safetensors"), prefix=export_prefix, config=export_cfg)
+    if ctx.rank == 0:
+        summary = records[-1] if records else {}
+        (final / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    main()
