@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -371,23 +370,17 @@ class ShardWriter:
         self.close()
 
 
-def _map(fn: Callable, jobs: list, workers: int, processes: bool = False) -> Iterator:
-    """fn over jobs in order, by `workers` threads, or processes when processes=True.
+def _map(fn: Callable, jobs: list, workers: int) -> Iterator:
+    """fn over jobs in order, by `workers` threads.
 
-    Threads suit drawing (PIL releases the GIL) and espeak-ng (each job is a subprocess); H.264 encoding holds the
-    GIL, so clips take processes. Those fork from a forkserver that imported this module once: safe beside torch
-    threads (unlike fork), and pools do not each pay the seconds that `import data` costs (unlike spawn).
+    Threads suit drawing (PIL releases the GIL) and espeak-ng (each job is a subprocess). H.264 encoding holds the
+    GIL, so clips gain nothing from threads; processes did not pay either on 2 cores, since each worker must
+    import the `data` package (seconds), so clips are made in this thread.
     """
     if workers <= 1 or len(jobs) < 64:
         yield from map(fn, jobs)
         return
-    if processes:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["data.synthetic"])
-        pool = context.Pool(workers)
-    else:
-        pool = ThreadPool(workers)
-    with pool:
+    with ThreadPool(workers) as pool:
         yield from pool.imap(fn, jobs, chunksize=max(1, min(32, len(jobs) // (8 * workers))))
 
 
@@ -452,7 +445,9 @@ def generate(
             jobs, fn = speech_jobs(split, counts[split], seed, counts["heldout"]), _speak_job
         resampler = _Resampler() if kind == "speech" else None
         with ShardWriter(directory, split, shard_size) as writer:
-            results = _progress(_map(fn, jobs, workers, kind == "video"), len(jobs), f"{kind}/{split}", progress)
+            results = _progress(
+                _map(fn, jobs, 1 if kind == "video" else workers), len(jobs), f"{kind}/{split}", progress
+            )
             for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
                 if resampler is not None:
                     flac, seconds = resampler(result)
@@ -481,7 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="image and frame side in pixels")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip")
     parser.add_argument("--fps", type=int, default=8, help="frame rate of clips")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker threads for images and speech (default: CPU count)"
+    )
     parser.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="samples per tar shard")
     a = parser.parse_args(argv)
     for kind in KINDS if a.kind == "all" else (a.kind,):
@@ -504,7 +501,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so that worker jobs pickle as data.synthetic.* rather than __main__.*.
-    from data.synthetic import main as _main
-
-    _main()
+    main()
