@@ -228,7 +228,9 @@ class MediaSamples:
 
     Iterate it to get sample dicts (see the module docstring). `state_dict()` after n samples, loaded into a fresh
     instance (any world size), continues with the sample that would have come next. Ranks that advance in
-    lockstep report the same state, so saving rank 0's is enough.
+    lockstep report the same state, so saving rank 0's is enough (a rank that skipped a corrupt sample is one
+    round ahead). Iterate it in the training process itself: DataLoader workers would each hold a copy of the
+    position, and their read-ahead would make state_dict() inexact.
     """
 
     def __init__(
