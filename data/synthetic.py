@@ -3,7 +3,7 @@
     python -m data.synthetic {images,video,speech,all} --out DIR [--train N] [--heldout M] [--seed S] [--size PX]
 
 Writes DIR/<kind>/{train,heldout}-NNNNNN.tar and DIR/<kind>/manifest.json. Everything is a pure function of the
-arguments: the same seed gives byte-identical shards, whatever the number of worker processes. A kind whose
+arguments: the same seed gives byte-identical shards, whatever the number of worker threads. A kind whose
 manifest matches the arguments is skipped, so rerunning is cheap; an interrupted kind (no manifest) is redone.
 
 Held-out splits: scenes with two or three objects in `heldout` have captions that never occur in `train`; one-object
