@@ -216,4 +216,5 @@ def motion_caption(obj: SceneObject, direction: str) -> str:
     """Caption of a clip: 'a red circle moves to the right'."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; have {DIRECTIONS}")
-    return f"a {obj.colour} {obj.shape} moves {direction}"
+    article = "an" if obj.colour[0] in "aeiou" else "a"
+    return f"{article} {obj.colour} {obj.shape} moves {direction}"
