@@ -251,7 +251,23 @@ def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize, vcfg) -> calla
     return fn
 
 
-def speech_eval(cfg: EncoderJobConfig, ctx: RunContext) -> callable:
+def _target_baselines(model: nn.Module, batches: list[dict]) -> tuple[float, float]:
+    """Majority-code accuracy and unigram entropy (nats) of the quantizer's targets: what a model that ignores
+    the audio reaches, a fairer bar than 1/codebook_size when the codes are unevenly used."""
+    from encoders.speech import lengths_to_mask
+
+    counts = torch.zeros(model.num_codebooks, model.codebook_size, dtype=torch.float64)
+    for b in batches:
+        stacked, lengths = model.encoder.stack_frames(b["features"], b["lengths"])
+        codes = model.targets(stacked)[lengths_to_mask(lengths, stacked.shape[1])]  # [N, codebooks]
+        for c in range(model.num_codebooks):
+            counts[c] += torch.bincount(codes[:, c].cpu(), minlength=model.codebook_size).double()
+    p = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(1)
+    return p.max(1).values.mean().item(), entropy.mean().item()
+
+
+def speech_eval(cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module) -> callable:
     """Masked-prediction accuracy on held-out utterances, with fixed masks (a seeded generator)."""
     from data.media import MediaSamples, collate_samples
 
@@ -261,6 +277,7 @@ def speech_eval(cfg: EncoderJobConfig, ctx: RunContext) -> callable:
     stream = iter(heldout)
     cached = [speech_transform(collate_samples([next(stream) for _ in range(bs)])) for _ in range(n)]
     mine = cached[ctx.dp_rank :: ctx.dp_size]
+    majority, entropy = _target_baselines(model, cached)
 
     def fn(model: nn.Module, step: int) -> dict:
         g = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.dp_rank)
@@ -271,7 +288,12 @@ def speech_eval(cfg: EncoderJobConfig, ctx: RunContext) -> callable:
             masked += out.num_masked
             loss_sum += out.loss.item() * out.num_masked
         hits, masked, loss_sum = _all_reduce_sum([hits, masked, loss_sum], ctx.device)
-        return {"eval/accuracy": hits / max(masked, 1), "eval/loss": loss_sum / max(masked, 1)}
+        return {
+            "eval/accuracy": hits / max(masked, 1),
+            "eval/loss": loss_sum / max(masked, 1),
+            "eval/majority_accuracy": majority,
+            "eval/unigram_entropy": entropy,
+        }
 
     return fn
 
@@ -343,7 +365,7 @@ def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
             out = model(batch["features"].to(ctx.device), batch["lengths"].to(ctx.device))
             return out.loss, {"accuracy": out.accuracy, "chance": chance, "masked_steps": float(out.num_masked)}
 
-        eval_fn = speech_eval(cfg, ctx)
+        eval_fn = speech_eval(cfg, ctx, model)
         export_prefix = "encoder."
 
     model.to(ctx.device)
