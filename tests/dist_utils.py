@@ -140,12 +140,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 loss = loss * float("nan")
             return loss, {"abs_err": (pred - y).abs().mean()}
 
-        def extra_state(step: int) -> dict:
+        def extra_metrics(step: int) -> dict:
             if cfg.toy.kill_at_step and step + 1 == cfg.toy.kill_at_step and ctx.rank == cfg.toy.kill_rank:
                 os._exit(9)  # dies without a word, like an OOM kill, after finishing step-1's record
             return {}
 
-        return train(cfg, model, loss_fn, data, extra_state=extra_state)
+        return train(cfg, model, loss_fn, data, extra_metrics=extra_metrics)
     finally:
         destroy_distributed()
 

@@ -18,6 +18,7 @@ from train.checkpoint import CRASH_BEFORE_COMMIT_ENV, CheckpointError, is_comple
 from train.loop import NonFiniteLossError
 from train.metrics import CONTRACT_KEYS, read_metrics
 from train.optim import param_groups
+from train.parallel.mesh import MeshError
 
 SCRIPT = "tests/dist_utils.py"
 
@@ -64,15 +65,18 @@ def test_fsdp_layouts_agree_and_a_crashed_save_resumes_on_another_layout(tmp_pat
     assert_close(two, ref, range(1, 9), 1e-5)
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["step-3", "step-6", "step-8"]
 
-    # A save killed between writing step-6 and committing it: step-3 stays the newest good checkpoint.
+    # HSDP (2 replicas of 1 shard), and a save killed between writing step-6 and committing it: step-3 stays
+    # the newest good checkpoint.
     crash = tmp_path / "crash"
-    check(torchrun(SCRIPT, 2, args(crash), env={CRASH_BEFORE_COMMIT_ENV: "6"}), ok=False)
+    hsdp = ("--parallel.dp_replicate=2", "--parallel.dp_shard=1")
+    check(torchrun(SCRIPT, 2, args(crash, 8, *hsdp), env={CRASH_BEFORE_COMMIT_ENV: "6"}), ok=False)
+    assert_close(losses(crash), two, range(1, 6), 1e-5)
     ck = crash / "checkpoints"
     assert sorted(os.listdir(ck)) == ["step-3", "step-6.tmp"]
     assert latest_checkpoint(ck) == str(ck / "step-3")
     with pytest.raises(CheckpointError, match=r"step-6\.tmp is incomplete"):
         main(args(crash, 8, f"--checkpoint.resume={ck / 'step-6.tmp'}"))
-    # Auto-resume picks step-3 and continues on ONE rank (resharding): the same losses as the 2-rank run.
+    # Auto-resume picks step-3 (saved by HSDP) and continues on ONE rank (resharding): the same losses.
     main(args(crash, 8))
     resumed = losses(crash)
     assert sorted(resumed) == list(range(1, 9))
@@ -96,6 +100,12 @@ def test_killed_rank_stops_the_run_and_resume_is_exact(tmp_path):
     assert_close(b, a, range(1, 9), 1e-6)
     # Without the RNG restore dropout would differ: make sure dropout is live (the steps are not deterministic).
     assert a[5][0] != a[6][0]
+
+
+def test_layout_that_does_not_fit_fails_before_any_work(tmp_path):
+    with pytest.raises(MeshError, match=r"world size 1 is not divisible by dp_replicate\*pp\*cp\*tp = 2"):
+        main(args(tmp_path / "bad", 2, "--parallel.tp=2"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tmp_path):

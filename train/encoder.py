@@ -383,12 +383,12 @@ def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
     if ctx.rank == 0:
         log.info("%s encoder pretraining: %.2fM parameters, %d ranks", modality, n_params / 1e6, ctx.world_size)
 
-    def extra_state(step: int) -> dict:
+    def extra_metrics(step: int) -> dict:
         s = data.stats()
         return {"data/skipped": s["skipped"], "data/epoch": data.state_dict()["epoch"]}
 
     t0 = time.perf_counter()
-    records = train(cfg, model, loss_fn, data, eval_fn=eval_fn, extra_state=extra_state)
+    records = train(cfg, model, loss_fn, data, eval_fn=eval_fn, extra_metrics=extra_metrics)
     if ctx.rank == 0:
         log.info("trained in %.1f s", time.perf_counter() - t0)
     # The encoder's full weights for the adapter stage (a collective: every rank takes part, rank 0 writes).

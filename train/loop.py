@@ -103,13 +103,16 @@ def train(
     tokens_per_sample: int | None = None,
     flops_per_sample: float | None = None,
     checkpointer: Checkpointer | None = None,
-    extra_state: Callable[[int], dict[str, Any]] | None = None,
+    extra_metrics: Callable[[int], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``cfg.train.steps`` optimizer steps (resuming if a checkpoint exists); returns the logged records.
 
     ``data`` yields micro-batches for this rank and has ``state_dict``/``load_state_dict`` (JSON-able). Every
     rank runs the same number of micro-steps: a rank whose iterator ends stops all of them with an error.
     ``loss_fn`` returns the mean loss of its micro-batch and a dict of scalars, averaged over micro-steps and ranks.
+    ``eval_fn(model, step)`` runs on every rank (collectives inside are fine) every ``train.eval_interval`` steps
+    and at the end; ``extra_metrics(step)`` adds entries (data stats, mixture weights) to each logged record.
+    ``tokens_per_sample`` / ``flops_per_sample`` (training FLOPs, forward + backward) give tokens/s and MFU.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -211,8 +214,8 @@ def train(
                     record["tflops"] = flops / 1e12
                     record["mfu"] = flops / peak if peak else None
                 record.update(extra_vals)
-                if extra_state is not None:
-                    record.update(extra_state(step))
+                if extra_metrics is not None:
+                    record.update(extra_metrics(step))
             if do_eval:
                 was_training = model.training
                 model.eval()
