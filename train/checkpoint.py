@@ -229,8 +229,6 @@ class Checkpointer:
             os.makedirs(self.dir, exist_ok=True)
             if os.path.exists(tmp):  # left by a crash: never trusted
                 shutil.rmtree(tmp)
-            if os.path.exists(final):  # re-saving a step after a resume from an older checkpoint
-                shutil.rmtree(final)
         _barrier()
         state = self._state()
         meta = self._meta(step)
@@ -258,17 +256,27 @@ class Checkpointer:
             if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(step):
                 log.error("fault injection: exiting before committing %s", tmp)
                 os._exit(17)
+            # Re-saving a step (after resuming from an older checkpoint): the old copy goes only once the new one
+            # is in place, so some complete checkpoint exists at every instant.
+            old = final + ".old"
+            if os.path.exists(final):
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.dir)
+            shutil.rmtree(old, ignore_errors=True)
             self._prune()
             log.info("checkpoint saved: %s", final)
         _barrier()  # nobody runs ahead of the commit
 
     def _prune(self) -> None:
+        """Keep the newest ``checkpoint.keep`` complete checkpoints; drop saves that crashed before committing."""
         complete = [(s, p) for s, p in list_checkpoints(self.dir) if is_complete(p)]
         if self.cfg.keep > 0:
             for _, path in complete[: -self.cfg.keep]:
                 shutil.rmtree(path, ignore_errors=True)
+        for name in os.listdir(self.dir):
+            if name.endswith((".tmp", ".old")) and name.startswith("step-"):
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     # -- loading --------------------------------------------------------------------------------------------
 

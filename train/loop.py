@@ -225,9 +225,10 @@ def train(
             if record is not None:
                 metrics.log(record)
                 records.append(record)
-            if checkpointer.should_save(step, last):
+            saved = checkpointer.should_save(step, last)
+            if saved:
                 checkpointer.save(step)
-            if record is not None:
+            if record is not None or saved:  # throughput windows exclude eval and checkpoint time
                 window_t, window_steps = time.perf_counter(), 0
     finally:
         checkpointer.close()
