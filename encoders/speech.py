@@ -249,6 +249,22 @@ class SpeechEncoder(nn.Module):
             x = layer(x, key_mask, frame_mask)
         return x * frame_mask
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (SpeechEncoderConfig) and model.safetensors."""
+        from encoders.vision import save_encoder
+
+        save_encoder(self, self.cfg.to_dict(), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> SpeechEncoder:
+        """Load what save_pretrained wrote."""
+        from encoders.vision import load_encoder
+
+        cfg, sd = load_encoder(directory)
+        model = cls(SpeechEncoderConfig.from_dict(cfg))
+        model.load_state_dict(sd)
+        return model
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel [B, T, 80] and lengths [B] (default: all T) -> (hidden [B, ceil(T/4), dim], out_lengths [B])."""
         if lengths is None:

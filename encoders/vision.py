@@ -24,6 +24,7 @@ set it False to reproduce transformers >= 5 bit for bit.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -346,6 +347,58 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"open_clip checkpoint does not fit: missing {trunk_missing}, unexpected {unexpected}")
         return missing
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (VisionEncoderConfig) and model.safetensors."""
+        save_encoder(self, self.cfg.to_dict(), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VisionEncoder:
+        """Load what save_pretrained wrote."""
+        cfg, sd = load_encoder(directory)
+        model = cls(VisionEncoderConfig.from_dict(cfg))
+        model.load_state_dict(sd)
+        return model
+
+    @classmethod
+    def from_mllama(
+        cls, source: str | Path | dict, hf_vision_config=None, intermediate_layer_input: bool = True
+    ) -> VisionEncoder:
+        """Build from a Llama 3.2 Vision checkpoint in HF layout: a directory (config.json + *.safetensors) or a
+        state dict with its MllamaVisionConfig. See the module docstring for `intermediate_layer_input`."""
+        if isinstance(source, dict):
+            sd = source
+        else:
+            directory = Path(source)
+            config = json.loads((directory / "config.json").read_text())
+            hf_vision_config = hf_vision_config or config.get("vision_config", config)
+            sd = _read_safetensors_prefix(directory, "patch_embedding.weight")
+        if hf_vision_config is None:
+            raise ValueError("a state dict needs its MllamaVisionConfig (hf_vision_config)")
+        cfg = VisionEncoderConfig.from_mllama(hf_vision_config, intermediate_layer_input=intermediate_layer_input)
+        model = cls(cfg)
+        load_converted(model, mllama_vision_to_ours(sd, cfg))
+        return model
+
+
+def save_encoder(model: nn.Module, config: dict, directory: str | Path) -> None:
+    """config.json + model.safetensors in directory (shared by the vision and speech encoders)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+
+
+def load_encoder(directory: str | Path) -> tuple[dict, dict]:
+    """(config dict, state dict) from a directory written by save_encoder."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"no encoder checkpoint (config.json) in {directory}")
+    return json.loads((directory / "config.json").read_text()), load_file(str(directory / "model.safetensors"))
+
 
 def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """[1 + g*g, w] -> [1 + grid*grid, w]: keep the class row, interpolate the patch grid bilinearly."""
@@ -474,6 +527,19 @@ def load_converted(model: VisionEncoder, converted: dict) -> None:
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if [k for k in missing if k != "proj"] or unexpected:
         raise ValueError(f"converted checkpoint does not fit: missing {missing}, unexpected {unexpected}")
+
+
+def _read_safetensors_prefix(directory: Path, anchor: str) -> dict:
+    """The tensors of a sharded safetensors checkpoint under the prefix of the key ending in anchor (no LM)."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory}")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    keys = [(h, k) for h in handles for k in h.keys()]
+    prefix = _common_prefix({k: None for _, k in keys}, anchor)
+    return {k: h.get_tensor(k) for h, k in keys if k.startswith(prefix)}
 
 
 def _common_prefix(sd: dict, anchor: str) -> str:

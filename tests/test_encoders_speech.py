@@ -110,3 +110,13 @@ def test_conformer_1b_parameter_count():
         enc = SpeechEncoder(SpeechEncoderConfig.from_preset("conformer-1b"))
     total = sum(p.numel() for p in enc.parameters())
     assert 0.95e9 < total < 1.05e9, total
+
+
+def test_save_and_load_pretrained(tmp_path):
+    """save_pretrained / from_pretrained round-trip the config and the weights."""
+    enc = SpeechEncoder(SpeechEncoderConfig.from_preset("tiny")).eval()
+    enc.save_pretrained(tmp_path / "speech")
+    again = SpeechEncoder.from_pretrained(tmp_path / "speech").eval()
+    feats = torch.randn(1, 17, 80)
+    assert again.cfg == enc.cfg
+    assert torch.equal(again(feats)[0], enc(feats)[0])

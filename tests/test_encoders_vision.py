@@ -271,3 +271,29 @@ def test_tiny_preset_shapes_and_gradients():
     assert enc.conv1.weight.grad.abs().sum() > 0
     assert enc.global_transformer[0].gate_attn.grad.abs().sum() > 0
     assert enc.positional_gate.grad is not None
+
+
+def test_checkpoint_directories_round_trip(hf_model, tmp_path):
+    """An HF Mllama directory loads via from_mllama; our save_pretrained/from_pretrained round-trips exactly."""
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = VisionEncoder.from_mllama(tmp_path / "hf", intermediate_layer_input=False).eval()
+    inputs = _hf_processor(TILE)(images=[[_image(60, 150, 11)]], return_tensors="pt")
+    with torch.no_grad():
+        ref = hf_model(**{k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")})
+        out = ours(inputs["pixel_values"][:, 0], inputs["aspect_ratio_ids"][:, 0])
+    assert (out - ref.last_hidden_state[:, 0]).abs().max() <= 1e-4
+    ours.save_pretrained(tmp_path / "ours")
+    again = VisionEncoder.from_pretrained(tmp_path / "ours").eval()
+    assert again.cfg == ours.cfg
+    with torch.no_grad():
+        assert torch.equal(again(inputs["pixel_values"][:, 0], inputs["aspect_ratio_ids"][:, 0]), out)
+
+
+def test_square_transform_for_clip_pretraining():
+    """The single-tile CLIP transform gives a CLIP-normalised [3, S, S] tensor from any PIL image."""
+    from encoders.tiling import square_transform
+
+    x = square_transform(64)(_image(50, 90, 12).convert("L"))
+    assert x.shape == (3, 64, 64)
+    white = square_transform(64)(Image.new("RGB", (80, 70), (255, 255, 255)))
+    torch.testing.assert_close(white[:, 0, 0], (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
