@@ -44,6 +44,7 @@ __all__ = [
     "build_default_corpus",
     "ensure_default_corpus",
     "load_default_mixture",
+    "write_raw_corpus",
 ]
 
 DEFAULT_WEIGHTS = {"general": 0.5, "math": 0.25, "code": 0.17, "multilingual": 0.08}
@@ -213,6 +214,24 @@ def _documents(name: str, seed: int, budget: int) -> Iterator[str]:
         yield text
 
 
+def write_raw_corpus(raw: str | os.PathLike[str], *, seed: int = 0, scale: float = 1.0) -> dict[str, list[Path]]:
+    """Generate the text sources as JSONL files under `raw`; returns each source's input files (code: stdlib)."""
+    raw = Path(raw)
+    raw.mkdir(parents=True, exist_ok=True)
+    inputs: dict[str, list[Path]] = {}
+    for name in DEFAULT_WEIGHTS:
+        budget = max(1, int(BUDGET[name] * scale))
+        if name == "code":
+            inputs[name] = stdlib_files(budget)
+            continue
+        path = raw / f"{name}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for text in _documents(name, seed, budget):
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        inputs[name] = [path]
+    return inputs
+
+
 def build_default_corpus(
     out: str | os.PathLike[str],
     *,
@@ -229,18 +248,8 @@ def build_default_corpus(
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     raw = staging / "raw"
-    raw.mkdir(parents=True)
     try:
-        for name in DEFAULT_WEIGHTS:
-            budget = max(1, int(BUDGET[name] * scale))
-            if name == "code":
-                inputs = [str(p) for p in stdlib_files(budget)]
-            else:
-                path = raw / f"{name}.jsonl"
-                with open(path, "w", encoding="utf-8") as f:
-                    for text in _documents(name, seed, budget):
-                        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                inputs = [str(path)]
+        for name, inputs in write_raw_corpus(raw, seed=seed, scale=scale).items():
             prepare_text(inputs, staging / name, tokenizer_path=tokenizer_path, workers=workers, progress=progress)
         shutil.rmtree(raw)
         record = {

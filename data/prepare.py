@@ -175,6 +175,7 @@ def prepare_text(
     progress: bool = True,
 ) -> dict:
     """Tokenize `inputs` into token shards and a manifest under `output`; returns the manifest."""
+    global _worker_tokenizer
     from lm.tokenizer import Tokenizer
 
     files = resolve_inputs(inputs)
@@ -193,13 +194,15 @@ def prepare_text(
     pool = None
     try:
         chunks = _chunks(files, counts)
+        _worker_tokenizer = tokenizer
         if workers > 1:
-            pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                workers, initializer=_init_worker, initargs=(str(tokenizer.path),)
-            )
+            if sys.platform == "linux":
+                # Forked workers inherit the loaded tokenizer: no per-worker load of the 128K-rank BPE file.
+                pool = mp.get_context("fork").Pool(workers)
+            else:
+                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),))
             encoded = _bounded_imap(pool, chunks, 4 * workers)
         else:
-            _init_worker(str(tokenizer.path))
             encoded = map(_encode_chunk, chunks)
         bar = tqdm(total=len(files), unit="file", desc="tokenize", disable=not progress, dynamic_ncols=True)
         seen_files = 0
@@ -229,6 +232,7 @@ def prepare_text(
         pool.close()
         pool.join()
 
+    root = Path(os.path.commonpath([str(Path(f).resolve().parent) for f in counts]))
     manifest = write_manifest(
         staging,
         shards,
@@ -245,7 +249,7 @@ def prepare_text(
         skipped_empty=sum(c[1] for c in counts.values()),
         # Relative to the inputs' common folder: the same data prepared from another place gives the same bytes.
         inputs=[
-            {"path": _relative(path, files), "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()
+            {"path": _relative(path, root), "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()
         ],
     )
     if output.exists():
@@ -256,8 +260,7 @@ def prepare_text(
     return manifest
 
 
-def _relative(path: str, files: list[Path]) -> str:
-    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+def _relative(path: str, root: Path) -> str:
     return Path(path).resolve().relative_to(root).as_posix()
 
 
