@@ -384,10 +384,18 @@ class PackedLoader:
         self._source_rows = np.zeros(len(plans), dtype=np.int64)
         self._corrupt_skipped = 0
         self._iterator = None
+        self._live: Iterator[Batch] | None = None
 
     # ---------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[Batch]:
+        """Batches from the current state on; a new iterator closes the previous one (one live at a time)."""
+        if self._live is not None:
+            self._live.close()
+        self._live = self._batches()
+        return self._live
+
+    def _batches(self) -> Iterator[Batch]:
         cfg = self._cfg
         dataset = _WorkerDataset(cfg, [p.copy() for p in self._positions], self._step, self._rows)
         if self.num_workers == 0:

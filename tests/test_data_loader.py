@@ -166,7 +166,7 @@ def test_restore_onto_another_world_size_repeats_and_skips_nothing(source):
     state = merge_states([loader.state_dict() for loader in loaders])
     with pytest.raises(ValueError, match="merge_states"):
         PackedLoader(source, rank=0, world_size=3, **kwargs).load_state_dict(loaders[1].state_dict())
-    # Three ranks, one of them with two workers: the units are redistributed, their positions kept.
+    # Three ranks: the units are redistributed, their positions kept.
     loaders = [PackedLoader(source, rank=r, world_size=3, **kwargs) for r in range(3)]
     for loader in loaders:
         loader.load_state_dict(state)
@@ -174,11 +174,17 @@ def test_restore_onto_another_world_size_repeats_and_skips_nothing(source):
         for batch in take(loader, 7):
             assert batch.step >= 9
             emitted.update(batch.tokens.flatten().tolist())
-    final = merge_states([loader.state_dict() for loader in loaders])
+    state = merge_states([loader.state_dict() for loader in loaders])
+    # Then one rank with two workers.
+    single = PackedLoader(source, num_workers=2, **kwargs)
+    single.load_state_dict(state)
+    for batch in take(single, 6):
+        emitted.update(batch.tokens.flatten().tolist())
+    final = single.state_dict()
     assert max(emitted.values()) == 1, "a token was emitted twice"
     # Exactly the tokens the final per-unit positions call consumed: nothing skipped, nothing extra.
-    assert emitted == consumed_by_state(loaders[0], final, source)
-    assert final["step"] == 16 and final["rows"] == 9 * 4 + 7 * 6
+    assert emitted == consumed_by_state(single, final, source)
+    assert final["step"] == 22 and final["rows"] == 9 * 4 + 7 * 6 + 6 * 2
 
 
 def test_small_source_with_more_readers_than_shards(tmp_path):
