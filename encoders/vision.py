@@ -267,10 +267,10 @@ class VisionEncoder(nn.Module):
         if t > cfg.max_num_tiles:
             raise ValueError(f"{t} tiles given, the encoder takes at most {cfg.max_num_tiles}")
         if tile_mask is None:
-            tile_mask = (
-                torch.arange(t, device=pixel_values.device)
-                < num_tiles_for_ids(aspect_ratio_ids, cfg.max_num_tiles)[:, None]
-            )
+            counts = num_tiles_for_ids(aspect_ratio_ids, cfg.max_num_tiles)
+            if bool((counts > t).any()):
+                raise ValueError(f"aspect_ratio_ids {aspect_ratio_ids.tolist()} need more than the {t} tiles given")
+            tile_mask = torch.arange(t, device=pixel_values.device) < counts[:, None]
         w, n = cfg.width, cfg.num_tokens
 
         # Patch embedding, then the per-tile embedding on patches only (before the class token, as Meta does).

@@ -240,6 +240,9 @@ def test_vit_h_14_keys_and_parameter_counts():
     visual = {k[len("visual.") :]: v.shape for k, v in clip.state_dict().items() if k.startswith("visual.")}
     trunk = {k: v.shape for k, v in ours224.state_dict().items() if not k.startswith(VisionEncoder.OURS_ONLY)}
     assert visual == trunk
+    # The full-size state dict goes through load_open_clip (224 -> 448 grid resize included): only our keys left.
+    left = paper.load_open_clip(clip.state_dict())
+    assert {k.split(".")[0] for k in left} == set(VisionEncoder.OURS_ONLY)
     total = sum(p.numel() for p in paper.parameters())
     assert 620e6 < paper.trunk_parameters() < 640e6, paper.trunk_parameters()
     assert 820e6 < total < 880e6, total
@@ -297,3 +300,10 @@ def test_square_transform_for_clip_pretraining():
     assert x.shape == (3, 64, 64)
     white = square_transform(64)(Image.new("RGB", (80, 70), (255, 255, 255)))
     torch.testing.assert_close(white[:, 0, 0], (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))
+
+
+def test_too_few_tiles_for_the_aspect_ratio_is_an_error():
+    """Tiles fewer than the aspect ratio id needs (2x2 needs 4) raise instead of silently misreading."""
+    enc = VisionEncoder(VisionEncoderConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match="need more than the 2 tiles"):
+        enc(torch.zeros(1, 2, 3, 64, 64), torch.tensor([6]))
