@@ -24,6 +24,7 @@ set it False to reproduce transformers >= 5 bit for bit.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -138,47 +139,47 @@ class VisionEncoderConfig:
         return cls(**d)
 
 
-def _make_block(cfg: VisionEncoderConfig) -> nn.Module:
+@functools.cache
+def _block_class() -> type[nn.Module]:
+    """open_clip's ResidualAttentionBlock with a forward that takes a [B, 1, L, L] mask and optional tanh gates.
+
+    Made on first use, so that importing encoders does not import open_clip. nn.MultiheadAttention wants a
+    per-head mask ([B*heads, L, L]); computing attention from the block's own packed in_proj weights lets one
+    mask broadcast over heads, which matters at 4 x 1032 tokens. Blocks are called as modules, so FSDP can wrap
+    each one.
+    """
     from open_clip.transformer import LayerNorm, ResidualAttentionBlock
 
-    block = ResidualAttentionBlock(
-        cfg.width, cfg.heads, cfg.mlp_ratio, act_layer=nn.GELU, norm_layer=lambda d: LayerNorm(d, eps=cfg.norm_eps)
-    )
-    return block
+    class EncoderBlock(ResidualAttentionBlock):
+        def __init__(self, cfg: VisionEncoderConfig, gated: bool = False):
+            norm = functools.partial(LayerNorm, eps=cfg.norm_eps)
+            super().__init__(cfg.width, cfg.heads, cfg.mlp_ratio, act_layer=nn.GELU, norm_layer=norm)
+            self.gated = gated
+            if gated:  # global layers: both branches scaled by tanh(gate), gates at 0 so the layer starts as identity
+                self.gate_attn = nn.Parameter(torch.zeros(1))
+                self.gate_ffn = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            b, n, d = x.shape
+            h = self.attn.num_heads
+            qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = self.ls_1(self.attn.out_proj(y.transpose(1, 2).reshape(b, n, d)))
+            x = x + (self.gate_attn.tanh() * y if self.gated else y)
+            y = self.ls_2(self.mlp(self.ln_2(x)))
+            return x + (self.gate_ffn.tanh() * y if self.gated else y)
+
+    return EncoderBlock
 
 
-class GatedBlock(nn.Module):
-    """An open_clip residual block whose two branches are scaled by tanh(gate); gates start at 0 (identity)."""
+class BlockStack(nn.Module):
+    """Blocks under `resblocks`, so keys read `transformer.resblocks.N.*` as in open_clip and Meta's reference."""
 
-    def __init__(self, cfg: VisionEncoderConfig):
+    def __init__(self, cfg: VisionEncoderConfig, layers: int, gated: bool = False):
         super().__init__()
-        self.block = _make_block(cfg)
-        self.gate_attn = nn.Parameter(torch.zeros(1))
-        self.gate_ffn = nn.Parameter(torch.zeros(1))
-
-
-def block_forward(
-    block: nn.Module,
-    x: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    gate_attn: torch.Tensor | None = None,
-    gate_ffn: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Pre-norm attention + MLP of an open_clip ResidualAttentionBlock, with an optional [B,1,L,L] bool mask.
-
-    nn.MultiheadAttention wants a per-head mask ([B*heads, L, L]); computing attention here from the block's own
-    packed in_proj weights lets one mask broadcast over heads, which matters at 4 x 1032 tokens.
-    """
-    attn = block.attn
-    b, n, d = x.shape
-    h = attn.num_heads
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, h, d // h).unbind(2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    y = attn.out_proj(y.transpose(1, 2).reshape(b, n, d))
-    y = block.ls_1(y)
-    x = x + (y if gate_attn is None else gate_attn.tanh() * y)
-    y = block.ls_2(block.mlp(block.ln_2(x)))
-    return x + (y if gate_ffn is None else gate_ffn.tanh() * y)
+        block = _block_class()
+        self.resblocks = nn.ModuleList(block(cfg, gated) for _ in range(layers))
 
 
 class VisionEncoder(nn.Module):
@@ -197,7 +198,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionEncoderConfig, pretrained: str | Path | None = None):
         super().__init__()
-        from open_clip.transformer import LayerNorm, Transformer
+        from open_clip.transformer import LayerNorm
 
         self.cfg = cfg
         if cfg.image_size % cfg.patch_size:
@@ -212,14 +213,7 @@ class VisionEncoder(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(w))
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.num_tokens, w))
         self.ln_pre = LayerNorm(w, eps=cfg.norm_eps)
-        self.transformer = Transformer(
-            w,
-            cfg.layers,
-            cfg.heads,
-            cfg.mlp_ratio,
-            act_layer=nn.GELU,
-            norm_layer=lambda d: LayerNorm(d, eps=cfg.norm_eps),
-        )
+        self.transformer = BlockStack(cfg, cfg.layers)
         self.ln_post = LayerNorm(w, eps=cfg.norm_eps)
         self.proj = nn.Parameter(scale * torch.randn(w, cfg.embed_dim))
 
@@ -232,7 +226,7 @@ class VisionEncoder(nn.Module):
         self.pre_tile_gate = nn.Parameter(torch.zeros(1))
         self.post_tile_gate = nn.Parameter(torch.zeros(1))
         self.positional_gate = nn.Parameter(torch.zeros(1))
-        self.global_transformer = nn.ModuleList(GatedBlock(cfg) for _ in range(cfg.global_layers))
+        self.global_transformer = BlockStack(cfg, cfg.global_layers, gated=True)
 
         if pretrained is not None:
             self.load_open_clip(pretrained)
@@ -245,7 +239,7 @@ class VisionEncoder(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x)
         for block in self.transformer.resblocks:
-            x = block_forward(block, x)
+            x = block(x)
         return self.ln_post(x[:, 0]) @ self.proj
 
     def _embed_patches(self, images: torch.Tensor) -> torch.Tensor:
@@ -296,7 +290,7 @@ class VisionEncoder(nn.Module):
         for i, block in enumerate(self.transformer.resblocks):
             if cfg.intermediate_layer_input and i in wanted:
                 kept.append(x)
-            x = block_forward(block, x, mask)
+            x = block(x, mask)
             if not cfg.intermediate_layer_input and i in wanted:
                 kept.append(x)
         x = self.ln_post(x)
@@ -305,8 +299,8 @@ class VisionEncoder(nn.Module):
             self.post_tile_embedding, self.post_tile_gate, aspect_ratio_ids, t
         )
         x = x.view(b, t * (n + npad), w)
-        for g in self.global_transformer:
-            x = block_forward(g.block, x, mask, g.gate_attn, g.gate_ffn)
+        for block in self.global_transformer.resblocks:
+            x = block(x, mask)
 
         inter = torch.stack(kept, dim=-1).view(b, t, n + npad, -1)[:, :, :n]
         return torch.cat([x.view(b, t, n + npad, w)[:, :, :n], inter], dim=-1)
@@ -447,7 +441,7 @@ def mllama_vision_to_ours(hf_state_dict: dict, cfg: VisionEncoderConfig) -> dict
         out[f"{ours}.weight"], out[f"{ours}.bias"] = sd[f"{theirs}.weight"], sd[f"{theirs}.bias"]
     for stack, n_layers, ours_fmt in (
         ("transformer", cfg.layers, "transformer.resblocks.{}."),
-        ("global_transformer", cfg.global_layers, "global_transformer.{}.block."),
+        ("global_transformer", cfg.global_layers, "global_transformer.resblocks.{}."),
     ):
         for i in range(n_layers):
             src, dst = f"{stack}.layers.{i}.", ours_fmt.format(i)
@@ -465,8 +459,8 @@ def mllama_vision_to_ours(hf_state_dict: dict, cfg: VisionEncoderConfig) -> dict
                 out[f"{dst}mlp.{ours}.weight"] = sd[f"{src}mlp.{theirs}.weight"]
                 out[f"{dst}mlp.{ours}.bias"] = sd[f"{src}mlp.{theirs}.bias"]
             if stack == "global_transformer":
-                out[f"global_transformer.{i}.gate_attn"] = sd[f"{src}gate_attn"]
-                out[f"global_transformer.{i}.gate_ffn"] = sd[f"{src}gate_ffn"]
+                out[f"{dst}gate_attn"] = sd[f"{src}gate_attn"]
+                out[f"{dst}gate_ffn"] = sd[f"{src}gate_ffn"]
     return out
 
 
@@ -502,7 +496,7 @@ def meta_vision_to_ours(meta_state_dict: dict, cfg: VisionEncoderConfig) -> dict
         out[f"{name}.weight"], out[f"{name}.bias"] = sd[f"{name}.weight"], sd[f"{name}.bias"]
     for stack, n_layers, ours_fmt in (
         ("transformer", cfg.layers, "transformer.resblocks.{}."),
-        ("global_transformer", cfg.global_layers, "global_transformer.{}.block."),
+        ("global_transformer", cfg.global_layers, "global_transformer.resblocks.{}."),
     ):
         for i in range(n_layers):
             src, dst = f"{stack}.resblocks.{i}.", ours_fmt.format(i)
@@ -517,8 +511,8 @@ def meta_vision_to_ours(meta_state_dict: dict, cfg: VisionEncoderConfig) -> dict
                 out[f"{dst}mlp.{lin}.weight"] = sd[f"{src}mlp.{lin}.weight"]
                 out[f"{dst}mlp.{lin}.bias"] = sd[f"{src}mlp.{lin}.bias"]
             if stack == "global_transformer":
-                out[f"global_transformer.{i}.gate_attn"] = sd[f"{src}gate_attn"].reshape(1)
-                out[f"global_transformer.{i}.gate_ffn"] = sd[f"{src}gate_ffn"].reshape(1)
+                out[f"{dst}gate_attn"] = sd[f"{src}gate_attn"].reshape(1)
+                out[f"{dst}gate_ffn"] = sd[f"{src}gate_ffn"].reshape(1)
     return out
 
 

@@ -272,7 +272,7 @@ def test_tiny_preset_shapes_and_gradients():
     assert feats.shape == (1, 4, 65, 64 * 3)
     feats.square().mean().backward()
     assert enc.conv1.weight.grad.abs().sum() > 0
-    assert enc.global_transformer[0].gate_attn.grad.abs().sum() > 0
+    assert enc.global_transformer.resblocks[0].gate_attn.grad.abs().sum() > 0
     assert enc.positional_gate.grad is not None
 
 
@@ -307,3 +307,17 @@ def test_too_few_tiles_for_the_aspect_ratio_is_an_error():
     enc = VisionEncoder(VisionEncoderConfig.from_preset("tiny"))
     with pytest.raises(ValueError, match="need more than the 2 tiles"):
         enc(torch.zeros(1, 2, 3, 64, 64), torch.tensor([6]))
+
+
+def test_blocks_are_called_as_modules():
+    """Every trunk and global block runs through its own __call__ (forward hooks fire), so FSDP can wrap each."""
+    enc = VisionEncoder(VisionEncoderConfig.from_preset("tiny"))
+    calls = []
+    blocks = list(enc.transformer.resblocks) + list(enc.global_transformer.resblocks)
+    for b in blocks:
+        b.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    enc(torch.zeros(1, 1, 3, 64, 64), torch.tensor([1]))
+    assert calls == blocks
+    calls.clear()
+    enc.encode_pooled(torch.zeros(1, 3, 64, 64))
+    assert calls == list(enc.transformer.resblocks)
