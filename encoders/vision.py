@@ -9,7 +9,8 @@ Llama 3.2 extensions (ours alone, absent from a CLIP checkpoint, all gated by ta
   (`post_tile_embedding`), and a per-aspect-ratio, per-tile, per-patch positional embedding mixed with the
   trunk's positional embedding as (1 - tanh g) * pos + tanh g * tile_pos (`tile_positional_embedding`);
 - the token axis padded to a multiple of 8 and an attention mask that only stops padding from attending to
-  padding (Meta's reference and HF Mllama do exactly this: real tokens do see padding tiles);
+  padding (Meta's reference and HF Mllama do exactly this: real tokens do see padding tokens and tiles, so
+  even with every gate at 0 the tiled path differs from the CLIP path `encode_pooled`);
 - 8 global gated self-attention layers over all tiles of an image (`global_transformer`);
 - multi-layer features: the final output concatenated with intermediate trunk states, 1280 x 6 = 7680 dims.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,7 +54,6 @@ class VisionEncoderConfig:
     global_layers: int = 8
     max_num_tiles: int = 4
     norm_eps: float = 1e-5
-    extras: dict = field(default_factory=dict)  # free-form notes (e.g. source checkpoint); not used by the model
 
     @property
     def grid(self) -> int:
