@@ -165,6 +165,7 @@ class _Stream:
         self.queue: list[int] = []
         self.touched: set[int] = set()
         self.corrupt_skipped = 0
+        self.bad_shards: set[int] = set()
         self._produced_since_refill = -1  # the first refill has no pass before it
         self._shard_index = -1
         self._shard: Shard | None = None
@@ -194,8 +195,11 @@ class _Stream:
             except DataError as e:
                 if self.on_corrupt == "fail":
                     raise
-                warnings.warn(f"skipping corrupt shard: {e}", stacklevel=2)
-                self.corrupt_skipped += 1
+                # Counted and reported once per reader and shard, however many of its units the reader owns.
+                if index not in self.bad_shards:
+                    warnings.warn(f"skipping corrupt shard: {e}", stacklevel=2)
+                    self.corrupt_skipped += 1
+                    self.bad_shards.add(index)
                 return None
             self._shard_index = index
         return self._shard
@@ -468,6 +472,9 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from a global state (`merge_states`) or this rank's own; takes the part this rank owns now."""
+        if self._live is not None:  # an iterator from before the restore would continue the old state
+            self._live.close()
+            self._live = None
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')}, this code reads {STATE_VERSION}")
         if state["seed"] != self._cfg.seed:
@@ -496,7 +503,10 @@ class PackedLoader:
         self._corrupt_skipped = int(state.get("corrupt_skipped", 0)) if self._cfg.rank == 0 else 0
 
     def stats(self) -> dict:
-        """Counters for the metrics log: step, realised source proportions (all ranks), skipped corrupt shards."""
+        """Counters for the metrics log: step, realised source proportions (all ranks), corrupt shards skipped.
+
+        `corrupt_skipped` counts, on this rank, each (reader, corrupt shard) pair met under on_corrupt="skip".
+        """
         total = max(1, int(self._source_rows.sum()))
         names = self._cfg.mixture.names
         anneal = self._cfg.anneal_start is not None and self._step >= self._cfg.anneal_start
