@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
 from data.loader import PackedLoader, merge_states
 from data.mixture import Mixture, parse_weights
@@ -306,3 +307,17 @@ def test_loader_mixture_realised_proportions_and_anneal_switch(tmp_path):
     resumed = take(again, 12)
     assert [b.step for b in resumed][:2] == [290, 291]
     assert resumed[9].sources == batches[299].sources and all(s == "c" for s in resumed[10].sources)
+
+
+def test_packed_rows_give_the_lm_what_separate_documents_give(source):
+    model = tiny_model()
+    batch = take(PackedLoader(source, seq_len=SEQ, batch_size=2, min_units=8), 3)[-1]
+    tokens = batch.tokens[:, :-1] % 512  # the tiny vocabulary
+    ids = batch.document_ids[:, :-1]
+    with torch.no_grad():
+        packed = model(tokens, document_ids=ids)
+        for row in range(tokens.shape[0]):
+            for doc in ids[row].unique():
+                span = (ids[row] == doc).nonzero().flatten()
+                alone = model(tokens[row : row + 1, span])
+                torch.testing.assert_close(packed[row, span], alone[0], atol=1e-4, rtol=1e-4)
