@@ -1,24 +1,32 @@
 """Data for pretraining: token shards, the packing loader, mixtures with annealing, the embedded default corpus.
 
-`data.scenes` (the shared scene vocabulary) imports nothing from here, so media generators can use it alone.
+Names resolve lazily (PEP 562) so that `data.scenes` and `python -m data.synthetic` do not pay for importing torch.
 """
 
-from data.default import DEFAULT_WEIGHTS, ensure_default_corpus
-from data.loader import Batch, PackedLoader, merge_states
-from data.mixture import Mixture, parse_weights
-from data.prepare import prepare_text
-from data.shards import DataError, read_manifest, write_token_source
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_WEIGHTS",
-    "Batch",
-    "DataError",
-    "Mixture",
-    "PackedLoader",
-    "ensure_default_corpus",
-    "merge_states",
-    "parse_weights",
-    "prepare_text",
-    "read_manifest",
-    "write_token_source",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEFAULT_WEIGHTS": "data.default",
+    "ensure_default_corpus": "data.default",
+    "Batch": "data.loader",
+    "PackedLoader": "data.loader",
+    "merge_states": "data.loader",
+    "Mixture": "data.mixture",
+    "parse_weights": "data.mixture",
+    "prepare_text": "data.prepare",
+    "DataError": "data.shards",
+    "read_manifest": "data.shards",
+    "write_token_source": "data.shards",
+    "MediaSamples": "data.media",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
