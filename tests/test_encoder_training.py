@@ -58,22 +58,22 @@ def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
     assert final["eval/retrieval_chance"] == pytest.approx(0.05)
     assert final["eval/retrieval_top1"] >= 0.2, final
     assert final["loss"] < recs[0]["loss"] - 0.5
-    # The exported trunk loads into a fresh VisionEncoder with no missing or unexpected keys.
-    from safetensors.torch import load_file
+    # The exported encoder loads with the encoders' own from_pretrained (strict: no missing or unexpected keys).
+    from encoders.vision import VisionEncoder
 
-    from encoders.vision import VisionEncoder, VisionEncoderConfig
-
-    meta = json.loads((tmp_path / "clip" / "final" / "encoder.json").read_text())
-    enc = VisionEncoder(VisionEncoderConfig.from_dict(meta["vision"]))
-    missing, unexpected = enc.load_state_dict(load_file(tmp_path / "clip" / "final" / "encoder.safetensors"))
-    assert not missing and not unexpected
+    enc = VisionEncoder.from_pretrained(tmp_path / "clip" / "final" / "encoder")
+    assert enc.cfg.image_size == 64
+    meta = json.loads((tmp_path / "clip" / "final" / "pretraining.json").read_text())
+    assert meta["objective"]["kind"] == "vision" and meta["last"]["step"] == 70
     from train.plot import plot_run
 
     assert os.path.getsize(plot_run(str(tmp_path / "clip"))) > 1000
 
 
 def test_bestrq_learns_and_resume_is_exact(tmp_path, media):
+    # One LR schedule for all three runs (the stopped run must not decay over its own 4 steps).
     common = ("--train.eval_interval=0", "--eval.batches=1", "--metrics.log_interval=1", "--checkpoint.interval=4")
+    common += ("--optim.schedule_steps=8", "--optim.warmup_steps=2")
     full = run("speech", tmp_path / "full", media, 1, "--train.steps=8", *common)
     run("speech", tmp_path / "cut", media, 1, "--train.steps=4", *common)
     cut = run("speech", tmp_path / "cut", media, 1, "--train.steps=8", *common)
@@ -90,5 +90,7 @@ def test_bestrq_learns_and_resume_is_exact(tmp_path, media):
     assert last["eval/accuracy"] >= last["eval/majority_accuracy"] + 0.08, last
     assert last["eval/loss"] < last["eval/unigram_entropy"] - 0.3, last
     assert last["loss"] < recs[0]["loss"] - 1.0
-    assert (tmp_path / "learn" / "final" / "encoder.safetensors").exists()
+    from encoders.speech import SpeechEncoder
+
+    assert SpeechEncoder.from_pretrained(tmp_path / "learn" / "final" / "encoder").cfg.dim == 64
     assert torch.isfinite(torch.tensor([r["loss"] for r in recs])).all()

@@ -352,9 +352,11 @@ def export_safetensors(
     *,
     prefix: str = "",
     config: dict | None = None,
+    config_path: str | None = None,
     select: Callable[[str], bool] | None = None,
 ) -> None:
-    """Write the full weights under ``prefix`` (stripped) to ``path`` atomically, plus ``config`` as JSON beside it.
+    """Write the full weights under ``prefix`` (stripped) to ``path`` atomically, plus ``config`` as JSON at
+    ``config_path`` (default: ``path`` with a .json suffix).
 
     A collective (every rank gathers its shards); only rank 0 writes.
     """
@@ -373,5 +375,5 @@ def export_safetensors(
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
         if config is not None:
-            _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(config, indent=2))
+            _atomic_write(config_path or os.path.splitext(path)[0] + ".json", json.dumps(config, indent=2))
     _barrier()

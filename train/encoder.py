@@ -4,7 +4,8 @@
         [--train.steps N] [--run.dir DIR] [--section.key=value ...]
 
 Writes RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/step-N (DCP, exact resume) and, at the end, the encoder's full
-weights as RUN_DIR/final/encoder.safetensors + encoder.json (its config) for the adapter stage.
+weights as RUN_DIR/final/encoder/{config.json,model.safetensors} (``VisionEncoder.from_pretrained`` /
+``SpeechEncoder.from_pretrained`` load it) for the adapter stage, beside final/pretraining.json.
 """
 
 from __future__ import annotations
@@ -391,12 +392,20 @@ def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
     records = train(cfg, model, loss_fn, data, eval_fn=eval_fn, extra_metrics=extra_metrics)
     if ctx.rank == 0:
         log.info("trained in %.1f s", time.perf_counter() - t0)
-    # The encoder's full weights for the adapter stage (a collective: every rank takes part, rank 0 writes).
+    # The encoder's full weights for the adapter stage, in the encoders' own save_pretrained layout
+    # (config.json + model.safetensors: VisionEncoder/SpeechEncoder.from_pretrained(RUN_DIR/final/encoder) loads it).
+    # A collective: every rank takes part, rank 0 writes.
     final = Path(cfg.run.dir) / "final"
-    export_safetensors(model, str(final / "encoder.safetensors"), prefix=export_prefix, config=export_cfg)
+    export_safetensors(
+        model,
+        str(final / "encoder" / "model.safetensors"),
+        prefix=export_prefix,
+        config=export_cfg[modality],
+        config_path=str(final / "encoder" / "config.json"),
+    )
     if ctx.rank == 0:
-        summary = records[-1] if records else {}
-        (final / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {"objective": export_cfg, "last": records[-1] if records else {}}
+        (final / "pretraining.json").write_text(json.dumps(summary, indent=2) + "\n")
     return records
 
 
