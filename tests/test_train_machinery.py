@@ -144,6 +144,23 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
     json.loads((run / "config.json").read_text())  # the resolved config was saved
 
 
+def test_async_checkpoints_commit_and_resume(tmp_path, monkeypatch):
+    import functools
+
+    import train.loop
+    from train.checkpoint import Checkpointer
+
+    sync = main(args(tmp_path / "sync", 8))
+    monkeypatch.setattr(train.loop, "Checkpointer", functools.partial(Checkpointer, async_save=True))
+    run = tmp_path / "async"
+    main(args(run, 8))
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-3", "step-6", "step-8"]
+    resumed = main(args(tmp_path / "resumed", 8, f"--checkpoint.resume={run / 'checkpoints' / 'step-6'}"))
+    assert [r["step"] for r in resumed] == [7, 8]
+    for r, s in zip(resumed, sync[6:], strict=True):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-6)
+
+
 def test_weight_decay_groups():
     model = ToyModel(8, 2, 0.0)
     model.tok_embeddings = nn.Embedding(10, 8)

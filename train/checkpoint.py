@@ -190,9 +190,9 @@ class Checkpointer:
         self.dir = os.path.join(run_dir, "checkpoints")
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.seed = seed
-        want_async = cfg.async_save if async_save is None else async_save
-        # Async writes overlap GPU training; on CPU the "background" thread would compete for the same cores.
-        self.async_save = bool(want_async) and torch.cuda.is_available()
+        # Async writes overlap GPU training; on CPU the "background" thread would compete for the same cores, so
+        # checkpoint.async_save applies on CUDA only. An explicit ``async_save=True`` forces it (tests on CPU).
+        self.async_save = bool(async_save) if async_save is not None else cfg.async_save and torch.cuda.is_available()
         self._pending: tuple[Any, str, str, int, dict] | None = None
         # Background DCP collectives need their own (gloo) group so they never interleave with the main thread's.
         self._async_pg = dist.new_group(backend="gloo") if self.async_save and dist.is_initialized() else None
