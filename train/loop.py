@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 EvalFn = Callable[[nn.Module, int], dict[str, Any]]
+ForwardBackward = Callable[[nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,6 +88,23 @@ def compile_default(cfg: JobConfig) -> bool:
     return cfg.train.compile if cfg.train.compile is not None else torch.cuda.is_available()
 
 
+def accumulate(
+    model: nn.Module, loss_fn: LossFn, batches: list, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward each micro-batch (loss scaled by 1/len so gradients are the global-batch mean);
+    returns the sums of the losses and of each metric over the micro-batches."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        loss, extra = loss_fn(model, batch)
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach().float()
+        for k, v in extra.items():
+            v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.to(device)
+    return loss_sum, sums
+
+
 def _finite(x: float) -> bool:
     return math.isfinite(x)
 
@@ -104,6 +122,7 @@ def train(
     flops_per_sample: float | None = None,
     checkpointer: Checkpointer | None = None,
     extra_metrics: Callable[[int], dict[str, Any]] | None = None,
+    forward_backward: ForwardBackward | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``cfg.train.steps`` optimizer steps (resuming if a checkpoint exists); returns the logged records.
 
@@ -113,6 +132,8 @@ def train(
     ``eval_fn(model, step)`` runs on every rank (collectives inside are fine) every ``train.eval_interval`` steps
     and at the end; ``extra_metrics(step)`` adds entries (data stats, mixture weights) to each logged record.
     ``tokens_per_sample`` / ``flops_per_sample`` (training FLOPs, forward + backward) give tokens/s and MFU.
+    ``forward_backward(model, micro_batches)`` replaces the default micro-step loop (pipeline schedules): it runs
+    backward itself and returns the SUM of micro-batch losses and of each metric (see :func:`accumulate`).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -130,6 +151,11 @@ def train(
     iterator: Iterator = data if hasattr(data, "__next__") else iter(data)
     peak = cfg.metrics.peak_tflops * 1e12 if cfg.metrics.peak_tflops > 0 else peak_flops()
     device = next(model.parameters()).device
+    if forward_backward is None:
+
+        def forward_backward(model: nn.Module, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return accumulate(model, loss_fn, batches, device)
+
     records: list[dict[str, Any]] = []
     window_t, window_steps = time.perf_counter(), 0
 
@@ -151,18 +177,10 @@ def train(
                 raise DataExhaustedError(f"step {step}: a rank's data ran out before train.steps={tc.steps}")
 
             model.train()
-            loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-            extra_sums: dict[str, torch.Tensor] = {}
-            for batch in batches:
-                loss, extra = loss_fn(model, batch)
-                (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                for k, v in extra.items():
-                    v = v.detach().float().mean() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                    extra_sums[k] = extra_sums.get(k, torch.zeros((), device=device)) + v.to(device)
+            loss_sum, extra_sums = forward_backward(model, batches)
             # One all-reduce for the loss and every extra metric: global means, identical on all ranks.
             keys = sorted(extra_sums)
-            packed = torch.stack([loss_sum] + [extra_sums[k] for k in keys]) / tc.grad_accum
+            packed = torch.stack([loss_sum.float()] + [extra_sums[k].float().to(device) for k in keys]) / tc.grad_accum
             if world > 1:
                 dist.all_reduce(packed)
                 packed /= world
