@@ -121,7 +121,7 @@ class ToyData:
 def main(argv: list[str] | None = None) -> list[dict]:
     """The toy entry: the same steps an entry script takes (config, mesh, model, parallelize, data, train)."""
     from train.config import parse_cli
-    from train.loop import init_run, train
+    from train.loop import compile_default, init_run, train
     from train.parallel.fsdp import parallelize
     from train.parallel.mesh import destroy_distributed
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ctx = init_run(cfg)
     try:
         model = ToyModel(cfg.toy.dim, cfg.toy.n_blocks, cfg.toy.dropout)
-        parallelize(model, ctx.mesh, ac=cfg.train.ac, compile=False)
+        parallelize(model, ctx.mesh, ac=cfg.train.ac, compile=compile_default(cfg))
         data = ToyData(cfg.toy.dim, cfg.train.batch_size, cfg.train.grad_accum, ctx.dp_rank, ctx.dp_size)
 
         def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
