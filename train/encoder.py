@@ -339,9 +339,9 @@ def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
         model, vcfg, tcfg = build_vision(cfg)
         export_cfg = {"kind": "vision", "vision": vcfg.to_dict(), "text": tcfg.to_dict()}
         tokenize = model.tokenize
-        # The ViT trunk runs its blocks through a function (not their __call__), so FSDP cannot hook them one by
-        # one: they stay in the root's all-gather group. The text tower's blocks are sharded per block.
-        blocks = list(model.text.transformer.resblocks)
+        # CLIP pretraining runs the ViT trunk only (the Llama 3.2 global layers join in the adapter stage), so the
+        # trunk and text blocks are the units FSDP shards and checkpoints one by one.
+        blocks = list(model.vision.transformer.resblocks) + list(model.text.transformer.resblocks)
         data = EncoderBatches(samples, micro, vision_transform(vcfg, tokenize))
         # Contrastive loss over the whole data-parallel batch: features all-gathered with gradients.
         criterion = clip_loss(rank=ctx.dp_rank, world_size=ctx.dp_size, local_loss=False, gather_with_grad=True)
