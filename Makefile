@@ -30,16 +30,27 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-# The embedded default end to end. Today: a random-weight debug LM written in the HF layout, loaded back
-# and asked to continue a prompt. Training stages join as their issues land.
+# The embedded default end to end: the default text corpus and synthetic media (made offline), CLIP and BEST-RQ
+# pretraining of the tiny encoders on 2 ranks, then a random-weight debug LM loaded back to generate. Each stage
+# is skipped when its output exists, so a rerun resumes. LM pretraining, adapters and the demo join as they land.
+TORCHRUN := $(VENV)/bin/torchrun --nproc-per-node 2
 quickstart: install
-	$(PY) -m lm.init --preset debug --out runs/quickstart/lm --seed 0
+	test -f runs/data/text/general/manifest.json || $(PY) -m data.default --out runs/data/text
+	$(PY) -m data.synthetic all --out runs/data/media
+	test -f runs/encoder/vision_tiny/final/encoder/model.safetensors || \
+	  $(TORCHRUN) train/encoder.py --modality vision --config configs/encoder/vision_tiny.toml
+	test -f runs/encoder/speech_tiny/final/encoder/model.safetensors || \
+	  $(TORCHRUN) train/encoder.py --modality speech --config configs/encoder/speech_tiny.toml
+	$(PY) -m train.plot runs/encoder/vision_tiny
+	$(PY) -m train.plot runs/encoder/speech_tiny
+	test -f runs/quickstart/lm/config.json || $(PY) -m lm.init --preset debug --out runs/quickstart/lm --seed 0
 	$(PY) -m lm.generate --checkpoint runs/quickstart/lm --prompt "a small red circle" --max-new-tokens 16 --temperature 0
-	@echo "quickstart: the LM core works end to end (random weights, so the text is noise)."
-	@echo "quickstart: pretraining, encoders, adapters and the demo are not built yet (see the open issues)."
+	@echo "quickstart: encoders pretrained (runs/encoder/*/metrics.jsonl, curves.png); the LM has random weights."
+	@echo "quickstart: LM pretraining, adapters and the demo are not built yet (see the open issues)."
 
 bench: install
 	$(PY) bench/generate.py
+	$(PY) bench/data.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
