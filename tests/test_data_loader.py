@@ -245,7 +245,7 @@ def test_corrupt_shard_skip_policy_counts(tmp_path):
     # Everything corrupt: an error, not a loop that never yields.
     for path in src.glob("*.tar"):
         corrupt(path, "truncate")
-    with pytest.raises(DataError, match="no readable tokens"):
+    with pytest.warns(UserWarning, match="corrupt"), pytest.raises(DataError, match="no readable tokens"):
         take(PackedLoader(src, seq_len=SEQ, batch_size=4, min_units=4, on_corrupt="skip"), 5)
 
 
