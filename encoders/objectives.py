@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig, lengths_to_mask
-from encoders.vision import VisionEncoder, VisionEncoderConfig
+from encoders.vision import VisionEncoder, VisionEncoderConfig, _read_state_dict
 
 # ---------------------------------------------------------------- CLIP
 
@@ -77,6 +78,32 @@ class CLIPModel(nn.Module):
 
             self._tokenizer = SimpleTokenizer(context_length=self.text_cfg.context_length)
         return self._tokenizer(texts)
+
+    def load_open_clip(self, source: str | Path | dict) -> list[str]:
+        """Load an open_clip CLIP checkpoint (file or state dict): the ViT trunk always, the text tower and the
+        temperature when the checkpoint has them; returns the keys left at their initial values.
+
+        A checkpoint of the visual tower alone leaves the text tower fresh; a text tower whose shapes differ from
+        this model's is an error naming the keys, never a silent partial load.
+        """
+        sd = _read_state_dict(source) if not isinstance(source, dict) else source
+        # Checkpoints saved from DistributedDataParallel carry a `module.` prefix (open_clip strips it too).
+        if sd and all(k.startswith("module.") for k in sd):
+            sd = {k[len("module.") :]: v for k, v in sd.items()}
+        left = [f"vision.{k}" for k in self.vision.load_open_clip(sd)]
+        text = {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in ("logit_scale", "attn_mask")}
+        if text:
+            missing, unexpected = self.text.load_state_dict(text, strict=False)
+            missing = [k for k in missing if k != "attn_mask"]  # a buffer open_clip rebuilds, not a weight
+            if missing or unexpected:
+                raise ValueError(f"open_clip text tower does not fit: missing {missing}, unexpected {unexpected}")
+        else:
+            left += [f"text.{k}" for k, _ in self.text.named_parameters()]
+        if "logit_scale" in sd:
+            self.logit_scale.data.copy_(sd["logit_scale"].reshape(self.logit_scale.shape))
+        else:
+            left.append("logit_scale")
+        return left
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Square images [B, 3, S, S] (CLIP-normalised) -> unit-norm embeddings [B, embed_dim]."""

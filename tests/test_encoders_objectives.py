@@ -5,7 +5,7 @@ import torch
 
 from encoders.objectives import BestRQ, CLIPModel, TextTowerConfig, clip_loss, retrieval_accuracy
 from encoders.speech import SpeechEncoderConfig
-from encoders.vision import VisionEncoderConfig
+from encoders.vision import VisionEncoder, VisionEncoderConfig
 
 VISION = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, embed_dim=24, intermediate_layers=(0,))
 TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1)
@@ -21,13 +21,36 @@ def _open_clip_pair():
         text_cfg=TEXT,
     ).eval()
     ours = CLIPModel(VisionEncoderConfig(**VISION, global_layers=1), TextTowerConfig(**TEXT)).eval()
-    sd = ref.state_dict()
-    ours.vision.load_open_clip(sd)
-    text = {k: v for k, v in sd.items() if not k.startswith("visual.") and k not in ("logit_scale", "attn_mask")}
-    missing, unexpected = ours.text.load_state_dict(text, strict=False)
-    assert not unexpected and all(k == "attn_mask" for k in missing)
-    ours.logit_scale.data.copy_(ref.logit_scale.data)
+    left = ours.load_open_clip(ref.state_dict())
+    # Only the Llama 3.2 additions (tile embeddings, global layers) have nothing to load from open_clip.
+    assert left and all(
+        k.startswith("vision.") and k[len("vision.") :].startswith(VisionEncoder.OURS_ONLY) for k in left
+    )
     return ref, ours
+
+
+def test_open_clip_file_loads_whole_or_visual_only_and_refuses_a_misfit(tmp_path):
+    """A saved open_clip CLIP file (DDP `module.` prefix included) loads into CLIPModel; a visual-only file leaves
+    the text tower fresh; a text tower of another shape is an error naming its keys."""
+    ref, _ = _open_clip_pair()
+    sd = ref.state_dict()
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    ours = CLIPModel(VisionEncoderConfig(**VISION, global_layers=1), TextTowerConfig(**TEXT))
+    ours.load_open_clip(path)
+    torch.testing.assert_close(ours.text.token_embedding.weight, ref.token_embedding.weight)
+    torch.testing.assert_close(ours.logit_scale, ref.logit_scale)
+
+    fresh = CLIPModel(VisionEncoderConfig(**VISION, global_layers=1), TextTowerConfig(**TEXT))
+    before = fresh.text.token_embedding.weight.clone()
+    left = fresh.load_open_clip({k: v for k, v in sd.items() if k.startswith("visual.")})
+    assert "text.token_embedding.weight" in left and "logit_scale" in left
+    assert torch.equal(fresh.text.token_embedding.weight, before)
+    torch.testing.assert_close(fresh.vision.conv1.weight, ref.visual.conv1.weight)
+
+    wider = CLIPModel(VisionEncoderConfig(**VISION, global_layers=1), TextTowerConfig(**{**TEXT, "width": 48}))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wider.load_open_clip(sd)
 
 
 def test_clip_model_and_loss_equal_open_clip():

@@ -84,12 +84,21 @@ class EncoderEvalConfig:
 
 
 @dataclass
+class EncoderVisionConfig:
+    """Where CLIP pretraining starts: fresh weights, or an open_clip checkpoint on local disk."""
+
+    # An open_clip CLIP (or visual-only) state dict, .pt/.bin/.safetensors: e.g. ViT-H-14 for the paper's encoder.
+    pretrained: str = ""
+
+
+@dataclass
 class EncoderJobConfig(JobConfig):
     """Root config of ``train/encoder.py``."""
 
     model: EncoderModelConfig = field(default_factory=EncoderModelConfig)
     data: EncoderDataConfig = field(default_factory=EncoderDataConfig)
     eval: EncoderEvalConfig = field(default_factory=EncoderEvalConfig)
+    vision: EncoderVisionConfig = field(default_factory=EncoderVisionConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,7 +209,11 @@ def build_vision(cfg: EncoderJobConfig):
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.vision.items()}
     vcfg = VisionEncoderConfig.from_preset(cfg.model.vision_preset, **overrides)
     tcfg = TextTowerConfig.from_preset(cfg.model.text_preset, **cfg.model.text)
-    return CLIPModel(vcfg, tcfg), vcfg, tcfg
+    model = CLIPModel(vcfg, tcfg)
+    if cfg.vision.pretrained:
+        left = model.load_open_clip(cfg.vision.pretrained)
+        log.info("loaded %s; %d tensors start fresh (%s)", cfg.vision.pretrained, len(left), ", ".join(left[:4]))
+    return model, vcfg, tcfg
 
 
 def build_speech(cfg: EncoderJobConfig):
