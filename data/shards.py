@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 __all__ = [
     "MANIFEST",
@@ -68,6 +67,9 @@ class ShardSink:
         self.shards: list[dict] = []
         self._docs = 0
         self._tokens = 0
+        # Imported here: reading shards needs only the standard library, so training runs where webdataset is absent.
+        import webdataset as wds
+
         self._writer = wds.ShardWriter(
             str(self.directory / SHARD_PATTERN),
             maxcount=1 << 62,
