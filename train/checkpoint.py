@@ -23,6 +23,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from lm.checkpoint import _atomic_write, _atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +122,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
             return path
         warnings.warn(f"skipping incomplete checkpoint {path} (no .metadata or {META})", stacklevel=2)
     return None
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:
@@ -252,7 +246,7 @@ class Checkpointer:
     def _commit(self, tmp: str, final: str, step: int, meta: dict) -> None:
         _barrier()  # every rank's shards are written
         if _rank() == 0:
-            _atomic_write(os.path.join(tmp, META), json.dumps(meta))
+            _atomic_write_text(Path(tmp, META), json.dumps(meta))
             if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(step):
                 log.error("fault injection: exiting before committing %s", tmp)
                 os._exit(17)
@@ -371,9 +365,7 @@ def export_safetensors(
             # clone: safetensors refuses tensors sharing storage (tied weights).
             tensors[k[len(prefix) :]] = v.detach().contiguous().clone()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         if config is not None:
-            _atomic_write(config_path or os.path.splitext(path)[0] + ".json", json.dumps(config, indent=2))
+            _atomic_write_text(Path(config_path or os.path.splitext(path)[0] + ".json"), json.dumps(config, indent=2))
     _barrier()
