@@ -345,27 +345,21 @@ class MediaSamples:
                 stacklevel=3,
             )
 
-    def _read(self, entry: _Entry, ext: str) -> bytes:
-        offset, size = entry.members[ext]
-        with open(self.shards[entry.shard], "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise ValueError(f"{ext} member cut short")
-        return data
-
     def _decode(self, entry: _Entry) -> dict:
         sample: dict[str, Any] = {"key": entry.key, "text": "", "meta": {}}
         name = f"{entry.key} in {os.path.basename(self.shards[entry.shard])}"
-        if "txt" in entry.members:
-            sample["text"] = self._read(entry, "txt").decode("utf-8", errors="replace").strip()
-        if "json" in entry.members:
+        ext = next(e for e in EXTENSIONS[self.kind] if e in entry.members)
+        # One open per sample, not one per member: this runs for every sample of every step.
+        with open(self.shards[entry.shard], "rb") as f:
+            raw = {e: _read_member(f, e, *entry.members[e]) for e in ("txt", "json", ext) if e in entry.members}
+        if "txt" in raw:
+            sample["text"] = raw["txt"].decode("utf-8", errors="replace").strip()
+        if "json" in raw:
             try:
-                sample["meta"] = json.loads(self._read(entry, "json"))
+                sample["meta"] = json.loads(raw["json"])
             except json.JSONDecodeError as error:
                 raise ValueError(f"cannot parse json of {name}: {error}") from error
-        ext = next(e for e in EXTENSIONS[self.kind] if e in entry.members)
-        data = self._read(entry, ext)
+        data = raw[ext]
         if self.kind == "image":
             sample["image"] = decode_image(data, name, self.image_format)
         elif self.kind == "audio":
@@ -374,6 +368,14 @@ class MediaSamples:
         else:
             sample["video"], sample["fps"] = decode_video(data, name, self.video_frames)
         return sample
+
+
+def _read_member(f: io.BufferedReader, ext: str, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{ext} member cut short")
+    return data
 
 
 # --------------------------------------------------------------------------------------------------- batching
