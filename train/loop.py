@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,10 +104,6 @@ def accumulate(
     return loss_sum, sums
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 def train(
     cfg: JobConfig,
     model: nn.Module,
@@ -189,8 +184,8 @@ def train(
 
             grad_norm = clip_grad_norm(model.parameters(), tc.max_grad_norm).item()
             lr = optimizer.param_groups[0]["lr"]
-            if not (_finite(loss_val) and _finite(grad_norm)):
-                what = f"loss {loss_val}" if not _finite(loss_val) else f"gradient norm {grad_norm}"
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {grad_norm}"
                 if not tc.skip_nonfinite:
                     raise NonFiniteLossError(
                         f"non-finite {what} at step {step}; stopping (set train.skip_nonfinite=true to skip such steps)"
@@ -252,8 +247,3 @@ def train(
         checkpointer.close()
         metrics.close()
     return records
-
-
-def run_dir_of(cfg: JobConfig) -> str:
-    """The run directory as an absolute path."""
-    return os.path.abspath(cfg.run.dir)
