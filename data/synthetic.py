@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.scenes import (
+    BACKGROUNDS,
     COLOURS,
     COMMANDS,
     DIGITS,
@@ -144,7 +145,7 @@ TRAVEL = 0.4  # distance covered over a clip, in image units
 
 def random_clip(rng: random.Random) -> dict:
     """One clip: a shape, a background and a direction; the shape starts so that its whole path stays in frame."""
-    background = rng.choice(("white", "gray", "black"))
+    background = rng.choice(BACKGROUNDS)
     direction = rng.choice(DIRECTIONS)
     dx, dy = MOTION[direction]
     # Along the motion axis start at 0.3 (or 0.7 when moving back); across it anywhere central.
@@ -221,9 +222,13 @@ def speech_texts() -> dict[str, list[str]]:
     }
 
 
+# Built once: random_utterance draws thousands of times and never changes the lists.
+_SPEECH_TEXTS = speech_texts()
+
+
 def random_utterance(rng: random.Random) -> dict:
     """A text with a voice, variant, speed and pitch; single words are drawn most often."""
-    texts = speech_texts()
+    texts = _SPEECH_TEXTS
     category = rng.choices(list(texts), weights=(0.5, 0.3, 0.2))[0]
     return {
         "text": rng.choice(texts[category]),
@@ -299,8 +304,8 @@ def speech_jobs(split: str, count: int, seed: int, heldout_count: int) -> list[d
     heldout = []
     while len(heldout) < heldout_count:
         u = random_utterance(rng_h)
-        if _utterance_id(u) not in seen:
-            seen.add(_utterance_id(u))
+        if (uid := _utterance_id(u)) not in seen:
+            seen.add(uid)
             heldout.append(u)
     if split == "heldout":
         return heldout[:count]
@@ -308,8 +313,8 @@ def speech_jobs(split: str, count: int, seed: int, heldout_count: int) -> list[d
     train = []
     while len(train) < count:
         u = random_utterance(rng)
-        if _utterance_id(u) not in seen:
-            seen.add(_utterance_id(u))
+        if (uid := _utterance_id(u)) not in seen:
+            seen.add(uid)
             train.append(u)
     return train
 
@@ -436,6 +441,7 @@ def generate(
     workers = (os.cpu_count() or 1) if workers is None else workers
 
     splits = {}
+    resampler = _Resampler() if kind == "speech" else None
     for split in SPLITS:
         if kind == "images":
             jobs, fn = image_jobs(split, counts[split], seed, counts["heldout"], size), _render_image
@@ -443,7 +449,6 @@ def generate(
             jobs, fn = video_jobs(split, counts[split], seed, size, frames, fps), _render_clip
         else:
             jobs, fn = speech_jobs(split, counts[split], seed, counts["heldout"]), _speak_job
-        resampler = _Resampler() if kind == "speech" else None
         with ShardWriter(directory, split, shard_size) as writer:
             results = _progress(
                 _map(fn, jobs, 1 if kind == "video" else workers), len(jobs), f"{kind}/{split}", progress
