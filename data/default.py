@@ -35,7 +35,7 @@ from pathlib import Path
 from data import scenes
 from data.mixture import Mixture
 from data.prepare import prepare_text
-from data.shards import DataError
+from data.shards import DataError, read_manifest
 
 __all__ = [
     "ANNEAL_FRACTION",
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, path in mixture.sources.items():
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = read_manifest(path)
         print(f"{name:13s} {manifest['documents']:7d} documents {manifest['tokens']:9d} tokens  -> {path}")
     print(f"default corpus in {args.out} ({time.perf_counter() - started:.1f} s); mixture {mixture.weights}")
     return 0
