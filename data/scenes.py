@@ -7,7 +7,7 @@ on the default corpus already knows every word an adapter must learn to ground.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -145,7 +145,6 @@ class Scene:
 
     objects: tuple[SceneObject, ...]
     background: str = "white"
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def relation(first: SceneObject, second: SceneObject) -> str:
