@@ -253,6 +253,10 @@ class _Config:
     on_corrupt: str
     anneal_start: int | None
 
+    def annealing(self, step: int) -> bool:
+        """True when the rows of `step` are drawn from the annealing mixture."""
+        return self.anneal_start is not None and step >= self.anneal_start
+
 
 class _Reader:
     """Produces the batches of one reader (rank, worker) from a starting state."""
@@ -267,8 +271,7 @@ class _Reader:
     def batch(self, step: int, first_row: int) -> dict:
         """The rank's batch of `step`, whose first row has global row index `first_row`; with a state delta."""
         cfg = self.cfg
-        anneal = cfg.anneal_start is not None and step >= cfg.anneal_start
-        sources = cfg.mixture.sample(np.arange(first_row, first_row + cfg.batch_size), anneal, cfg.seed)
+        sources = cfg.mixture.sample(np.arange(first_row, first_row + cfg.batch_size), cfg.annealing(step), cfg.seed)
         width = cfg.seq_len + 1
         tokens = np.empty((cfg.batch_size, width), dtype=np.int64)
         doc_ids = np.zeros((cfg.batch_size, width), dtype=np.int32)
@@ -424,8 +427,9 @@ class PackedLoader:
                     raise RuntimeError(f"loader out of order: got step {out['step']}, expected {self._step}")
                 for positions, (units, values) in zip(self._positions, out["delta"], strict=True):
                     positions[np.asarray(units)] = np.asarray(values)
-                anneal = cfg.anneal_start is not None and self._step >= cfg.anneal_start
-                rows = cfg.mixture.sample(np.arange(self._rows, self._rows + global_batch), anneal, cfg.seed)
+                rows = cfg.mixture.sample(
+                    np.arange(self._rows, self._rows + global_batch), cfg.annealing(self._step), cfg.seed
+                )
                 self._source_rows += np.bincount(rows, minlength=len(cfg.plans))
                 self._corrupt_skipped += int(out["corrupt_skipped"])
                 self._step += 1
@@ -509,11 +513,10 @@ class PackedLoader:
         """
         total = max(1, int(self._source_rows.sum()))
         names = self._cfg.mixture.names
-        anneal = self._cfg.anneal_start is not None and self._step >= self._cfg.anneal_start
         return {
             "step": self._step,
             "rows": self._rows,
-            "phase": "anneal" if anneal else "base",
+            "phase": "anneal" if self._cfg.annealing(self._step) else "base",
             "source_rows": dict(zip(names, self._source_rows.tolist(), strict=True)),
             "proportions": {n: c / total for n, c in zip(names, self._source_rows.tolist(), strict=True)},
             "corrupt_skipped": self._corrupt_skipped,
