@@ -24,9 +24,10 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -35,9 +36,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from train.checkpoint import export_safetensors  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
-from train.loop import RunContext, compile_default, init_run, train  # noqa: E402
+from train.loop import EvalFn, RunContext, compile_default, init_run, train  # noqa: E402
 from train.parallel.fsdp import parallelize  # noqa: E402
 from train.parallel.mesh import destroy_distributed  # noqa: E402
+
+if TYPE_CHECKING:  # the encoders import open_clip, torchvision and torchaudio: loaded only where used
+    from encoders.objectives import BestRQ, CLIPModel, TextTowerConfig
+    from encoders.speech import SpeechEncoderConfig
+    from encoders.vision import VisionEncoderConfig
+
+Tokenize = Callable[[list[str]], torch.Tensor]
 
 log = logging.getLogger("train.encoder")
 
@@ -168,7 +176,7 @@ class EncoderBatches:
         return self.samples.stats()
 
 
-def vision_transform(model_cfg, tokenize):
+def vision_transform(model_cfg: VisionEncoderConfig, tokenize: Tokenize) -> Callable[[dict], dict]:
     """Batch of decoded images/captions -> (normalised pixels [B,3,S,S], token ids, captions)."""
     from encoders.tiling import CLIP_MEAN, CLIP_STD
 
@@ -201,7 +209,7 @@ def speech_transform(batch: dict) -> dict:
 # Models, losses and evals.
 
 
-def build_vision(cfg: EncoderJobConfig):
+def build_vision(cfg: EncoderJobConfig) -> tuple[CLIPModel, VisionEncoderConfig, TextTowerConfig]:
     """CLIPModel (our VisionEncoder + open_clip text tower) from the config's presets and overrides."""
     from encoders.objectives import CLIPModel, TextTowerConfig
     from encoders.vision import VisionEncoderConfig
@@ -216,7 +224,7 @@ def build_vision(cfg: EncoderJobConfig):
     return model, vcfg, tcfg
 
 
-def build_speech(cfg: EncoderJobConfig):
+def build_speech(cfg: EncoderJobConfig) -> tuple[BestRQ, SpeechEncoderConfig, dict[str, Any]]:
     """BestRQ (SpeechEncoder + frozen random-projection quantizer) from the config's presets and overrides."""
     from encoders.objectives import BEST_RQ_PRESETS, BestRQ
     from encoders.speech import SpeechEncoderConfig
@@ -233,9 +241,9 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize, vcfg) -> callable:
+def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize: Tokenize, vcfg: VisionEncoderConfig) -> EvalFn:
     """Zero-shot retrieval on held-out images: top-1 image -> caption among groups of ``eval.group_size``."""
-    from data.media import MediaSamples
+    from data.media import MediaSamples, collate_samples
 
     group = cfg.eval.group_size
     heldout = MediaSamples(cfg.data.dir, kind="image", split="heldout", shuffle=False, epochs=1)
@@ -244,12 +252,11 @@ def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize, vcfg) -> calla
     per_rank = total_groups // ctx.dp_size
     transform = vision_transform(vcfg, tokenize)
     stream = iter(heldout)
-    cached = []
-    for _ in range(per_rank * ctx.dp_size):
-        from data.media import collate_samples
-
-        cached.append(transform(collate_samples([next(stream) for _ in range(group)])))
-    mine = cached[ctx.dp_rank :: ctx.dp_size][:per_rank]
+    mine = []
+    for g in range(per_rank * ctx.dp_size):
+        samples = [next(stream) for _ in range(group)]  # every rank reads every group to reach its own
+        if g % ctx.dp_size == ctx.dp_rank:
+            mine.append(transform(collate_samples(samples)))
 
     def fn(model: nn.Module, step: int) -> dict:
         correct = count = 0.0
@@ -281,7 +288,7 @@ def _target_baselines(model: nn.Module, batches: list[dict]) -> tuple[float, flo
     return p.max(1).values.mean().item(), entropy.mean().item()
 
 
-def speech_eval(cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module) -> callable:
+def speech_eval(cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module) -> EvalFn:
     """Masked-prediction accuracy on held-out utterances, with fixed masks (a seeded generator)."""
     from data.media import MediaSamples, collate_samples
 
