@@ -10,8 +10,10 @@ tiles in row-major order. Unused tile slots are zeros (after normalisation) and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from PIL import Image
@@ -132,7 +134,9 @@ def tile_images(
     )
 
 
-def square_transform(image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD):
+def square_transform(
+    image_size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> Callable[[Any], torch.Tensor]:
     """The single-tile CLIP pretraining transform: resize the short side, centre crop, normalise (torchvision)."""
     from torchvision import transforms as T
 

@@ -30,6 +30,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,9 @@ class VisionEncoderConfig:
         return replace(presets[name], **overrides)
 
     @classmethod
-    def from_mllama(cls, hf_config, intermediate_layer_input: bool = True, embed_dim: int = 1024):
+    def from_mllama(
+        cls, hf_config: dict | Any, intermediate_layer_input: bool = True, embed_dim: int = 1024
+    ) -> VisionEncoderConfig:
         """Config matching a transformers MllamaVisionConfig (object or dict)."""
         get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
         width = get("hidden_size", 1280)
@@ -355,7 +358,10 @@ class VisionEncoder(nn.Module):
 
     @classmethod
     def from_mllama(
-        cls, source: str | Path | dict, hf_vision_config=None, intermediate_layer_input: bool = True
+        cls,
+        source: str | Path | dict,
+        hf_vision_config: dict | Any | None = None,
+        intermediate_layer_input: bool = True,
     ) -> VisionEncoder:
         """Build from a Llama 3.2 Vision checkpoint in HF layout: a directory (config.json + *.safetensors) or a
         state dict with its MllamaVisionConfig. See the module docstring for `intermediate_layer_input`."""

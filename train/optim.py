@@ -10,10 +10,13 @@ decaying them pulls normalisation gains and rarely-seen token rows toward zero f
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+
+from train.config import OptimConfig
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
@@ -41,7 +44,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters with the config's (``OptimConfig``) lr, betas and decay."""
     return torch.optim.AdamW(
         param_groups(model, optim.weight_decay),
@@ -68,7 +71,9 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over :func:`lr_factor`; ``optim.schedule_steps`` (0 = ``total_steps``) is the decay horizon."""
     total = optim.schedule_steps or total_steps
 
@@ -78,7 +83,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip gradients to ``max_norm`` by their global L2 norm over all ranks and shards; returns that norm.
 
     With FSDP2 the gradients are DTensors: the per-shard norms reduce across the mesh, so the result is the norm

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from train.config import ParallelConfig
+
 log = logging.getLogger(__name__)
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "pp", "cp", "tp")
@@ -39,7 +41,7 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def from_config(cls, parallel, world_size: int) -> ParallelDims:
+    def from_config(cls, parallel: ParallelConfig, world_size: int) -> ParallelDims:
         """Resolve ``parallel`` (a ParallelConfig) against ``world_size``; a layout that cannot fit raises."""
         degrees = {d: int(getattr(parallel, d)) for d in MESH_DIMS}
         for name, deg in degrees.items():
@@ -141,7 +143,7 @@ def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
-def setup(parallel, timeout_s: float = 600.0) -> tuple[ParallelDims, DeviceMesh]:
+def setup(parallel: ParallelConfig, timeout_s: float = 600.0) -> tuple[ParallelDims, DeviceMesh]:
     """Validate the layout against the world size first, then start the group and build the mesh."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     dims = ParallelDims.from_config(parallel, world)  # fails before any process group work
