@@ -131,6 +131,9 @@ def _name_key(name: str) -> int:
 
 _SHARD_CACHE: OrderedDict[tuple, Shard] = OrderedDict()
 _SHARD_CACHE_SIZE = 64
+# Shard identities (the cache keys) whose sha256 this process has checked. Kept apart from the bounded cache: a
+# reader that cycles through more shards than the cache holds would otherwise re-hash a whole shard per unit.
+_VERIFIED: set[tuple] = set()
 
 
 def _open_shard(plan: _SourcePlan, index: int) -> Shard:
@@ -144,7 +147,10 @@ def _open_shard(plan: _SourcePlan, index: int) -> Shard:
         key = (str(path), None, None, None)
     shard = _SHARD_CACHE.get(key)
     if shard is None:
-        shard = Shard.open(path, record, verify=plan.verify)
+        verify = plan.verify and key not in _VERIFIED
+        shard = Shard.open(path, record, verify=verify)
+        if verify:
+            _VERIFIED.add(key)
         _SHARD_CACHE[key] = shard
         if len(_SHARD_CACHE) > _SHARD_CACHE_SIZE:
             _SHARD_CACHE.popitem(last=False)
