@@ -40,6 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lm.checkpoint import _atomic_write, _atomic_write_text
+from train.parallel.mesh import barrier as _barrier
+from train.parallel.mesh import rank as _rank
+from train.parallel.mesh import world_size as _world
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +140,10 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _gather(obj: Any) -> list[Any]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _world() == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
 

@@ -38,7 +38,7 @@ from train.checkpoint import export_safetensors  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
 from train.loop import EvalFn, RunContext, compile_default, init_run, train  # noqa: E402
 from train.parallel.fsdp import parallelize  # noqa: E402
-from train.parallel.mesh import destroy_distributed  # noqa: E402
+from train.parallel.mesh import barrier, destroy_distributed, world_size  # noqa: E402
 
 if TYPE_CHECKING:  # the encoders import open_clip, torchvision and torchaudio: loaded only where used
     from encoders.objectives import BestRQ, CLIPModel, TextTowerConfig
@@ -137,8 +137,7 @@ def ensure_data(cfg: EncoderJobConfig, modality: str, rank: int) -> None:
             heldout=cfg.data.heldout_count or None,
             seed=cfg.data.seed,
         )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
 
 
 class EncoderBatches:
@@ -236,7 +235,7 @@ def build_speech(cfg: EncoderJobConfig) -> tuple[BestRQ, SpeechEncoderConfig, di
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
 

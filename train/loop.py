@@ -23,7 +23,8 @@ from train.checkpoint import Checkpointer, seed_everything
 from train.config import JobConfig, save_config
 from train.metrics import MetricsLogger, mem_gb, peak_flops
 from train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from train.parallel.mesh import ParallelDims, device_type, dp_rank_and_size, setup
+from train.parallel.mesh import ParallelDims, device_type, dp_rank_and_size, setup, world_size
+from train.parallel.mesh import rank as process_rank
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,7 @@ def train(
     ``forward_backward(model, micro_batches)`` replaces the default micro-step loop (pipeline schedules): it runs
     backward itself and returns the SUM of micro-batch losses and of each metric (see :func:`accumulate`).
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = process_rank(), world_size()
     tc = cfg.train
     optimizer = optimizer or build_optimizer(model, cfg.optim)
     scheduler = scheduler or build_scheduler(optimizer, cfg.optim, tc.steps)

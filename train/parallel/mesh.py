@@ -108,6 +108,22 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op alone."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def destroy_distributed() -> None:
     """Tear the process group down (safe to call when none is up)."""
     if dist.is_initialized():
