@@ -5,6 +5,9 @@ MllamaImageProcessor, which our tests use as the peer: among all grids of at mos
 take the smallest upscale that fits the image, or failing that the largest downscale; ties go to the smaller
 canvas. The image keeps its aspect ratio, is padded with black on the right and bottom, and is cut into square
 tiles in row-major order. Unused tile slots are zeros (after normalisation) and flagged by the tile mask.
+
+torchvision is imported inside the functions that use it: every `encoders` import (the speech path included)
+passes through this module, and torchvision costs about 2 s of start-up per process.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 # OpenAI CLIP statistics: the ones the ViT-H/14 and the released Llama 3.2 Vision preprocessors use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -89,6 +90,8 @@ class TiledImage:
 def to_uint8_chw(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """A PIL image (any mode) or a uint8 [3,H,W] tensor as an RGB uint8 [3,H,W] tensor."""
     if isinstance(image, Image.Image):
+        from torchvision.transforms.v2 import functional as TF
+
         return TF.pil_to_tensor(image.convert("RGB"))
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a PIL image or a uint8 [3, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
@@ -103,6 +106,9 @@ def tile_image(
     std: tuple[float, ...] = CLIP_STD,
 ) -> TiledImage:
     """Resize (bilinear, antialiased, on uint8 like MllamaImageProcessor), pad, split and normalise one image."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     pixels = to_uint8_chw(image)
     height, width = pixels.shape[-2:]
     canvas_h, canvas_w = best_canvas(height, width, max_num_tiles, tile_size)
@@ -139,6 +145,7 @@ def square_transform(
 ) -> Callable[[Any], torch.Tensor]:
     """The single-tile CLIP pretraining transform: resize the short side, centre crop, normalise (torchvision)."""
     from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
 
     return T.Compose(
         [
