@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lm.checkpoint import _atomic_write, _atomic_write_text
+from train.config import CheckpointConfig
 from train.parallel.mesh import barrier as _barrier
 from train.parallel.mesh import rank as _rank
 from train.parallel.mesh import world_size as _world
@@ -160,7 +161,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        cfg,
+        cfg: CheckpointConfig,
         run_dir: str,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
