@@ -250,14 +250,14 @@ def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_s
     weight_map = {}
     for i, shard in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in hf_state.values())}, "weight_map": weight_map}
-        _atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+        atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     hf_config = config.to_hf_config()
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
 
 
 def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, model_parallel: int) -> None:
@@ -273,8 +273,8 @@ def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, mod
             if tensor.shape[dim] % model_parallel:
                 raise ValueError(f"{name}: size {tensor.shape[dim]} on dim {dim} does not split {model_parallel} ways")
             shard[name] = tensor.chunk(model_parallel, dim=dim)[rank].clone()
-        _atomic_write(path / f"consolidated.{rank:02d}.pth", lambda tmp, shard=shard: torch.save(shard, tmp))
-    _atomic_write_text(path / "params.json", json.dumps(config.to_meta_params(), indent=2))
+        atomic_write(path / f"consolidated.{rank:02d}.pth", lambda tmp, shard=shard: torch.save(shard, tmp))
+    atomic_write_text(path / "params.json", json.dumps(config.to_meta_params(), indent=2))
 
 
 def _meta_split_dim(name: str) -> int | None:
@@ -298,7 +298,7 @@ def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[d
         yield shard
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through `write(tmp)` then rename over `path`, so readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -310,8 +310,9 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` for a text file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 __all__ = [

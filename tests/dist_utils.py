@@ -23,7 +23,8 @@ import torch.nn as nn  # noqa: E402
 
 from train.config import JobConfig  # noqa: E402
 
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+# The interpreter running the tests, so torchrun children see the same environment wherever it lives.
+PYTHON = sys.executable
 
 
 # ----------------------------------------------------------------------------------------------------------------

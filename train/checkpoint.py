@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lm.checkpoint import _atomic_write, _atomic_write_text
+from lm.checkpoint import atomic_write, atomic_write_text
 from train.config import CheckpointConfig
 from train.parallel.mesh import barrier as _barrier
 from train.parallel.mesh import rank as _rank
@@ -237,7 +237,7 @@ class Checkpointer:
     def _commit(self, tmp: str, final: str, step: int, meta: dict) -> None:
         _barrier()  # every rank's shards are written
         if _rank() == 0:
-            _atomic_write_text(Path(tmp, META), json.dumps(meta))
+            atomic_write_text(Path(tmp, META), json.dumps(meta))
             if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(step):
                 log.error("fault injection: exiting before committing %s", tmp)
                 os._exit(17)
@@ -356,7 +356,7 @@ def export_safetensors(
             # clone: safetensors refuses tensors sharing storage (tied weights).
             tensors[k[len(prefix) :]] = v.detach().contiguous().clone()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         if config is not None:
-            _atomic_write_text(Path(config_path or os.path.splitext(path)[0] + ".json"), json.dumps(config, indent=2))
+            atomic_write_text(Path(config_path or os.path.splitext(path)[0] + ".json"), json.dumps(config, indent=2))
     _barrier()

@@ -372,8 +372,8 @@ def to_toml(cfg: Any) -> str:
 def save_config(cfg: Any, run_dir: str | os.PathLike) -> None:
     """Write the resolved config as ``config.toml`` and ``config.json`` in the run dir (atomically)."""
     # Imported here: loading a config needs no torch, writing one shares the LM checkpoint's atomic write.
-    from lm.checkpoint import _atomic_write_text
+    from lm.checkpoint import atomic_write_text
 
     os.makedirs(run_dir, exist_ok=True)
     for name, text in (("config.toml", to_toml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
-        _atomic_write_text(Path(run_dir, name), text + "\n")
+        atomic_write_text(Path(run_dir, name), text + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lm.checkpoint import _atomic_write_text
+from lm.checkpoint import atomic_write_text
 
 CONTRACT_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb")
 
@@ -97,7 +97,7 @@ class MetricsLogger:
         if not self.enabled or not os.path.exists(self.path):
             return
         keep = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
-        _atomic_write_text(Path(self.path), "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(Path(self.path), "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record (must hold ``step``) and print its progress line."""
