@@ -397,6 +397,9 @@ def _progress(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable
     return tqdm(items, total=total, desc=desc, unit="sample")
 
 
+GENERATING_MARKER = ".generating"
+
+
 def generate(
     kind: str,
     out: str | Path,
@@ -436,6 +439,9 @@ def generate(
             return old
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # written last: its presence marks a complete kind
+    # Marks a kind whose generation has not finished, so an interrupted run is redone rather than trained on.
+    in_progress = directory / GENERATING_MARKER
+    in_progress.touch()
     for stale in list(directory.glob("*.tar")) + list(directory.glob("*.tar.tmp")):
         stale.unlink()
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -467,6 +473,7 @@ def generate(
     tmp = manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, manifest_path)
+    in_progress.unlink()
     return manifest
 
 

@@ -119,9 +119,12 @@ def ensure_data(cfg: EncoderJobConfig, modality: str, rank: int) -> None:
 
     kind = "image" if modality == "vision" else "audio"
     synth_kind = "images" if modality == "vision" else "speech"
+    from data.synthetic import GENERATING_MARKER
+
     try:
-        find_shards(cfg.data.dir, kind, "train")
-        present = True
+        shards = find_shards(cfg.data.dir, kind, "train")
+        # Shards beside the marker are an interrupted data.synthetic run: generate() starts that kind afresh.
+        present = not (shards[0].parent / GENERATING_MARKER).exists()
     except FileNotFoundError:
         present = False
     if not present and rank == 0:
