@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -380,14 +381,25 @@ class VisionEncoder(nn.Module):
         return model
 
 
-def save_encoder(model: nn.Module, config: dict, directory: str | Path) -> None:
-    """config.json + model.safetensors in directory (shared by the vision and speech encoders)."""
+def save_encoder(weights: nn.Module | dict[str, torch.Tensor], config: dict, directory: str | Path) -> None:
+    """config.json + model.safetensors in directory (the layout of the vision and speech encoders), each file
+    written to a temporary name and renamed, so a crash mid-save never leaves a half-written checkpoint."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    for name, write in (
+        ("model.safetensors", lambda tmp: save_file(tensors, str(tmp))),
+        ("config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2))),
+    ):
+        tmp = directory / f".{name}.tmp-{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, directory / name)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def load_encoder(directory: str | Path) -> tuple[dict, dict]:

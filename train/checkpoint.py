@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lm.checkpoint import atomic_write, atomic_write_text
+from lm.checkpoint import atomic_write_text
 from train.config import CheckpointConfig
 from train.parallel.mesh import barrier as _barrier
 from train.parallel.mesh import rank as _rank
@@ -329,34 +328,3 @@ class Checkpointer:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded model state on CPU, on rank 0 (empty elsewhere); a collective: call on every rank."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def export_safetensors(
-    model: nn.Module,
-    path: str,
-    *,
-    prefix: str = "",
-    config: dict | None = None,
-    config_path: str | None = None,
-    select: Callable[[str], bool] | None = None,
-) -> None:
-    """Write the full weights under ``prefix`` (stripped) to ``path`` atomically, plus ``config`` as JSON at
-    ``config_path`` (default: ``path`` with a .json suffix).
-
-    A collective (every rank gathers its shards); only rank 0 writes.
-    """
-    from safetensors.torch import save_file
-
-    sd = full_state_dict(model)
-    if _rank() == 0:
-        tensors = {}
-        for k, v in sd.items():
-            if not k.startswith(prefix) or (select is not None and not select(k)):
-                continue
-            # clone: safetensors refuses tensors sharing storage (tied weights).
-            tensors[k[len(prefix) :]] = v.detach().contiguous().clone()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        if config is not None:
-            atomic_write_text(Path(config_path or os.path.splitext(path)[0] + ".json"), json.dumps(config, indent=2))
-    _barrier()

@@ -34,7 +34,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from train.checkpoint import export_safetensors  # noqa: E402
+from lm.checkpoint import atomic_write_text  # noqa: E402
+from train.checkpoint import full_state_dict  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
 from train.loop import EvalFn, RunContext, compile_default, init_run, train  # noqa: E402
 from train.parallel.fsdp import parallelize  # noqa: E402
@@ -418,16 +419,18 @@ def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
     # (config.json + model.safetensors: VisionEncoder/SpeechEncoder.from_pretrained(RUN_DIR/final/encoder) loads it).
     # A collective: every rank takes part, rank 0 writes.
     final = Path(cfg.run.dir) / "final"
-    export_safetensors(
-        model,
-        str(final / "encoder" / "model.safetensors"),
-        prefix=export_prefix,
-        config=export_cfg[modality],
-        config_path=str(final / "encoder" / "config.json"),
-    )
+    state = full_state_dict(model)
     if ctx.rank == 0:
+        from encoders.vision import save_encoder
+
+        save_encoder(
+            {k[len(export_prefix) :]: v for k, v in state.items() if k.startswith(export_prefix)},
+            export_cfg[modality],
+            final / "encoder",
+        )
         summary = {"objective": export_cfg, "last": records[-1] if records else {}}
-        (final / "pretraining.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(final / "pretraining.json", json.dumps(summary, indent=2) + "\n")
+    barrier()
     return records
 
 
