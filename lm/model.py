@@ -242,7 +242,8 @@ class Transformer(nn.Module):
         skip_output: return the final-normed hidden states instead of logits (the caller projects them).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        batch, seq = h.shape[:2]
+        # From the input, not h: under sequence parallel the embedding's output holds a slice of the sequence.
+        batch, seq = tokens.shape[:2]
         if positions is None:
             if document_ids is not None:
                 positions = document_positions(document_ids)
