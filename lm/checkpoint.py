@@ -86,18 +86,11 @@ def load_config(path: str | os.PathLike) -> LMConfig:
     return LMConfig.from_hf_config(path / "config.json")
 
 
-def load_pretrained(
-    path: str | os.PathLike,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    attn_backend: str | None = None,
-) -> Transformer:
-    """Load a Meta or HF checkpoint directory into a Transformer (weights keep their dtype unless given)."""
+def read_state_dict(path: str | os.PathLike) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+    """The config and the (memory-mapped, Meta-named) weights of a Meta or HF checkpoint directory, checked
+    against the config; tied models get ``output.weight`` as the embedding table."""
     path = Path(path)
     config = load_config(path)
-    if attn_backend is not None:
-        config.attn_backend = attn_backend
     with torch.device("meta"):
         model = Transformer(config)
     if detect_format(path) == "meta":
@@ -109,6 +102,22 @@ def load_pretrained(
     if config.tie_word_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     check_state_dict(model, state, source=str(path))
+    return config, state
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_backend: str | None = None,
+) -> Transformer:
+    """Load a Meta or HF checkpoint directory into a Transformer (weights keep their dtype unless given)."""
+    config, state = read_state_dict(path)
+    if attn_backend is not None:
+        config.attn_backend = attn_backend
+    with torch.device("meta"):
+        model = Transformer(config)
     model.load_state_dict(state, assign=True, strict=True)
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -321,6 +330,7 @@ __all__ = [
     "hf_to_meta_rotary",
     "load_config",
     "load_pretrained",
+    "read_state_dict",
     "meta_to_hf_rotary",
     "save_pretrained",
 ]

@@ -1,0 +1,420 @@
+"""Llama 3 pretraining: FSDP2 (HSDP) x tensor/sequence parallel, exact resume, MFU metrics.
+
+    torchrun --nproc-per-node N train/lm.py --config configs/lm/debug.toml [--section.key=value ...]
+
+The model is built on the meta device, sharded (TP plan, activation checkpointing, compile, FSDP), and only then
+materialised: each rank allocates its own shards and initialises them, or receives them from rank 0 reading a
+pretrained checkpoint (``--model.init_from DIR``, Meta or HF layout), so no rank ever holds a 70B/405B model.
+Writes RUN_DIR/metrics.jsonl, RUN_DIR/lm_config.json (the model's shape, for ``python -m train.export``) and
+DCP checkpoints under RUN_DIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # `torchrun train/lm.py` puts train/ first on sys.path, where this very file would shadow the `lm` package:
+    # drop it and put the repository root first.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from lm.checkpoint import atomic_write_text, load_config, read_state_dict  # noqa: E402
+from lm.config import LMConfig  # noqa: E402
+from lm.model import Transformer  # noqa: E402
+from train.config import JobConfig, parse_cli  # noqa: E402
+from train.loop import RunContext, accumulate, compile_default, init_run, train  # noqa: E402
+from train.parallel.fsdp import apply_ac, apply_compile, apply_fsdp  # noqa: E402
+from train.parallel.mesh import MeshError, ParallelDims, destroy_distributed, submesh  # noqa: E402
+from train.parallel.tp import apply_tp, check_tp  # noqa: E402
+
+log = logging.getLogger("train.lm")
+
+LM_CONFIG_FILE = "lm_config.json"
+
+
+@dataclass
+class LMModelConfig:
+    """The model: a preset of ``lm.LMConfig`` with optional shape overrides, or a pretrained checkpoint."""
+
+    preset: str = "debug"
+    # Shape overrides; None keeps the preset's (or the init_from checkpoint's) value.
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    ffn_dim_multiplier: float | None = None
+    multiple_of: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    attn_backend: Literal["sdpa", "flex", "xformers"] = "sdpa"
+    # A Meta or HF checkpoint directory to start from; its config replaces the preset.
+    init_from: str = ""
+    # fused: chunked linear + cross-entropy (the [tokens, vocab] logits never exist at once); plain: full logits.
+    # Tensor parallel always uses the vocabulary-parallel cross-entropy.
+    loss: Literal["fused", "plain"] = "fused"
+
+
+@dataclass
+class LMDataConfig:
+    """Token shards packed into rows of ``seq_len + 1`` tokens with document ids."""
+
+    # A prepared source (manifest.json), a mixture's root, or where the embedded default corpus is built.
+    dir: str = "runs/data/text"
+    # "name:weight,..." of subdirectories of dir; "" = dir's own mixture.json (the default corpus) or dir alone.
+    mixture: str = ""
+    # "name:weight,..." for the annealing phase; "" = the mixture's own (the default corpus has one).
+    anneal_mixture: str = ""
+    # Fraction of steps, at the end, drawn from the annealing mixture; -1 = the mixture's own, 0 = off.
+    anneal_fraction: float = -1.0
+    seq_len: int = 256
+    # Data readers the global batch is drawn from (0 = one per data-parallel rank). A fixed count gives the same
+    # batches under every layout whose data-parallel degree divides it.
+    readers: int = 0
+    num_workers: int = 0
+    on_corrupt: Literal["fail", "skip"] = "fail"
+    seed: int = 0
+
+
+@dataclass
+class LMJobConfig(JobConfig):
+    """Root config of ``train/lm.py``."""
+
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+
+
+_SHAPE_KEYS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "ffn_dim_multiplier",
+    "multiple_of",
+    "max_seq_len",
+    "rope_theta",
+)
+
+
+def build_lm_config(model: LMModelConfig) -> LMConfig:
+    """The LMConfig of the ``[model]`` section: the init_from checkpoint's or the preset's, then the overrides."""
+    base = load_config(model.init_from) if model.init_from else LMConfig.from_preset(model.preset)
+    overrides = {k: getattr(model, k) for k in _SHAPE_KEYS if getattr(model, k) is not None}
+    try:
+        return dataclasses.replace(base, attn_backend=model.attn_backend, **overrides)
+    except ValueError as e:
+        raise ValueError(f"[model] section: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def build_mixture(data: LMDataConfig):
+    """The data mixture of the ``[data]`` section; builds the embedded default corpus when ``dir`` is empty."""
+    from data.default import ensure_default_corpus, load_default_mixture
+    from data.mixture import Mixture
+
+    root = Path(data.dir)
+    if data.mixture:
+        mixture = Mixture.parse(
+            data.mixture, root, anneal=data.anneal_mixture or None, anneal_fraction=max(0.0, data.anneal_fraction)
+        )
+    elif (root / "manifest.json").is_file():
+        mixture = Mixture({root.name: root}, {root.name: 1.0})
+    elif (root / "mixture.json").is_file():
+        mixture = load_default_mixture(root)
+    else:
+        if root.exists() and any(root.iterdir()):
+            raise FileNotFoundError(
+                f"data.dir={root} holds neither a prepared source (manifest.json) nor a mixture (mixture.json); "
+                "prepare it with `python -m data.prepare` or set data.mixture"
+            )
+        log.info("building the embedded default corpus in %s", root)
+        mixture = ensure_default_corpus(root, seed=data.seed)  # one rank builds, the others wait on its lock
+    if data.anneal_mixture and not data.mixture:
+        from data.mixture import parse_weights
+
+        mixture = dataclasses.replace(mixture, anneal_weights=parse_weights(data.anneal_mixture))
+    if data.anneal_fraction >= 0:
+        mixture = dataclasses.replace(mixture, anneal_fraction=data.anneal_fraction)
+    return mixture
+
+
+class ReaderGroup:
+    """This rank's share of a fixed number of data readers, concatenated into its micro-batches.
+
+    Reader ``r`` is a ``PackedLoader`` with rank ``r`` of ``readers``; data-parallel rank ``d`` of ``D`` holds
+    readers ``d * readers / D ...``. The global micro-batch is therefore the same rows under every layout whose
+    data-parallel degree divides ``readers``. ``state_dict`` gathers and merges every reader's state (a
+    collective), so a checkpoint resumes onto any layout.
+    """
+
+    def __init__(
+        self,
+        mixture,
+        data: LMDataConfig,
+        *,
+        readers: int,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch: int,
+        micro_steps: int,
+    ) -> None:
+        from data.loader import PackedLoader
+        from lm.tokenizer import Tokenizer
+
+        if readers % dp_size:
+            raise ValueError(f"data.readers={readers} must be a multiple of the data-parallel degree {dp_size}")
+        per_rank = readers // dp_size
+        if micro_batch % per_rank:
+            raise ValueError(
+                f"the per-rank micro-batch ({micro_batch} sequences) must divide among this rank's "
+                f"{per_rank} data readers (data.readers={readers} over {dp_size} data-parallel ranks)"
+            )
+        self.loaders = [
+            PackedLoader(
+                mixture,
+                seq_len=data.seq_len,
+                batch_size=micro_batch // per_rank,
+                rank=dp_rank * per_rank + i,
+                world_size=readers,
+                num_workers=data.num_workers,
+                seed=data.seed,
+                # Shards tokenized with another vocabulary would index past the embedding table.
+                tokenizer_sha256=Tokenizer().sha256,
+                on_corrupt=data.on_corrupt,
+                total_steps=micro_steps,
+            )
+            for i in range(per_rank)
+        ]
+        self._iters: list | None = None
+
+    def __iter__(self) -> ReaderGroup:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iters is None:
+            self._iters = [iter(loader) for loader in self.loaders]
+        batches = [next(it) for it in self._iters]
+        return {
+            "tokens": torch.cat([b.tokens for b in batches]),
+            "document_ids": torch.cat([b.document_ids for b in batches]),
+        }
+
+    def state_dict(self) -> dict:
+        """Every reader's position across all ranks, merged into one state any layout restores (a collective)."""
+        from data.loader import merge_states
+
+        states = [loader.state_dict() for loader in self.loaders]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            states = [s for rank_states in gathered for s in rank_states]
+        return merge_states(states)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue every reader of this rank from a merged state."""
+        for loader in self.loaders:
+            loader.load_state_dict(state)
+        self._iters = None
+
+    def stats(self) -> dict[str, Any]:
+        """Metrics: the mixture phase and the realised source proportions of this rank's readers."""
+        first = self.loaders[0].stats()
+        rows: dict[str, int] = {}
+        for loader in self.loaders:
+            for name, count in loader.stats()["source_rows"].items():
+                rows[name] = rows.get(name, 0) + count
+        total = max(1, sum(rows.values()))
+        out: dict[str, Any] = {"data/anneal": first["phase"] == "anneal"}
+        out.update({f"data/{name}": count / total for name, count in rows.items()})
+        out["data/corrupt_skipped"] = sum(loader.stats()["corrupt_skipped"] for loader in self.loaders)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model.
+
+
+def build_model(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> Transformer:
+    """Meta-device model -> TP plan -> activation checkpointing -> compile -> FSDP -> shards materialised."""
+    with torch.device("meta"):
+        model = Transformer(lm_config)
+    if ctx.dims.tp > 1:
+        apply_tp(model, submesh(ctx.mesh, "tp"), loss_parallel=True)
+    blocks = list(model.layers.values())
+    apply_ac(blocks, cfg.train.ac)
+    if compile_default(cfg):
+        apply_compile(blocks)
+    apply_fsdp(
+        model,
+        ctx.mesh,
+        blocks,
+        param_dtype=cfg.parallel.param_dtype,
+        reduce_dtype=cfg.parallel.reduce_dtype,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+    model.to_empty(device=ctx.device)
+    if cfg.model.init_from:
+        load_full_weights(model, cfg.model.init_from, ctx.rank)
+    else:
+        with torch.no_grad():
+            model.init_weights()
+    return model
+
+
+def load_full_weights(model: nn.Module, path: str, rank: int) -> None:
+    """Rank 0 reads the checkpoint (memory-mapped) and broadcasts; every rank keeps only its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state: dict[str, torch.Tensor] = {}
+    error: list[str | None] = [None]
+    if rank == 0:
+        try:
+            _, state = read_state_dict(path)
+        except (OSError, KeyError, ValueError) as e:
+            error[0] = f"model.init_from={path}: {e}"
+    # Agree on failure first: a rank waiting in the weight broadcast would otherwise hang on rank 0's error.
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ValueError(error[0])
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, state, options=options)
+
+
+def make_loss(cfg: LMJobConfig, ctx: RunContext):
+    """``loss_fn(model, batch) -> (mean next-token cross-entropy, metrics)`` for the configured loss and layout."""
+    vocab_parallel = ctx.dims.tp > 1
+    fused = cfg.model.loss == "fused" and not vocab_parallel
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        tokens = batch["tokens"].to(ctx.device, non_blocking=True)
+        documents = batch["document_ids"].to(ctx.device, non_blocking=True)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if fused:
+            from lm.loss import linear_cross_entropy
+
+            # The root FSDP unit keeps its parameters gathered from forward to backward, so the output weight
+            # read here is the full (unsharded) one and its gradient reaches FSDP's reduce-scatter.
+            hidden = model(inputs, document_ids=documents[:, :-1], skip_output=True)
+            loss = linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
+        else:
+            logits = model(inputs, document_ids=documents[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            if isinstance(loss, DTensor):  # vocabulary-parallel: a replicated scalar, made plain (differentiably)
+                loss = loss.full_tensor()
+        return loss, {}
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry.
+
+
+def validate(cfg: LMJobConfig) -> LMConfig:
+    """Everything that can be checked before any process group or data work; returns the model's config."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    if dims.pp > 1 or dims.cp > 1:
+        raise MeshError(
+            f"parallel.pp={dims.pp}, parallel.cp={dims.cp}: pipeline and context parallel are not built yet "
+            "(issue 5); use dp_replicate, dp_shard and tp"
+        )
+    lm_config = build_lm_config(cfg.model)
+    check_tp(lm_config, dims.tp)
+    if cfg.data.seq_len > lm_config.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={lm_config.max_seq_len}")
+    per = dims.dp * cfg.train.grad_accum
+    if cfg.train.batch_size % per:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel degree ({dims.dp}) x "
+            f"train.grad_accum ({cfg.train.grad_accum})"
+        )
+    return lm_config
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse and validate, set up the mesh, build model and data, train."""
+    parser = argparse.ArgumentParser(prog="train/lm.py", description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_cli(LMJobConfig, argv, parser)
+    try:
+        lm_config = validate(cfg)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    ctx = init_run(cfg)
+    try:
+        return _run(cfg, lm_config, ctx)
+    finally:
+        destroy_distributed()
+
+
+def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
+    micro = ctx.micro_batch_size(cfg)
+    mixture = build_mixture(cfg.data)
+    data = ReaderGroup(
+        mixture,
+        cfg.data,
+        readers=cfg.data.readers or ctx.dp_size,
+        dp_rank=ctx.dp_rank,
+        dp_size=ctx.dp_size,
+        micro_batch=micro,
+        micro_steps=cfg.train.steps * cfg.train.grad_accum,
+    )
+    model = build_model(cfg, lm_config, ctx)
+    if ctx.rank == 0:
+        atomic_write_text(Path(cfg.run.dir, LM_CONFIG_FILE), json.dumps(dataclasses.asdict(lm_config), indent=2))
+        log.info(
+            "Llama 3 pretraining: %.1fM parameters, %s, seq %d, global batch %d, layout %s",
+            lm_config.num_params() / 1e6,
+            cfg.model.init_from or f"preset {cfg.model.preset}",
+            cfg.data.seq_len,
+            cfg.train.batch_size,
+            "x".join(f"{d}{getattr(ctx.dims, d)}" for d in ("dp_replicate", "dp_shard", "tp")),
+        )
+
+    loss_fn = make_loss(cfg, ctx)
+    forward_backward = None
+    if ctx.dims.tp > 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        def forward_backward(model: nn.Module, batches: list) -> tuple[torch.Tensor, dict]:
+            # The vocabulary-parallel cross-entropy needs its backward inside the same context.
+            with loss_parallel():
+                return accumulate(model, loss_fn, batches, ctx.device)
+
+    seq = cfg.data.seq_len
+    return train(
+        cfg,
+        model,
+        loss_fn,
+        data,
+        tokens_per_sample=seq,
+        flops_per_sample=lm_config.flops_per_token(seq) * seq,
+        extra_metrics=lambda step: data.stats(),
+        forward_backward=forward_backward,
+    )
+
+
+if __name__ == "__main__":
+    main()
