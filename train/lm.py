@@ -91,6 +91,8 @@ class LMDataConfig:
     num_workers: int = 0
     on_corrupt: Literal["fail", "skip"] = "fail"
     seed: int = 0
+    # Size of the embedded default corpus when it is built here (1.0 = about 2M tokens).
+    default_scale: float = 1.0
 
 
 @dataclass
@@ -149,7 +151,7 @@ def build_mixture(data: LMDataConfig):
                 "prepare it with `python -m data.prepare` or set data.mixture"
             )
         log.info("building the embedded default corpus in %s", root)
-        mixture = ensure_default_corpus(root, seed=data.seed)  # one rank builds, the others wait on its lock
+        mixture = ensure_default_corpus(root, seed=data.seed, scale=data.default_scale)  # one rank builds, the others wait on its lock
     if data.anneal_mixture and not data.mixture:
         from data.mixture import parse_weights
 

@@ -1,0 +1,220 @@
+"""`torchrun train/lm.py`: every layout trains like one rank, and a killed or resharded run resumes exactly.
+
+All runs start from the same pretrained checkpoint (`--model.init_from`) and read the same global batches
+(`--data.readers 4`), so the losses of each step must agree across layouts up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import PYTHON, ROOT, free_port, torchrun
+from train.checkpoint import CRASH_BEFORE_COMMIT_ENV, is_complete
+from train.metrics import read_metrics
+
+SCRIPT = "train/lm.py"
+STEPS = 12
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small default corpus and a tiny Llama 3 (full 128K vocabulary) checkpoint in HF layout."""
+    from data.default import ensure_default_corpus
+    from lm import LMConfig, Transformer, save_pretrained
+
+    root = tmp_path_factory.mktemp("lm_training")
+    ensure_default_corpus(root / "text", scale=0.02)
+    config = LMConfig.from_preset("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights()
+    save_pretrained(model, root / "init", format="hf")
+    return root
+
+
+def args(setup: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The shared command line: same data, same start, annealing off so shorter runs share the LR schedule."""
+    return [
+        "--config",
+        "configs/lm/debug.toml",
+        f"--run.dir={run_dir}",
+        f"--data.dir={setup / 'text'}",
+        "--data.seq_len=32",
+        "--data.readers=4",
+        "--data.anneal_fraction=0",
+        f"--model.init_from={setup / 'init'}",
+        "--model.loss=plain",
+        "--train.batch_size=8",
+        f"--train.steps={STEPS}",
+        f"--optim.schedule_steps={STEPS}",
+        "--optim.warmup_steps=2",
+        "--metrics.log_interval=1",
+        "--metrics.tensorboard=false",
+        "--checkpoint.enable=false",
+        *extra,
+    ]
+
+
+def run(nproc: int, argv: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = torchrun(SCRIPT, nproc, argv, timeout=600, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(run_dir))}
+
+
+def assert_same(got: dict[int, float], want: dict[int, float], steps) -> None:
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], rel=REL), f"step {step}: {got[step]} vs {want[step]}"
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One rank, 12 steps: the losses every layout must reproduce."""
+    run_dir = setup / "ref1"
+    run(1, args(setup, run_dir))
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1]  # it learns
+    return got
+
+
+@pytest.fixture(scope="module")
+def fsdp2(setup):
+    """Two-rank FSDP with checkpoints at steps 6 and 12."""
+    run_dir = setup / "fsdp2"
+    run(2, args(setup, run_dir, "--checkpoint.enable=true", "--checkpoint.interval=6", "--checkpoint.keep=2"))
+    return run_dir
+
+
+def test_fsdp_matches_one_rank(reference, fsdp2):
+    assert_same(losses(fsdp2), reference, range(1, STEPS + 1))
+    records = read_metrics(str(fsdp2))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb", "tflops"):
+        assert key in records[-1]
+    assert records[-1]["mfu"] is None  # no known peak on CPU
+    assert records[-1]["tokens_per_s"] > 0
+    assert (fsdp2 / "lm_config.json").is_file() and (fsdp2 / "config.toml").is_file()
+
+
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [(2, ["--parallel.tp=2"]), (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.tp=2"])],
+    ids=["tp2", "hsdp2xtp2"],
+)
+def test_tensor_parallel_layouts_match_one_rank(setup, reference, nproc, layout):
+    run_dir = setup / f"layout{nproc}"
+    run(nproc, args(setup, run_dir, "--train.steps=8", *layout))
+    assert_same(losses(run_dir), reference, range(1, 9))
+
+
+def test_resume_onto_another_layout(setup, reference, fsdp2):
+    """Saved by 2-rank FSDP at step 6, resumed with 2-rank TP: steps 7-12 continue as if nothing happened."""
+    run_dir = setup / "resharded"
+    ckpt = fsdp2 / "checkpoints" / "step-6"
+    run(2, args(setup, run_dir, "--parallel.tp=2", f"--checkpoint.resume={ckpt}"))
+    got = losses(run_dir)
+    assert sorted(got) == list(range(7, STEPS + 1))
+    assert_same(got, reference, range(7, STEPS + 1))
+
+
+def test_killed_run_resumes_exactly(setup, fsdp2):
+    """SIGKILL the whole job once step 6 is committed, run the same command again: the losses of an unbroken run."""
+    run_dir = setup / "killed"
+    argv = args(setup, run_dir, "--checkpoint.enable=true", "--checkpoint.interval=6", "--checkpoint.keep=2")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    cmd += ["--master-port", str(free_port()), SCRIPT, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not is_complete(str(run_dir / "checkpoints" / "step-6")):
+            assert job.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no step-6 checkpoint within 300 s"
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.wait()
+    assert max(losses(run_dir)) < STEPS
+    run(2, argv)
+    assert_same(losses(run_dir), losses(fsdp2), range(1, STEPS + 1))
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
+    """A crash while step 8 is being saved leaves step 4 loadable; the rerun resumes from it."""
+    run_dir = setup / "crashed_save"
+    argv = args(setup, run_dir, "--checkpoint.enable=true", "--checkpoint.interval=4", "--train.steps=8")
+    crashed = run(2, argv, env={CRASH_BEFORE_COMMIT_ENV: "8"}, check=False)
+    assert crashed.returncode != 0
+    ckpts = run_dir / "checkpoints"
+    assert is_complete(str(ckpts / "step-4"))
+    assert not (ckpts / "step-8").exists()
+    rerun = run(2, argv)
+    assert "resumed from" in rerun.stdout + rerun.stderr
+    assert_same(losses(run_dir), reference, range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "world,override,message",
+    [
+        ("2", ["--parallel.tp=4", "--parallel.dp_shard=1"], "multiply to 4, but the world size is 2"),
+        ("4", ["--parallel.tp=4", "--model.n_kv_heads=2"], "parallel.tp=4 must divide n_kv_heads=2"),
+        ("1", ["--model.dimm=3"], "unknown key 'dimm'"),
+        ("1", ["--train.steps=ten"], "train.steps: expected int"),
+        ("2", ["--parallel.pp=2", "--parallel.dp_shard=1"], "pipeline and context parallel are not built yet"),
+        ("2", ["--train.batch_size=3"], "train.batch_size=3 is not divisible"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, capsys, world, override, message):
+    from train.lm import main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(SystemExit):
+        main(["--config", "configs/lm/debug.toml", f"--run.dir={tmp_path}", *override])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_debug_config_learns_on_two_ranks(tmp_path):
+    """The README's command on a fresh data dir (built on first use), shrunk to seconds: the loss falls."""
+    run_dir, data_dir = tmp_path / "run", tmp_path / "text"
+    proc = run(
+        2,
+        [
+            "--config",
+            "configs/lm/debug.toml",
+            f"--run.dir={run_dir}",
+            f"--data.dir={data_dir}",
+            "--data.seq_len=64",
+            "--model.dim=64",
+            "--model.n_layers=2",
+            "--train.steps=30",
+            "--optim.warmup_steps=5",
+            "--metrics.log_interval=5",
+            "--data.default_scale=0.02",
+            "--checkpoint.enable=false",
+        ],
+    )
+    records = read_metrics(str(run_dir))
+    assert records[-1]["step"] == 30
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0, proc.stdout[-2000:]
+    assert (run_dir / "tb").is_dir()  # TensorBoard events
+    assert (data_dir / "mixture.json").is_file()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
