@@ -9,6 +9,7 @@ from the config, and why layers live in a ModuleDict keyed by index (pipeline st
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,7 @@ class Transformer(nn.Module):
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
         skip_output: bool = False,
+        output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] (or hidden states [B, S, dim] on a pipeline stage without embeddings).
 
@@ -240,6 +242,8 @@ class Transformer(nn.Module):
         positions [B, S]: explicit RoPE positions (left-padded batches); derived otherwise.
         last_only: compute logits for the last position only (generation prefill).
         skip_output: return the final-normed hidden states instead of logits (the caller projects them).
+        output_fn: return `output_fn(hidden, self.output.weight)` instead of the logits: a chunked loss over the
+            vocabulary. Called inside forward, where a sharding wrapper has the full weight gathered.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         # From the input, not h: under sequence parallel the embedding's output holds a slice of the sequence.
@@ -266,7 +270,9 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
-        return h if self.output is None or skip_output else self.output(h)
+        if self.output is None or skip_output:
+            return h
+        return self.output(h) if output_fn is None else output_fn(h, self.output.weight)
 
 
 __all__ = ["Attention", "FeedForward", "KVCache", "RMSNorm", "RotaryEmbedding", "Transformer", "TransformerBlock"]

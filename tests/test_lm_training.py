@@ -111,11 +111,16 @@ def test_fsdp_matches_one_rank(reference, fsdp2):
 
 @pytest.mark.parametrize(
     "nproc,layout",
-    [(2, ["--parallel.tp=2"]), (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.tp=2"])],
-    ids=["tp2", "hsdp2xtp2"],
+    [
+        (2, ["--parallel.tp=2"]),
+        (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.tp=2"]),
+        (2, ["--model.loss=fused"]),
+    ],
+    ids=["tp2", "hsdp2xtp2", "fsdp2-fused-loss"],
 )
-def test_tensor_parallel_layouts_match_one_rank(setup, reference, nproc, layout):
-    run_dir = setup / f"layout{nproc}"
+def test_other_layouts_match_one_rank(setup, reference, nproc, layout, request):
+    """Tensor (+ sequence, vocabulary) parallel, HSDP x TP, and the chunked loss on FSDP-gathered weights."""
+    run_dir = setup / request.node.callspec.id
     run(nproc, args(setup, run_dir, "--train.steps=8", *layout))
     assert_same(losses(run_dir), reference, range(1, 9))
 

@@ -316,10 +316,13 @@ def make_loss(cfg: LMJobConfig, ctx: RunContext):
         if fused:
             from lm.loss import linear_cross_entropy
 
-            # The root FSDP unit keeps its parameters gathered from forward to backward, so the output weight
-            # read here is the full (unsharded) one and its gradient reaches FSDP's reduce-scatter.
-            hidden = model(inputs, document_ids=documents[:, :-1], skip_output=True)
-            loss = linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
+            # Inside forward, where FSDP has the output weight gathered: its gradient reaches the reduce-scatter.
+            flat_targets = targets.flatten()
+            loss = model(
+                inputs,
+                document_ids=documents[:, :-1],
+                output_fn=lambda hidden, weight: linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets),
+            )
         else:
             logits = model(inputs, document_ids=documents[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
