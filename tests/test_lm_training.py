@@ -129,10 +129,24 @@ def test_resume_onto_another_layout(setup, reference, fsdp2):
     """Saved by 2-rank FSDP at step 6, resumed with 2-rank TP: steps 7-12 continue as if nothing happened."""
     run_dir = setup / "resharded"
     ckpt = fsdp2 / "checkpoints" / "step-6"
-    run(2, args(setup, run_dir, "--parallel.tp=2", f"--checkpoint.resume={ckpt}"))
+    run(2, args(setup, run_dir, "--parallel.tp=2", f"--checkpoint.resume={ckpt}", "--checkpoint.enable=true"))
     got = losses(run_dir)
     assert sorted(got) == list(range(7, STEPS + 1))
     assert_same(got, reference, range(7, STEPS + 1))
+
+    # Both runs end in the same weights, saved under different layouts (FSDP shards vs TP shards): exported,
+    # they are the same model.
+    from lm import load_pretrained
+    from train.export import main as export
+
+    assert export([str(fsdp2), "--out", str(setup / "export_fsdp")]) == 0
+    assert export([str(run_dir), "--out", str(setup / "export_tp")]) == 0
+    a, b = load_pretrained(setup / "export_fsdp"), load_pretrained(setup / "export_tp")
+    init = load_pretrained(setup / "init")
+    states = a.state_dict().items(), b.state_dict().values(), init.state_dict().values()
+    for (name, wa), wb, w0 in zip(*states, strict=True):
+        assert torch.allclose(wa, wb, rtol=1e-4, atol=1e-6), name
+        assert not torch.equal(wa, w0), f"{name} did not train"
 
 
 def test_killed_run_resumes_exactly(setup, fsdp2):

@@ -151,7 +151,8 @@ def build_mixture(data: LMDataConfig):
                 "prepare it with `python -m data.prepare` or set data.mixture"
             )
         log.info("building the embedded default corpus in %s", root)
-        mixture = ensure_default_corpus(root, seed=data.seed, scale=data.default_scale)  # one rank builds, the others wait on its lock
+        # One rank builds, the others wait on its lock.
+        mixture = ensure_default_corpus(root, seed=data.seed, scale=data.default_scale)
     if data.anneal_mixture and not data.mixture:
         from data.mixture import parse_weights
 
