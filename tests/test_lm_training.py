@@ -115,11 +115,13 @@ def test_fsdp_matches_one_rank(reference, fsdp2):
         (2, ["--parallel.tp=2"]),
         (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.tp=2"]),
         (2, ["--model.loss=fused"]),
+        (2, ["--train.grad_accum=2", "--train.ac=selective"]),
     ],
-    ids=["tp2", "hsdp2xtp2", "fsdp2-fused-loss"],
+    ids=["tp2", "hsdp2xtp2", "fsdp2-fused-loss", "fsdp2-accum2-selective-ac"],
 )
 def test_other_layouts_match_one_rank(setup, reference, nproc, layout, request):
-    """Tensor (+ sequence, vocabulary) parallel, HSDP x TP, and the chunked loss on FSDP-gathered weights."""
+    """Tensor (+ sequence, vocabulary) parallel, HSDP x TP, the chunked loss on FSDP-gathered weights, gradient
+    accumulation with selective activation checkpointing."""
     run_dir = setup / request.node.callspec.id
     run(nproc, args(setup, run_dir, "--train.steps=8", *layout))
     assert_same(losses(run_dir), reference, range(1, 9))
@@ -196,6 +198,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
         ("1", ["--train.steps=ten"], "train.steps: expected int"),
         ("2", ["--parallel.pp=2", "--parallel.dp_shard=1"], "pipeline and context parallel are not built yet"),
         ("2", ["--train.batch_size=3"], "train.batch_size=3 is not divisible"),
+        ("2", ["--data.readers=3"], "data.readers=3 must be a multiple of the data-parallel degree 2"),
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, monkeypatch, capsys, world, override, message):

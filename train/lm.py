@@ -163,12 +163,13 @@ def build_mixture(data: LMDataConfig):
 
 
 class ReaderGroup:
-    """This rank's share of a fixed number of data readers, concatenated into its micro-batches.
+    """This rank's share of a fixed number of data readers, cut into its micro-batches.
 
-    Reader ``r`` is a ``PackedLoader`` with rank ``r`` of ``readers``; data-parallel rank ``d`` of ``D`` holds
-    readers ``d * readers / D ...``. The global micro-batch is therefore the same rows under every layout whose
-    data-parallel degree divides ``readers``. ``state_dict`` gathers and merges every reader's state (a
-    collective), so a checkpoint resumes onto any layout.
+    Reader ``r`` is a ``PackedLoader`` with rank ``r`` of ``readers`` that yields ``batch_size / readers`` rows
+    per optimizer step; data-parallel rank ``d`` of ``D`` holds readers ``d * readers / D ...`` and splits
+    their rows into ``grad_accum`` micro-batches. Each optimizer step therefore sees the same rows under every
+    layout whose data-parallel degree divides ``readers``, with or without accumulation. ``state_dict``
+    gathers and merges every reader's state (a collective), so a checkpoint resumes onto any layout.
     """
 
     def __init__(
@@ -179,25 +180,21 @@ class ReaderGroup:
         readers: int,
         dp_rank: int,
         dp_size: int,
-        micro_batch: int,
-        micro_steps: int,
+        batch_size: int,
+        grad_accum: int,
+        steps: int,
     ) -> None:
         from data.loader import PackedLoader
         from lm.tokenizer import Tokenizer
 
-        if readers % dp_size:
-            raise ValueError(f"data.readers={readers} must be a multiple of the data-parallel degree {dp_size}")
+        check_readers(readers, dp_size, batch_size)
         per_rank = readers // dp_size
-        if micro_batch % per_rank:
-            raise ValueError(
-                f"the per-rank micro-batch ({micro_batch} sequences) must divide among this rank's "
-                f"{per_rank} data readers (data.readers={readers} over {dp_size} data-parallel ranks)"
-            )
+        self.grad_accum = grad_accum
         self.loaders = [
             PackedLoader(
                 mixture,
                 seq_len=data.seq_len,
-                batch_size=micro_batch // per_rank,
+                batch_size=batch_size // readers,
                 rank=dp_rank * per_rank + i,
                 world_size=readers,
                 num_workers=data.num_workers,
@@ -205,27 +202,32 @@ class ReaderGroup:
                 # Shards tokenized with another vocabulary would index past the embedding table.
                 tokenizer_sha256=Tokenizer().sha256,
                 on_corrupt=data.on_corrupt,
-                total_steps=micro_steps,
+                total_steps=steps,
             )
             for i in range(per_rank)
         ]
         self._iters: list | None = None
+        self._pending: list[dict[str, torch.Tensor]] = []
 
     def __iter__(self) -> ReaderGroup:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self._iters is None:
-            self._iters = [iter(loader) for loader in self.loaders]
-        batches = [next(it) for it in self._iters]
-        return {
-            "tokens": torch.cat([b.tokens for b in batches]),
-            "document_ids": torch.cat([b.document_ids for b in batches]),
-        }
+        if not self._pending:
+            if self._iters is None:
+                self._iters = [iter(loader) for loader in self.loaders]
+            batches = [next(it) for it in self._iters]
+            tokens = torch.cat([b.tokens for b in batches]).chunk(self.grad_accum)
+            documents = torch.cat([b.document_ids for b in batches]).chunk(self.grad_accum)
+            self._pending = [{"tokens": t, "document_ids": d} for t, d in zip(tokens, documents, strict=True)]
+        return self._pending.pop(0)
 
     def state_dict(self) -> dict:
         """Every reader's position across all ranks, merged into one state any layout restores (a collective)."""
         from data.loader import merge_states
+
+        if self._pending:
+            raise RuntimeError("data state taken in the middle of an optimizer step's micro-batches")
 
         states = [loader.state_dict() for loader in self.loaders]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -239,6 +241,7 @@ class ReaderGroup:
         for loader in self.loaders:
             loader.load_state_dict(state)
         self._iters = None
+        self._pending = []
 
     def stats(self) -> dict[str, Any]:
         """Metrics: the mixture phase and the realised source proportions of this rank's readers."""
@@ -357,7 +360,16 @@ def validate(cfg: LMJobConfig) -> LMConfig:
             f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel degree ({dims.dp}) x "
             f"train.grad_accum ({cfg.train.grad_accum})"
         )
+    check_readers(cfg.data.readers or dims.dp, dims.dp, cfg.train.batch_size)
     return lm_config
+
+
+def check_readers(readers: int, dp_size: int, batch_size: int) -> None:
+    """Each data-parallel rank holds whole readers, and each reader gives whole rows per step."""
+    if readers % dp_size:
+        raise ValueError(f"data.readers={readers} must be a multiple of the data-parallel degree {dp_size}")
+    if batch_size % readers:
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of data.readers={readers}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -376,7 +388,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
-    micro = ctx.micro_batch_size(cfg)
     mixture = build_mixture(cfg.data)
     data = ReaderGroup(
         mixture,
@@ -384,8 +395,9 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         readers=cfg.data.readers or ctx.dp_size,
         dp_rank=ctx.dp_rank,
         dp_size=ctx.dp_size,
-        micro_batch=micro,
-        micro_steps=cfg.train.steps * cfg.train.grad_accum,
+        batch_size=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+        steps=cfg.train.steps,
     )
     model = build_model(cfg, lm_config, ctx)
     if ctx.rank == 0:
