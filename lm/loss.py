@@ -1,0 +1,155 @@
+"""Cross-entropy of the output projection without the full logits: `linear_cross_entropy`.
+
+With a 128K vocabulary the logits of a training batch are its largest tensor (1024 tokens: 525 MB in
+fp32), and autograd keeps them, their log-softmax and their gradient alive at once. Here the tokens are
+taken a chunk at a time: the chunk's logits are turned in place into d(loss)/d(logits) = softmax - one-hot,
+and that is multiplied straight into the gradients of the hidden states and of the weight. Both gradients
+are therefore computed in the forward pass (as Liger-kernel's fused linear cross-entropy does); backward
+only scales them by the incoming gradient. At most one chunk of logits exists at any time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# Tokens per chunk. On CPU the three matmuls run at full speed from ~1K rows, and a larger chunk means
+# fewer read-modify-write passes over the [vocab, dim] weight gradient; the chunk's fp32 logits cost
+# chunk_size * vocab * 4 bytes (1024 x 128256: 525 MB), which bounds the memory this function adds.
+DEFAULT_CHUNK_SIZE = 1024
+
+
+# PyTorch's CPU allocator hands large blocks back to the OS when they are freed, so a fresh chunk buffer
+# page-faults in again on every call: ~0.25 s of kernel time per 525 MB on this project's 2-core machine,
+# more than the softmax over it. One CPU buffer is therefore kept between calls (CUDA's caching allocator
+# already does this on GPU); `free_cpu_buffer()` returns it.
+_cpu_buffer: torch.Tensor | None = None
+_cpu_buffer_lock = threading.Lock()
+
+
+def _take_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    global _cpu_buffer
+    if like.device.type == "cpu":
+        with _cpu_buffer_lock:
+            buffer, _cpu_buffer = _cpu_buffer, None
+        if buffer is not None and buffer.dtype == like.dtype and buffer.numel() >= rows * cols:
+            return buffer
+    return like.new_empty(rows * cols)
+
+
+def _give_back(buffer: torch.Tensor) -> None:
+    global _cpu_buffer
+    if buffer.device.type == "cpu":
+        with _cpu_buffer_lock:
+            if _cpu_buffer is None or _cpu_buffer.numel() < buffer.numel():
+                _cpu_buffer = buffer
+
+
+def free_cpu_buffer() -> None:
+    """Release the CPU logits buffer that linear_cross_entropy keeps between calls."""
+    global _cpu_buffer
+    with _cpu_buffer_lock:
+        _cpu_buffer = None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` over non-ignored tokens, chunked over tokens.
+
+    hidden [N, D] or [B, S, D]; weight [V, D] (the output projection); targets [N] or [B, S] (ignore_index
+    marks tokens that count for nothing). Equals `F.cross_entropy(hidden @ weight.T, targets,
+    ignore_index=ignore_index)` and its gradients w.r.t. hidden and weight, except that a batch whose
+    targets are all ignored gives 0 (not NaN). The loss is fp32 whatever the input dtype; with bf16 inputs
+    the softmax and the weight gradient's sum over chunks are fp32 too.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [vocab, {hidden.shape[-1]}]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    return _LinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk_size
+    )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        n_tokens = hidden.shape[0]
+        valid = targets != ignore_index
+        # 1 / (number of counted tokens), kept as a tensor so that no device sync is needed; 0 tokens -> 0.
+        inv_count = 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+        # Per-token weight of each row's gradient: 1/count where counted, 0 where ignored. It scales the
+        # [chunk, dim] operands instead of the [chunk, vocab] gradient, which is never touched by a mask.
+        row_scale = valid.to(torch.float32) * inv_count
+        safe_targets = torch.where(valid, targets, 0)
+
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None  # fp32 sum over chunks; the first chunk writes it (no [V, D] zero fill)
+        logits_buffer = None
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            h = hidden[start:end]
+            tgt = safe_targets[start:end, None]
+            scale = row_scale[start:end, None]
+            if hidden.dtype == torch.float32:
+                if logits_buffer is None:  # one buffer for every chunk (and call): no fresh 0.5 GB each time
+                    logits_buffer = _take_buffer(min(chunk_size, n_tokens), weight.shape[0], hidden)
+                rows = logits_buffer[: (end - start) * weight.shape[0]].view(end - start, weight.shape[0])
+                logits = torch.mm(h, weight.t(), out=rows)
+            else:
+                logits = torch.mm(h, weight.t()).float()
+            # In place: logits -> softmax -> softmax - one-hot = d(loss_row)/d(logits), one exp per logit.
+            target_logit = logits.gather(1, tgt)
+            row_max = logits.amax(1, keepdim=True)
+            torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+            # The loss needs log-sum-exp. The largest probability, exp(max - lse), is at least 1 / vocab and
+            # never underflows (the target's may), so lse = max - log(largest probability) exactly.
+            log_sum_exp = row_max - logits.amax(1, keepdim=True).log()
+            loss += ((log_sum_exp - target_logit) * scale).sum()
+            if not (need_hidden or need_weight):
+                continue
+            logits.scatter_add_(1, tgt, torch.full_like(scale, -1.0))
+            grad = logits.to(hidden.dtype)
+            if need_hidden:
+                torch.mm(grad, weight, out=grad_hidden[start:end])
+                grad_hidden[start:end] *= scale.to(hidden.dtype)
+            if need_weight:
+                scaled_h = h * scale.to(hidden.dtype)
+                if grad_weight is None:
+                    grad_weight = torch.mm(grad.t(), scaled_h)
+                    if grad_weight.dtype != torch.float32:
+                        grad_weight = grad_weight.float()
+                elif hidden.dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), scaled_h)
+                else:
+                    grad_weight += torch.mm(grad.t(), scaled_h)
+        if logits_buffer is not None:
+            _give_back(logits_buffer)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        elif need_weight:  # no tokens at all
+            grad_weight = torch.zeros_like(weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_output.ne(1.0).any():  # the usual case, loss.backward(), needs no extra pass
+            grad_hidden = None if grad_hidden is None else grad_hidden * grad_output
+            grad_weight = None if grad_weight is None else grad_weight * grad_output
+        return grad_hidden, grad_weight, None, None, None
+
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy"]
