@@ -80,6 +80,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     # Steps the schedule spans; 0 = train.steps.
     schedule_steps: int = 0
+    # The fused AdamW kernel (CPU and CUDA); false = torch's foreach implementation.
+    fused: bool = True
 
 
 @dataclass

@@ -46,11 +46,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters with the config's (``OptimConfig``) lr, betas and decay."""
+    groups = param_groups(model, optim.weight_decay)
+    # One fused kernel per parameter group instead of a dozen foreach passes: ~10x faster on CPU here
+    # (bench/train_step.py), and the CUDA default of torchtitan-style trainers.
+    fused = optim.fused and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
+        groups,
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
+        fused=fused or None,
     )
 
 
