@@ -30,12 +30,18 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-# The embedded default end to end: the default text corpus and synthetic media (made offline), CLIP and BEST-RQ
-# pretraining of the tiny encoders on 2 ranks, then a random-weight debug LM loaded back to generate. Each stage
-# is skipped when its output exists, so a rerun resumes. LM pretraining, adapters and the demo join as they land.
+# The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM on
+# 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; then synthetic media and CLIP / BEST-RQ
+# pretraining of the tiny encoders. Each stage is skipped when its output exists (an interrupted run resumes from
+# its last checkpoint). Adapters and the demo join as they land.
 TORCHRUN := $(VENV)/bin/torchrun --nproc-per-node 2
+LM_RUN := runs/lm/debug
 quickstart: install
-	test -f runs/data/text/general/manifest.json || $(PY) -m data.default --out runs/data/text
+	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
+	test -f $(LM_RUN)/hf/config.json || { $(TORCHRUN) train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
+	  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
+	$(PY) -m train.plot $(LM_RUN)
+	$(PY) -m lm.generate --checkpoint $(LM_RUN)/hf --prompt "A small red circle" --max-new-tokens 24 --temperature 0
 	$(PY) -m data.synthetic all --out runs/data/media
 	test -f runs/encoder/vision_tiny/final/encoder/model.safetensors || \
 	  $(TORCHRUN) train/encoder.py --modality vision --config configs/encoder/vision_tiny.toml
@@ -43,12 +49,11 @@ quickstart: install
 	  $(TORCHRUN) train/encoder.py --modality speech --config configs/encoder/speech_tiny.toml
 	$(PY) -m train.plot runs/encoder/vision_tiny
 	$(PY) -m train.plot runs/encoder/speech_tiny
-	test -f runs/quickstart/lm/config.json || $(PY) -m lm.init --preset debug --out runs/quickstart/lm --seed 0
-	$(PY) -m lm.generate --checkpoint runs/quickstart/lm --prompt "a small red circle" --max-new-tokens 16 --temperature 0
-	@echo "quickstart: encoders pretrained (runs/encoder/*/metrics.jsonl, curves.png); the LM has random weights."
-	@echo "quickstart: LM pretraining, adapters and the demo are not built yet (see the open issues)."
+	@echo "quickstart: the debug LM is pretrained ($(LM_RUN)/metrics.jsonl, curves.png, hf/) and the encoders too"
+	@echo "quickstart: (runs/encoder/*/). Adapters and the demo are not built yet (see the open issues)."
 
 bench: install
+	$(PY) bench/train_step.py
 	$(PY) bench/generate.py
 	$(PY) bench/data.py
 
