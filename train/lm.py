@@ -103,23 +103,23 @@ class LMJobConfig(JobConfig):
     data: LMDataConfig = field(default_factory=LMDataConfig)
 
 
-_SHAPE_KEYS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "vocab_size",
-    "ffn_dim_multiplier",
-    "multiple_of",
-    "max_seq_len",
-    "rope_theta",
-)
+# Overridable [model] keys; the first group fixes tensor shapes, so with init_from it must match the checkpoint.
+_WEIGHT_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim_multiplier", "multiple_of")
+_SHAPE_KEYS = (*_WEIGHT_SHAPE_KEYS, "max_seq_len", "rope_theta")
 
 
 def build_lm_config(model: LMModelConfig) -> LMConfig:
     """The LMConfig of the ``[model]`` section: the init_from checkpoint's or the preset's, then the overrides."""
     base = load_config(model.init_from) if model.init_from else LMConfig.from_preset(model.preset)
     overrides = {k: getattr(model, k) for k in _SHAPE_KEYS if getattr(model, k) is not None}
+    if model.init_from:
+        clash = [
+            f"model.{k}={v} (the checkpoint has {getattr(base, k)})"
+            for k, v in overrides.items()
+            if k in _WEIGHT_SHAPE_KEYS and v != getattr(base, k)
+        ]
+        if clash:
+            raise ValueError(f"model.init_from={model.init_from}: the weights fix the shape; drop {', '.join(clash)}")
     try:
         return dataclasses.replace(base, attn_backend=model.attn_backend, **overrides)
     except ValueError as e:
