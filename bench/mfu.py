@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex", "xformers"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--run-dir", default=str(ROOT / "runs/bench/mfu"), help="where metrics.jsonl goes")
     args = parser.parse_args(argv)
 
     overrides = [
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--checkpoint.enable=false",
         "--metrics.log_interval=1",
         "--metrics.tensorboard=false",
-        f"--run.dir={ROOT / 'runs/bench/mfu'}",
+        f"--run.dir={args.run_dir}",
     ]
     if args.dim is not None:
         overrides.append(f"--model.dim={args.dim}")
