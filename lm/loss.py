@@ -146,7 +146,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_output.ne(1.0).any():  # the usual case, loss.backward(), needs no extra pass
+        # Skipping the scaling pass for a plain loss.backward() needs grad_output's value: free on CPU, a device
+        # sync elsewhere, where the pass is cheap anyway.
+        if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
             grad_hidden = None if grad_hidden is None else grad_hidden * grad_output
             grad_weight = None if grad_weight is None else grad_weight * grad_output
         return grad_hidden, grad_weight, None, None, None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from transformers import LlamaForCausalLM
 from lm import load_pretrained
 from train.checkpoint import Checkpointer
 from train.config import CheckpointConfig
-from train.export import main
+from train.export import main, write_lm_config
 from train.parallel.mesh import destroy_distributed, init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def _train_and_save(run_dir: Path, tied: bool) -> torch.Tensor:
     finally:
         if started:
             destroy_distributed()
-    (run_dir / "lm_config.json").write_text(json.dumps(dataclasses.asdict(model.config)))
+    write_lm_config(model.config, run_dir)
     with torch.no_grad():
         return model.eval()(TOKENS)
 

@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from lm import LMConfig, Transformer, save_pretrained
+from lm.checkpoint import atomic_write_text
 from train.checkpoint import META, CheckpointError, is_complete, latest_checkpoint, list_checkpoints
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -46,6 +47,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             "in progress or one that crashed before committing)"
         )
     return path
+
+
+LM_CONFIG_FILE = "lm_config.json"
+
+
+def write_lm_config(config: LMConfig, run_dir: str | os.PathLike) -> None:
+    """Record a run's model shape as ``RUN_DIR/lm_config.json`` (atomically), for :func:`read_lm_config`."""
+    atomic_write_text(Path(run_dir, LM_CONFIG_FILE), json.dumps(dataclasses.asdict(config), indent=2))
 
 
 def read_lm_config(path: str | os.PathLike) -> LMConfig:
@@ -110,7 +119,7 @@ def export(
     # Files of another export (another format, more shards) would be mixed with this one's.
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
         raise CheckpointError(f"--out {out} is not empty (pass --overwrite to write into it anyway)")
-    config_path = Path(lm_config) if lm_config else path.resolve().parent.parent / "lm_config.json"
+    config_path = Path(lm_config) if lm_config else path.resolve().parent.parent / LM_CONFIG_FILE
     # The attention backend shapes no weight, and the run's (flex, xformers) may not load on the exporting machine.
     config = dataclasses.replace(read_lm_config(config_path), attn_backend="sdpa")
     model = load_checkpoint_model(path, config, DTYPES[dtype])

@@ -23,7 +23,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -36,18 +35,17 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from lm.checkpoint import atomic_write_text, load_config, read_state_dict  # noqa: E402
+from lm.checkpoint import load_config, read_state_dict  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.model import Transformer  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
-from train.loop import RunContext, accumulate, compile_default, init_run, train  # noqa: E402
+from train.export import write_lm_config  # noqa: E402
+from train.loop import RunContext, accumulate, compile_default, init_run, micro_batch_size, train  # noqa: E402
 from train.parallel.fsdp import apply_ac, apply_compile, apply_fsdp  # noqa: E402
 from train.parallel.mesh import MeshError, ParallelDims, destroy_distributed, submesh  # noqa: E402
 from train.parallel.tp import apply_tp, check_tp  # noqa: E402
 
 log = logging.getLogger("train.lm")
-
-LM_CONFIG_FILE = "lm_config.json"
 
 
 @dataclass
@@ -246,15 +244,15 @@ class ReaderGroup:
 
     def stats(self) -> dict[str, Any]:
         """Metrics: the mixture phase and the realised source proportions of this rank's readers."""
-        first = self.loaders[0].stats()
+        stats = [loader.stats() for loader in self.loaders]
         rows: dict[str, int] = {}
-        for loader in self.loaders:
-            for name, count in loader.stats()["source_rows"].items():
+        for s in stats:
+            for name, count in s["source_rows"].items():
                 rows[name] = rows.get(name, 0) + count
         total = max(1, sum(rows.values()))
-        out: dict[str, Any] = {"data/anneal": first["phase"] == "anneal"}
+        out: dict[str, Any] = {"data/anneal": stats[0]["phase"] == "anneal"}
         out.update({f"data/{name}": count / total for name, count in rows.items()})
-        out["data/corrupt_skipped"] = sum(loader.stats()["corrupt_skipped"] for loader in self.loaders)
+        out["data/corrupt_skipped"] = sum(s["corrupt_skipped"] for s in stats)
         return out
 
 
@@ -358,12 +356,7 @@ def validate(cfg: LMJobConfig) -> LMConfig:
     check_tp(lm_config, dims.tp)
     if cfg.data.seq_len > lm_config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={lm_config.max_seq_len}")
-    per = dims.dp * cfg.train.grad_accum
-    if cfg.train.batch_size % per:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel degree ({dims.dp}) x "
-            f"train.grad_accum ({cfg.train.grad_accum})"
-        )
+    micro_batch_size(cfg.train.batch_size, dims.dp, cfg.train.grad_accum)
     check_readers(cfg.data.readers or dims.dp, dims.dp, cfg.train.batch_size)
     return lm_config
 
@@ -405,7 +398,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     )
     model = build_model(cfg, lm_config, ctx)
     if ctx.rank == 0:
-        atomic_write_text(Path(cfg.run.dir, LM_CONFIG_FILE), json.dumps(dataclasses.asdict(lm_config), indent=2))
+        write_lm_config(lm_config, cfg.run.dir)
         log.info(
             "Llama 3 pretraining: %.1fM parameters, %s, seq %d, global batch %d, layout %s",
             lm_config.num_params() / 1e6,

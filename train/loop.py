@@ -55,13 +55,17 @@ class RunContext:
 
     def micro_batch_size(self, cfg: JobConfig) -> int:
         """Samples per rank per micro-step: the global ``train.batch_size`` over dp ranks and accumulation steps."""
-        per = self.dp_size * cfg.train.grad_accum
-        if cfg.train.batch_size % per:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} is not divisible by dp ({self.dp_size}) x "
-                f"train.grad_accum ({cfg.train.grad_accum})"
-            )
-        return cfg.train.batch_size // per
+        return micro_batch_size(cfg.train.batch_size, self.dp_size, cfg.train.grad_accum)
+
+
+def micro_batch_size(batch_size: int, dp_size: int, grad_accum: int) -> int:
+    """``batch_size / (dp_size * grad_accum)``; a global batch that does not split evenly is an error naming it."""
+    per = dp_size * grad_accum
+    if batch_size % per:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by dp ({dp_size}) x train.grad_accum ({grad_accum})"
+        )
+    return batch_size // per
 
 
 def init_run(cfg: JobConfig) -> RunContext:
