@@ -1,0 +1,102 @@
+"""The speech adapter: token counts, padded batches, the placeholder scatter, and gradients into adapter + encoder."""
+
+import pytest
+import torch
+
+from adapters.speech import (
+    SpeechAdapter,
+    SpeechAdapterConfig,
+    encode_audio,
+    expand_audio_placeholders,
+    num_audio_tokens,
+    scatter_audio_embeddings,
+)
+from encoders.speech import SpeechEncoder, SpeechEncoderConfig
+
+LM_DIM = 64
+AUDIO_ID = 500
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """A tiny speech encoder and adapter (random weights) in eval mode."""
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(SpeechEncoderConfig.from_preset("tiny")).eval()
+    adapter = SpeechAdapter(SpeechAdapterConfig(encoder_dim=64, lm_dim=LM_DIM, dim=48, heads=4, ffn_dim=96)).eval()
+    return encoder, adapter
+
+
+def _clips(*lengths: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        audio[i, :n] = 0.1 * torch.randn(n, generator=g)
+    return audio, torch.tensor(lengths)
+
+
+def test_num_audio_tokens_is_what_the_adapter_emits(speech):
+    """80 ms per token: 1 s of audio gives 13 tokens (101 frames -> 26 steps -> 13); every length matches the model."""
+    encoder, adapter = speech
+    assert num_audio_tokens(16000) == 13
+    assert num_audio_tokens(201) == 1
+    for n in (201, 639, 640, 1280, 1281, 4321, 16000):
+        embeds, counts = encode_audio(encoder, adapter, *_clips(n))
+        assert counts.tolist() == [num_audio_tokens(n)], n
+        assert embeds.shape == (1, num_audio_tokens(n), LM_DIM)
+    with pytest.raises(ValueError, match="num_samples=200"):
+        num_audio_tokens(200)
+    with pytest.raises(ValueError, match="audio_lengths \\[100\\]"):
+        encode_audio(encoder, adapter, *_clips(100))
+
+
+def test_padded_batch_equals_each_clip_alone(speech):
+    """Three clips of different lengths in one padded batch give each clip's embeddings alone; padding is zero."""
+    encoder, adapter = speech
+    lengths = (3200, 1111, 5600)
+    audio, audio_lengths = _clips(*lengths)
+    with torch.no_grad():
+        batched, counts = encode_audio(encoder, adapter, audio, audio_lengths)
+        for i, n in enumerate(lengths):
+            alone, _ = encode_audio(encoder, adapter, audio[i : i + 1, :n])
+            torch.testing.assert_close(batched[i, : counts[i]], alone[0], atol=1e-5, rtol=1e-5)
+            assert not batched[i, counts[i] :].any()
+
+
+def test_scatter_replaces_exactly_the_placeholders():
+    """Clip k's outputs land on the k-th run of placeholders, in order; every other embedding is untouched."""
+    torch.manual_seed(0)
+    tokens = torch.tensor(
+        [
+            [1, AUDIO_ID, AUDIO_ID, AUDIO_ID, 7, AUDIO_ID, AUDIO_ID, 9],
+            [3, 4, 5, 6, AUDIO_ID, AUDIO_ID, AUDIO_ID, AUDIO_ID],
+        ]
+    )
+    lengths = torch.tensor([3, 2, 4])
+    embeddings = torch.randn(2, 8, LM_DIM)
+    audio = torch.randn(3, 5, LM_DIM)
+    out = scatter_audio_embeddings(embeddings, tokens, AUDIO_ID, audio, lengths)
+    torch.testing.assert_close(out[0, 1:4], audio[0, :3], rtol=0, atol=0)
+    torch.testing.assert_close(out[0, 5:7], audio[1, :2], rtol=0, atol=0)
+    torch.testing.assert_close(out[1, 4:8], audio[2, :4], rtol=0, atol=0)
+    placeholder = tokens == AUDIO_ID
+    torch.testing.assert_close(out[~placeholder], embeddings[~placeholder], rtol=0, atol=0)
+    assert not torch.equal(out[placeholder], embeddings[placeholder])
+
+
+def test_scatter_rejects_placeholders_that_disagree_with_the_clips():
+    """Too few placeholders, or a clip's run broken by another token, are errors that say what is wrong."""
+    embeddings, audio = torch.zeros(1, 6, 4), torch.ones(1, 3, 4)
+    with pytest.raises(ValueError, match="hold 2 <\\|audio\\|> placeholders.*need 3"):
+        scatter_audio_embeddings(
+            embeddings, torch.tensor([[AUDIO_ID, AUDIO_ID, 1, 2, 3, 4]]), AUDIO_ID, audio, torch.tensor([3])
+        )
+    with pytest.raises(ValueError, match="clip 0 is split"):
+        tokens = torch.tensor([[AUDIO_ID, AUDIO_ID, 1, AUDIO_ID, 3, 4]])
+        scatter_audio_embeddings(embeddings, tokens, AUDIO_ID, audio, torch.tensor([3]))
+
+
+def test_expand_audio_placeholders():
+    """One placeholder per clip in a prompt becomes a run of that clip's token count."""
+    assert expand_audio_placeholders([1, AUDIO_ID, 2, AUDIO_ID], AUDIO_ID, [3, 1]) == [1, *[AUDIO_ID] * 3, 2, AUDIO_ID]
+    with pytest.raises(ValueError, match="holds 1 <\\|audio\\|> placeholders .* for 2 clips"):
+        expand_audio_placeholders([1, AUDIO_ID], AUDIO_ID, [3, 1])
