@@ -113,6 +113,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.cache: KVCache | None = None
+        # The attention core, swappable from outside (context parallel gathers K and V before attending).
+        self.attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMask], torch.Tensor] = attend
 
     def forward(
         self,
@@ -130,7 +132,7 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_cache(batch, max_len) first")
             k, v = self.cache.update(start_pos, k, v)
-        out = attend(q, k, v, mask)
+        out = self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -233,6 +235,9 @@ class Transformer(nn.Module):
         last_only: bool = False,
         skip_output: bool = False,
         output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        mask: AttentionMask | None = None,
+        embeddings: torch.Tensor | None = None,
+        layer_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] (or hidden states [B, S, dim] on a pipeline stage without embeddings).
 
@@ -244,16 +249,25 @@ class Transformer(nn.Module):
         skip_output: return the final-normed hidden states instead of logits (the caller projects them).
         output_fn: return `output_fn(hidden, self.output.weight)` instead of the logits: a chunked loss over the
             vocabulary. Called inside forward, where a sharding wrapper has the full weight gathered.
+        mask: a prebuilt mask used as it is, with explicit positions (context parallel: local queries against the
+            keys of the whole row); built from document_ids / start_pos / key_valid otherwise.
+        embeddings [B, S, dim]: input embeddings used instead of looking up `tokens` (adapters that add tokens).
+        layer_hook: `h = layer_hook(name, h)` before each layer (adapters' cross-attention blocks); the frozen
+            layers themselves run unchanged.
         """
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        # From the input, not h: under sequence parallel the embedding's output holds a slice of the sequence.
-        batch, seq = tokens.shape[:2]
+        if embeddings is not None:
+            h = embeddings
+        else:
+            h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        # From the input, not h: under sequence parallel the embedding's output holds a slice of the sequence, and a
+        # later pipeline stage's input is that slice; the document ids of packed rows always span the sequence.
+        batch, seq = (document_ids if document_ids is not None else tokens).shape[:2]
         if positions is None:
             if document_ids is not None:
                 positions = document_positions(document_ids)
             else:
                 positions = torch.arange(start_pos or 0, (start_pos or 0) + seq, device=h.device)
-        mask = build_mask(
+        mask = mask or build_mask(
             self.config.attn_backend,
             batch=batch,
             q_len=seq,
@@ -263,7 +277,9 @@ class Transformer(nn.Module):
             key_valid=key_valid,
         )
         rope = self.rope(positions)
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
+            if layer_hook is not None:
+                h = layer_hook(name, h)
             h = layer(h, rope, mask, start_pos)
         if self.norm is None:
             return h
