@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapters.speech import encode_audio, scatter_audio_embeddings
+from adapters.video import encode_frames
 from adapters.vision import MediaAttentionMask, VisionAdapter, cross_attention_mask
 from lm.model import Transformer
 
@@ -94,6 +96,15 @@ class Llama3MM(nn.Module):
     def image_token_id(self) -> int:
         """<|image|>: the first id past the text vocabulary (128256 for Llama 3), as Llama 3.2 Vision feeds it."""
         return self.lm.config.vocab_size
+
+    @property
+    def audio_token_id(self) -> int:
+        """<|audio|> placeholder: the second id past the text vocabulary (128257), an extra token like <|image|>.
+
+        The LM can never emit it, and the processor maps the tokenizer's `audio_id` (chat items) to it; its
+        embedding is always replaced by the speech adapter's outputs.
+        """
+        return self.lm.config.vocab_size + 1
 
     @property
     def tokenizer(self):
@@ -176,10 +187,49 @@ class Llama3MM(nn.Module):
             adapter = self.vision_adapter
             state.cross.append(CrossAttentionInputs(adapter.block_for_layer(), adapter.media_kv(media), mask))
         if video is not None:
-            raise NotImplementedError("video input needs the video adapter (adapters/video.py)")
+            # Before the image entry: a video block runs before the image block of the same LM layer.
+            state.cross.insert(0, self.encode_video(video))
         if audio is not None:
-            raise NotImplementedError("audio input needs the speech adapter (adapters/speech.py)")
+            state.embed = self.audio_embedding_override(tokens, audio, audio_lengths)
         return state
+
+    def encode_video(self, video: Any) -> CrossAttentionInputs:
+        """uint8 clips [B, F, 3, H, W] (or a list of [F_i, 3, H, W], None = no clip) -> the video blocks' inputs.
+
+        Frames go through the frozen image encoder and image projection, then the temporal aggregator; every text
+        position of a row sees all of its clip's latents (see adapters.video).
+        """
+        if self.video_adapter is None or self.vision_encoder is None or self.vision_adapter is None:
+            raise ValueError("video needs a video_adapter beside the vision_encoder and vision_adapter it reuses")
+        frames, counts = encode_frames(self.vision_encoder, self.vision_adapter, video)
+        latents, mask = self.video_adapter(frames, counts)
+        adapter = self.video_adapter
+        return CrossAttentionInputs(adapter.block_for_layer(), adapter.media_kv(latents), mask)
+
+    def audio_embedding_override(
+        self, tokens: torch.Tensor, audio: Any, audio_lengths: torch.Tensor | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Encode clips (padded 16 kHz waveforms [K, L] with sample counts [K], or a list of 1-D waveforms) and
+        return the `MediaState.embed` that puts clip k's adapter outputs on the k-th run of <|audio|> placeholders
+        of `tokens` (row-major). It acts on the prompt's own tokens only, so the placeholders are replaced once, in
+        the prefill; decode steps pass through.
+        """
+        if self.speech_encoder is None or self.speech_adapter is None:
+            raise ValueError("audio needs both speech_encoder and speech_adapter")
+        if isinstance(audio, (list, tuple)):
+            if audio_lengths is not None:
+                raise ValueError("audio_lengths goes with a padded [K, L] audio tensor, not with a list of clips")
+            audio_lengths = torch.tensor([len(clip) for clip in audio])
+            audio = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(clip).float() for clip in audio], batch_first=True)
+        embeddings, counts = encode_audio(self.speech_encoder, self.speech_adapter, audio, audio_lengths)
+        audio_id, prompt = self.audio_token_id, tokens
+
+        def embed(tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            if tokens.shape != prompt.shape or not torch.equal(tokens, prompt):
+                return h
+            return scatter_audio_embeddings(h, tokens, audio_id, embeddings, counts)
+
+        return embed
 
     def forward(
         self,

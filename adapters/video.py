@@ -1,0 +1,249 @@
+"""The video adapter: a temporal aggregator (perceiver resampler) and gated video cross-attention layers.
+
+The paper (Section 7.3): up to 64 frames, each through the (frozen) image encoder; a temporal aggregator merges
+each 32 consecutive frames into one, and extra video cross-attention layers sit before every fourth image
+cross-attention layer. The image encoder and the image adapter are reused frozen; only these parameters train.
+
+Pipeline: frames -> image encoder (frozen) -> the image adapter's projection to the LM width (frozen) -> the
+temporal aggregator: per group of `frames_per_group` consecutive frames, `num_latents` learned latents read every
+token of the group's frames (a learned embedding marks each frame's place in its group) through a few perceiver
+layers -> the video cross-attention layers read all the latents of the clip. A clip of fewer frames than a group
+is one group, its missing frames padded and masked; a group with no real frame (padding of a shorter clip in a
+batch) is masked out of the cross-attention, so a padded batch equals its clips alone.
+
+Placement: the LM layers before which image cross-attention runs are the schedule s_0 < s_1 < ... < s_{n-1};
+video cross-attention runs before image cross-attention k when (n - 1 - k) % every == 0, i.e. the schedule
+counted from the top as the image one is (for 8 image layers before LM layers 3, 7, ..., 31: before image
+layers 3 and 7, LM layers 15 and 31). A small LM with fewer than `every` image layers still gets one (before
+its last image layer).
+
+Masking: every text position of a sample that has a clip attends to all of that clip's latents; rows of samples
+without a clip are zeroed (the gated branches then add nothing). The tanh gates start at 0, so fresh video layers
+leave the LM's logits unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.vision import CrossAttentionBlock, MediaAttentionMask, VisionAdapter, VisionAdapterConfig
+from encoders.video import encode_video
+from encoders.vision import VisionEncoder
+
+FRAMES_PER_GROUP = 32
+VIDEO_EVERY = 4
+
+
+@dataclass
+class VideoAdapterConfig:
+    """Shape of the video adapter: an aggregator at the LM width, cross-attention blocks shaped as the image ones."""
+
+    dim: int  # the LM width (the aggregator reads the image adapter's projected features)
+    n_heads: int  # cross-attention blocks: the image blocks' shape
+    n_kv_heads: int
+    ffn_hidden_dim: int
+    layers: tuple[int, ...] = ()  # LM layer indices a video block runs before (see video_layer_schedule)
+    norm_eps: float = 1e-5
+    frames_per_group: int = FRAMES_PER_GROUP
+    num_latents: int = 64
+    aggregator_layers: int = 2
+    aggregator_heads: int = 8
+    aggregator_ffn_mult: int = 4
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(i) for i in self.layers)
+        if self.dim % self.aggregator_heads:
+            raise ValueError(
+                f"video adapter dim {self.dim} is not divisible by aggregator_heads={self.aggregator_heads}"
+            )
+        for key in ("frames_per_group", "num_latents", "aggregator_layers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"video adapter {key} must be at least 1, got {getattr(self, key)}")
+        if not self.layers:
+            raise ValueError("video adapter layers is empty: it needs at least one LM layer to run before")
+
+    @classmethod
+    def from_vision(cls, vision: VisionAdapterConfig, every: int = VIDEO_EVERY, **overrides) -> VideoAdapterConfig:
+        """Blocks shaped as the image adapter's, one before every `every`-th image block (counted from the top)."""
+        return cls(
+            dim=vision.dim,
+            n_heads=vision.n_heads,
+            n_kv_heads=vision.n_kv_heads,
+            ffn_hidden_dim=vision.ffn_hidden_dim,
+            norm_eps=vision.norm_eps,
+            layers=video_layer_schedule(vision.layers, every),
+            **overrides,
+        )
+
+    def block_config(self) -> VisionAdapterConfig:
+        """The config CrossAttentionBlock is built from (the image adapter's class, reused)."""
+        return VisionAdapterConfig(
+            vision_dim=self.dim,
+            dim=self.dim,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            ffn_hidden_dim=self.ffn_hidden_dim,
+            norm_eps=self.norm_eps,
+            layers=self.layers,
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict."""
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VideoAdapterConfig:
+        """Inverse of to_dict; an unknown key is an error naming it."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown video adapter config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def video_layer_schedule(image_layers: Sequence[int], every: int = VIDEO_EVERY) -> tuple[int, ...]:
+    """LM layer indices that get a video cross-attention block: every `every`-th image one, counted from the top."""
+    if every < 1:
+        raise ValueError(f"video cross-attention every={every} must be at least 1")
+    n = len(image_layers)
+    return tuple(layer for k, layer in enumerate(sorted(image_layers)) if (n - 1 - k) % every == 0)
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend to [media tokens; latents] (Flamingo's perceiver resampler layer), then a GELU FFN."""
+
+    def __init__(self, cfg: VideoAdapterConfig):
+        super().__init__()
+        self.heads = cfg.aggregator_heads
+        self.media_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.latent_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.ffn = nn.Sequential(
+            nn.LayerNorm(cfg.dim, eps=cfg.norm_eps),
+            nn.Linear(cfg.dim, cfg.aggregator_ffn_mult * cfg.dim, bias=False),
+            nn.GELU(),
+            nn.Linear(cfg.aggregator_ffn_mult * cfg.dim, cfg.dim, bias=False),
+        )
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, media_valid: torch.Tensor) -> torch.Tensor:
+        """media [N, M, dim], latents [N, L, dim], media_valid [N, M] bool -> latents [N, L, dim]."""
+        n, m, d = media.shape
+        num_latents = latents.shape[1]
+        normed = self.latent_norm(latents)
+        q = self.wq(normed).view(n, num_latents, self.heads, -1).transpose(1, 2)
+        kv = self.wkv(torch.cat([self.media_norm(media), normed], dim=1))
+        k, v = kv.view(n, m + num_latents, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        # Latents are always valid keys, so no softmax row is empty even for a group of padding alone.
+        valid = torch.cat([media_valid, media_valid.new_ones(n, num_latents)], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        latents = latents + self.wo(out.transpose(1, 2).reshape(n, num_latents, d))
+        return latents + self.ffn(latents)
+
+
+class TemporalAggregator(nn.Module):
+    """Per-frame tokens [B, F, T, dim] -> latents [B, G, num_latents, dim], G = ceil(F / frames_per_group)."""
+
+    def __init__(self, cfg: VideoAdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.dim) * cfg.dim**-0.5)
+        self.frame_embedding = nn.Parameter(torch.zeros(cfg.frames_per_group, cfg.dim))
+        self.layers = nn.ModuleDict({str(i): PerceiverLayer(cfg) for i in range(cfg.aggregator_layers)})
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, frames: torch.Tensor, frame_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames [B, F, T, dim] (frame f of clip b real when f < frame_counts[b]) -> (latents, group_valid [B, G])."""
+        b, f, t, d = frames.shape
+        group = self.cfg.frames_per_group
+        pad = -f % group
+        frames = F.pad(frames, (0, 0, 0, 0, 0, pad))
+        g = frames.shape[1] // group
+        frame_valid = torch.arange(f + pad, device=frames.device)[None, :] < frame_counts.to(frames.device)[:, None]
+        frames = frames.view(b, g, group, t, d) + self.frame_embedding[:, None, :].to(frames.dtype)
+        media = frames.reshape(b * g, group * t, d)
+        media_valid = frame_valid.view(b * g, group, 1).expand(b * g, group, t).reshape(b * g, group * t)
+        latents = self.latents.to(frames.dtype).expand(b * g, -1, -1)
+        for layer in self.layers.values():
+            latents = layer(media, latents, media_valid)
+        group_valid = frame_valid.view(b, g, group).any(dim=-1)
+        return self.norm(latents).view(b, g, self.cfg.num_latents, d), group_valid
+
+
+def video_attention_mask(group_valid: torch.Tensor, num_latents: int) -> MediaAttentionMask:
+    """Every text position of a clip's row sees all its real latents; rows without a clip are zeroed.
+
+    One mask row broadcasts over every text position (and `rows_at` keeps it during generation).
+    """
+    key_valid = group_valid.repeat_interleave(num_latents, dim=1)  # [B, G * L]
+    sees_any = key_valid.any(dim=-1)[:, None, None, None]
+    return MediaAttentionMask(allowed=key_valid[:, None, None, :] | ~sees_any, rows=sees_any.float())
+
+
+class VideoAdapter(nn.Module):
+    """Temporal aggregator and the gated video cross-attention blocks (the image adapter's block class)."""
+
+    def __init__(self, cfg: VideoAdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.aggregator = TemporalAggregator(cfg)
+        self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(cfg.block_config()) for _ in cfg.layers)
+        for depth, block in zip(cfg.layers, self.cross_attention_layers, strict=True):
+            block.init_weights(depth)
+
+    def block_for_layer(self) -> dict[str, CrossAttentionBlock]:
+        """LM layer name (`str(index)`) -> the video block that runs before it (and before its image block)."""
+        return {str(i): block for i, block in zip(self.cfg.layers, self.cross_attention_layers, strict=True)}
+
+    def forward(self, media: torch.Tensor, frame_counts: torch.Tensor) -> tuple[torch.Tensor, MediaAttentionMask]:
+        """Projected frame tokens [B, F, N, dim] -> (latents [B, G * num_latents, dim], their cross-attention mask)."""
+        latents, group_valid = self.aggregator(media, frame_counts)
+        return latents.flatten(1, 2), video_attention_mask(group_valid, self.cfg.num_latents)
+
+    def media_kv(self, latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per LM layer name, the keys and values of the video latents [B, K, dim] (the generation cache)."""
+        return {name: block.media_kv(latents) for name, block in self.block_for_layer().items()}
+
+
+def as_frame_list(video: torch.Tensor | Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """uint8 clips [B, F, 3, H, W] (data.media's layout) or a list of [F_i, 3, H, W] (None: no clip) -> a list."""
+    clips = list(video) if isinstance(video, (list, tuple)) else list(video.unbind(0))
+    for i, clip in enumerate(clips):
+        if clip is not None and (clip.dim() != 4 or clip.shape[1] != 3 or clip.shape[0] < 1):
+            raise ValueError(f"video clip {i} has shape {tuple(clip.shape)}; expected frames [F >= 1, 3, H, W]")
+    return clips
+
+
+def encode_frames(
+    encoder: VisionEncoder, vision_adapter: VisionAdapter, video: torch.Tensor | Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips of uint8 frames [F, 3, H, W] -> projected frame tokens [B, F_max, N, dim] and frame counts [B].
+
+    Each frame goes through the frozen image encoder as one 1x1 tile, then the frozen image adapter's projection;
+    a missing clip (None) has 0 frames. No gradient flows into either (they are reused frozen in the video stage).
+    """
+    clips = as_frame_list(video)
+    counts = torch.tensor([0 if c is None else c.shape[0] for c in clips])
+    if int(counts.max()) == 0:
+        raise ValueError("video holds no clip with frames")
+    dim = vision_adapter.cfg.dim
+    with torch.no_grad():
+        tokens = {
+            i: vision_adapter.project(encode_video(encoder, clip.permute(0, 2, 3, 1))[None, :, None]).view(
+                clip.shape[0], -1, dim
+            )
+            for i, clip in enumerate(clips)
+            if clip is not None
+        }
+    first = next(iter(tokens.values()))
+    out = first.new_zeros(len(clips), int(counts.max()), first.shape[1], dim)
+    for i, frame_tokens in tokens.items():
+        out[i, : frame_tokens.shape[0]] = frame_tokens
+    return out, counts.to(out.device)

@@ -1,0 +1,185 @@
+"""The video adapter: placement, frame grouping, padded batches, fresh gates, gradients into video parameters only."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from adapters.video import (
+    TemporalAggregator,
+    VideoAdapter,
+    VideoAdapterConfig,
+    encode_frames,
+    video_layer_schedule,
+)
+from adapters.vision import VisionAdapter, VisionAdapterConfig, fusion_schedule
+from encoders.vision import VisionEncoder, VisionEncoderConfig
+from llama3mm import Llama3MM
+
+DIM = 64
+
+
+def _video_cfg(**overrides) -> VideoAdapterConfig:
+    base = dict(dim=DIM, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, layers=(1,), num_latents=4, aggregator_heads=4)
+    base.update(overrides)
+    return VideoAdapterConfig(**base)
+
+
+def test_video_blocks_sit_before_every_fourth_image_block():
+    """32 LM layers, 8 image blocks (3, 7, ..., 31): video before image blocks 3 and 7; a small LM still gets one."""
+    assert video_layer_schedule(fusion_schedule(32, 8)) == (15, 31)
+    assert video_layer_schedule(fusion_schedule(80, 20)) == (15, 31, 47, 63, 79)
+    assert video_layer_schedule((3,)) == (3,)
+    vision = VisionAdapterConfig(vision_dim=32, dim=DIM, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, layers=(3, 7))
+    assert VideoAdapterConfig.from_vision(vision).layers == (7,)
+
+
+def test_aggregator_merges_each_32_frames_and_masks_padding():
+    """64 frames -> 2 groups of latents; 33 -> 2; 5 -> 1; padded frames never change the latents of real ones."""
+    torch.manual_seed(0)
+    aggregator = TemporalAggregator(_video_cfg()).eval()
+    frames = torch.randn(1, 64, 3, DIM)
+    for count, groups in ((64, 2), (33, 2), (5, 1)):
+        latents, valid = aggregator(frames[:, :count], torch.tensor([count]))
+        assert latents.shape == (1, groups, 4, DIM) and valid.tolist() == [[True] * groups]
+    # 5 real frames followed by 59 frames of garbage: the same latents as the 5 alone, the second group masked.
+    with torch.no_grad():
+        alone, _ = aggregator(frames[:, :5], torch.tensor([5]))
+        padded, valid = aggregator(frames, torch.tensor([5]))
+    torch.testing.assert_close(padded[:, :1], alone, atol=1e-5, rtol=1e-5)
+    assert valid.tolist() == [[True, False]]
+    # A frame's place in its group matters (the frame embedding), so reversed clips give other latents.
+    aggregator.frame_embedding.data.normal_()
+    forward, _ = aggregator(frames[:, :8], torch.tensor([8]))
+    backward, _ = aggregator(frames[:, :8].flip(1), torch.tensor([8]))
+    assert not torch.allclose(forward, backward, atol=1e-3)
+
+
+def test_padded_video_batch_equals_each_clip_alone():
+    """Clips of 6 and 40 frames in one batch: each row's block output equals the clip alone (gates opened)."""
+    torch.manual_seed(0)
+    adapter = VideoAdapter(_video_cfg()).eval()
+    block = adapter.cross_attention_layers[0]
+    block.gate_attn.data.fill_(0.7)
+    block.gate_ffwd.data.fill_(-0.4)
+    frames = torch.randn(2, 40, 3, DIM)
+    counts = torch.tensor([6, 40])
+    text = torch.randn(2, 5, DIM)
+    with torch.no_grad():
+        latents, mask = adapter(frames, counts)
+        batched = block(text, block.media_kv(latents), mask)
+        for i, n in enumerate(counts.tolist()):
+            one_latents, one_mask = adapter(frames[i : i + 1, :n], counts[i : i + 1])
+            alone = block(text[i : i + 1], block.media_kv(one_latents), one_mask)
+            torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched, text, atol=1e-3)  # the opened gates do act
+
+
+def test_encode_frames_through_frozen_image_encoder_and_projection():
+    """uint8 clips [F, 3, H, W] of different lengths -> projected tokens [B, F_max, N, dim]; a None clip is empty."""
+    torch.manual_seed(0)
+    enc_cfg = VisionEncoderConfig.from_preset("tiny", max_num_tiles=1)
+    encoder = VisionEncoder(enc_cfg).eval()
+    vision = VisionAdapter(
+        VisionAdapterConfig(vision_dim=enc_cfg.output_dim, dim=DIM, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128)
+    )
+    clips = [
+        torch.randint(0, 256, (3, 3, 48, 80), dtype=torch.uint8),
+        None,
+        torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+    ]
+    tokens, counts = encode_frames(encoder, vision, clips)
+    assert counts.tolist() == [3, 0, 2]
+    assert tokens.shape[:2] == (3, 3) and tokens.shape[-1] == DIM and tokens.shape[2] >= enc_cfg.num_tokens
+    assert not tokens[1].any() and not tokens[2, 2:].any() and not tokens.requires_grad
+    alone, _ = encode_frames(encoder, vision, clips[2:])
+    torch.testing.assert_close(tokens[2, :2], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"video clip 0 has shape \(3, 48, 80\)"):
+        encode_frames(encoder, vision, [clips[0][0]])
+
+
+@pytest.fixture(scope="module")
+def composed() -> Llama3MM:
+    """A 4-layer tiny LM with a tiny image encoder, an image adapter whose gates are open (as if trained), and a
+    fresh video adapter; the image parts are frozen as in the video stage."""
+    lm = tiny_model(n_layers=4)
+    torch.manual_seed(1)
+    enc_cfg = VisionEncoderConfig.from_preset("tiny", max_num_tiles=1)
+    vision = VisionAdapter(VisionAdapterConfig.from_lm(lm.config, enc_cfg.output_dim))
+    for block in vision.cross_attention_layers:
+        block.gate_attn.data.fill_(0.5)
+        block.gate_ffwd.data.fill_(0.5)
+    video = VideoAdapter(VideoAdapterConfig.from_vision(vision.cfg, num_latents=4, aggregator_heads=4))
+    mm = Llama3MM(lm, vision_encoder=VisionEncoder(enc_cfg), vision_adapter=vision, video_adapter=video).eval()
+    mm.vision_encoder.requires_grad_(False)
+    mm.vision_adapter.requires_grad_(False)
+    return mm
+
+
+def _frames(*counts: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g) for n in counts]
+
+
+def _open_gates(adapter: VideoAdapter, value: float) -> None:
+    for block in adapter.cross_attention_layers:
+        block.gate_attn.data.fill_(value)
+        block.gate_ffwd.data.fill_(value)
+
+
+def test_fresh_video_gates_leave_logits_unchanged(composed):
+    """Gates at 0: logits with a clip equal the frozen LM's on text, and the image-only logits with an image."""
+    assert composed.video_adapter.cfg.layers == (3,) == composed.vision_adapter.cfg.layers
+    _open_gates(composed.video_adapter, 0.0)
+    tokens = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text_only = composed.lm(tokens)
+        with_video = composed(tokens, video=_frames(3, 5))
+        torch.testing.assert_close(with_video, text_only, rtol=0, atol=0)
+        tokens[:, 2] = composed.image_token_id
+        images = torch.rand(2, 1, 1, 3, 64, 64)
+        ids = torch.ones(2, 1, dtype=torch.long)
+        image_only = composed(tokens, images=images, aspect_ratio_ids=ids)
+        both = composed(tokens, images=images, aspect_ratio_ids=ids, video=_frames(3, 5))
+        torch.testing.assert_close(both, image_only, rtol=0, atol=0)
+        assert not torch.allclose(image_only, composed.lm(tokens.clamp(max=511)), atol=1e-3)  # images do act
+
+
+def test_padded_clip_batch_equals_each_row_alone(composed):
+    """Opened gates: clips of 3 and 33 frames (and a row without a clip) batched give each row's logits alone."""
+    _open_gates(composed.video_adapter, 0.8)
+    tokens = torch.randint(0, 500, (3, 10), generator=torch.Generator().manual_seed(1))
+    clips = _frames(3, 33)
+    with torch.no_grad():
+        batched = composed(tokens, video=[clips[0], clips[1], None])
+        for i, clip in enumerate(clips):
+            torch.testing.assert_close(batched[i], composed(tokens[i : i + 1], video=[clip])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[2], composed.lm(tokens[2:])[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched[0], composed.lm(tokens[:1])[0], atol=1e-3)
+
+
+def test_gradients_reach_video_parameters_only(composed):
+    """A loss through a clip trains the aggregator and video blocks; the LM and the frozen image parts get none."""
+    _open_gates(composed.video_adapter, 0.8)
+    composed.zero_grad(set_to_none=True)
+    tokens = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(2))
+    composed(tokens, video=_frames(4)).logsumexp(-1).mean().backward()
+    for name, param in composed.video_adapter.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    others = [composed.lm, composed.vision_encoder, composed.vision_adapter]
+    assert all(p.grad is None for part in others for p in part.parameters())
+    trainable = {id(p) for p in composed.trainable_parameters()}
+    assert {id(p) for p in composed.video_adapter.parameters()} <= trainable
+    assert not trainable & {id(p) for part in others for p in part.parameters()}
+    composed.zero_grad(set_to_none=True)
+
+
+def test_generate_with_video_matches_full_forward(composed):
+    """Greedy decoding with the video's keys/values cached equals the argmax of full forwards over the sequence."""
+    _open_gates(composed.video_adapter, 0.8)
+    clip = _frames(6)[0]
+    prompt = [1, 5, 9, 42, 7]
+    new = list(composed.generate_tokens(prompt, video=clip, max_new_tokens=4, temperature=0.0, stop_tokens=[]))
+    assert len(new) == 4
+    with torch.no_grad():
+        logits = composed(torch.tensor([prompt + new[:-1]]), video=[clip])[0]
+    assert logits[len(prompt) - 1 :].argmax(-1).tolist() == new
