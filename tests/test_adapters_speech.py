@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from adapters.speech import (
     SpeechAdapter,
@@ -12,6 +13,7 @@ from adapters.speech import (
     scatter_audio_embeddings,
 )
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig
+from llama3mm import Llama3MM
 
 LM_DIM = 64
 AUDIO_ID = 500
@@ -100,3 +102,59 @@ def test_expand_audio_placeholders():
     assert expand_audio_placeholders([1, AUDIO_ID, 2, AUDIO_ID], AUDIO_ID, [3, 1]) == [1, *[AUDIO_ID] * 3, 2, AUDIO_ID]
     with pytest.raises(ValueError, match="holds 1 <\\|audio\\|> placeholders .* for 2 clips"):
         expand_audio_placeholders([1, AUDIO_ID], AUDIO_ID, [3, 1])
+
+
+@pytest.fixture(scope="module")
+def speech_mm(speech) -> Llama3MM:
+    """A tiny frozen LM (vocab 512) with the tiny speech encoder and adapter."""
+    encoder, adapter = speech
+    return Llama3MM(tiny_model(), speech_encoder=encoder, speech_adapter=adapter).eval()
+
+
+def test_llama3mm_reads_speech_as_token_embeddings(speech_mm):
+    """Markers expand to num_audio_tokens placeholders; a padded batch equals each row alone; text before the
+    clip is the frozen LM's, text after it hears the clip."""
+    mm, audio_id = speech_mm, speech_mm.audio_token_id
+    assert audio_id == mm.lm.config.vocab_size + 1  # an extra id: the LM can never emit a placeholder
+    rows = [[1, audio_id, 5, 6], [1, 7, 8, audio_id, 9]]
+    audio, lengths = _clips(1600, 4000)
+    batch = mm.processor(rows, audio=audio, audio_lengths=lengths, pad_id=0)
+    counts = [num_audio_tokens(1600), num_audio_tokens(4000)]
+    assert (batch["tokens"] == audio_id).sum(1).tolist() == counts
+    assert batch["lengths"].tolist() == [3 + counts[0], 4 + counts[1]]
+    with torch.no_grad():
+        logits = mm(batch["tokens"], audio=batch["audio"], audio_lengths=batch["audio_lengths"])
+        for b in range(len(rows)):
+            n = int(batch["lengths"][b])
+            alone = mm(batch["tokens"][b : b + 1, :n], audio=[audio[b, : lengths[b]]])
+            torch.testing.assert_close(logits[b : b + 1, :n], alone, atol=1e-5, rtol=1e-5)
+        plain = mm.lm(batch["tokens"].clamp(max=511))
+    first = batch["tokens"][1].tolist().index(audio_id)
+    torch.testing.assert_close(logits[1, :first], plain[1, :first], rtol=0, atol=0)
+    assert not torch.allclose(logits[1, first:], plain[1, first:], atol=1e-3)
+
+
+def test_gradients_reach_adapter_and_speech_encoder_not_the_lm(speech_mm):
+    """Training the speech stage: every adapter and encoder parameter gets a gradient; the frozen LM gets none."""
+    mm = speech_mm
+    mm.zero_grad(set_to_none=True)
+    batch = mm.processor([[1, mm.audio_token_id, 5]], audio=[_clips(2400)[0][0]], pad_id=0)
+    mm(batch["tokens"], audio=batch["audio"], audio_lengths=batch["audio_lengths"]).logsumexp(-1).mean().backward()
+    for name, param in [*mm.speech_adapter.named_parameters(), *mm.speech_encoder.named_parameters()]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in mm.lm.parameters()) and all(not p.requires_grad for p in mm.lm.parameters())
+    mm.zero_grad(set_to_none=True)
+
+
+def test_generate_with_audio_replaces_placeholders_once(speech_mm):
+    """Greedy decoding with a clip (the placeholders replaced in the prefill only) equals full forwards."""
+    mm = speech_mm
+    wave = _clips(3000, seed=3)[0][0]
+    prompt = [1, mm.audio_token_id, 11, 12]
+    new = list(mm.generate_tokens(prompt, audio=wave, max_new_tokens=4, temperature=0.0, stop_tokens=[]))
+    assert len(new) == 4
+    tokens = mm.processor([prompt + new[:-1]], audio=[wave], pad_id=0)["tokens"]
+    with torch.no_grad():
+        logits = mm(tokens, audio=[wave])[0]
+    start = tokens.shape[1] - len(new)
+    assert logits[start:].argmax(-1).tolist() == new
