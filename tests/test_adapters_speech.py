@@ -158,3 +158,27 @@ def test_generate_with_audio_replaces_placeholders_once(speech_mm):
         logits = mm(tokens, audio=[wave])[0]
     start = tokens.shape[1] - len(new)
     assert logits[start:].argmax(-1).tolist() == new
+
+
+def test_prompts_place_one_run_per_clip(speech_mm, tmp_path):
+    """Chat audio items, "<|audio|>" text markers and marker-less prompts all get a run of num_audio_tokens
+    placeholders per clip; a WAV file reads as its waveform (encoders.speech.load_audio)."""
+    import soundfile
+
+    mm, audio_id = speech_mm, speech_mm.audio_token_id
+    wave = _clips(4000, seed=5)[0][0]
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, wave.numpy(), 16000, subtype="FLOAT")
+    run = num_audio_tokens(4000)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Transcribe."}]}]
+    chat = mm.processor.prompt_inputs(messages, audio=str(path))
+    torch.testing.assert_close(chat["audio"][0], wave)
+    ids = chat["tokens"][0].tolist()
+    assert ids.count(audio_id) == run and ids.index(audio_id) + run == len(ids) - ids[::-1].index(audio_id)
+    assert mm.tokenizer.audio_id not in ids
+    marked = mm.processor.prompt_inputs("Say <|audio|> and <|audio|>", audio=[wave, wave[:1000]])["tokens"][0]
+    assert (marked == audio_id).sum() == run + num_audio_tokens(1000)
+    bare = mm.processor.prompt_inputs("Transcribe.", audio=wave)["tokens"][0].tolist()
+    assert bare[0] == mm.tokenizer.bos_id and bare[1 : 1 + run] == [audio_id] * run
+    with pytest.raises(ValueError, match="holds 1 <\\|audio\\|> tokens but 2 audio clips"):
+        mm.processor.prompt_inputs("Say <|audio|>", audio=[wave, wave])

@@ -173,13 +173,25 @@ def test_gradients_reach_video_parameters_only(composed):
     composed.zero_grad(set_to_none=True)
 
 
-def test_generate_with_video_matches_full_forward(composed):
-    """Greedy decoding with the video's keys/values cached equals the argmax of full forwards over the sequence."""
+def test_generate_with_video_file_matches_full_forward(composed, tmp_path):
+    """Greedy decoding from a video file (keys/values of its latents cached) equals the argmax of full forwards."""
+    import av
+
+    from encoders.video import load_video
+
     _open_gates(composed.video_adapter, 0.8)
-    clip = _frames(6)[0]
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for frame in _frames(6)[0]:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.permute(1, 2, 0).numpy(), format="rgb24")))
+        container.mux(stream.encode())
     prompt = [1, 5, 9, 42, 7]
-    new = list(composed.generate_tokens(prompt, video=clip, max_new_tokens=4, temperature=0.0, stop_tokens=[]))
+    new = list(composed.generate_tokens(prompt, video=path, max_new_tokens=4, temperature=0.0, stop_tokens=[]))
     assert len(new) == 4
+    clip = load_video(path).permute(0, 3, 1, 2)
+    assert clip.shape == (6, 3, 64, 64)
     with torch.no_grad():
         logits = composed(torch.tensor([prompt + new[:-1]]), video=[clip])[0]
     assert logits[len(prompt) - 1 :].argmax(-1).tolist() == new
