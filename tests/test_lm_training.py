@@ -198,7 +198,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
         ("1", ["--model.dimm=3"], "unknown key 'dimm'"),
         ("1", ["--model.init_from=tests/data/none"], "tests/data/none"),
         ("1", ["--train.steps=ten"], "train.steps: expected int"),
-        ("2", ["--parallel.pp=2", "--parallel.dp_shard=1"], "pipeline and context parallel are not built yet"),
+        ("2", ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_microbatches=3"], "must divide the 8"),
         ("2", ["--train.batch_size=3"], "train.batch_size=3 is not divisible"),
         ("2", ["--data.readers=3"], "data.readers=3 must be a multiple of the data-parallel degree 2"),
     ],

@@ -15,6 +15,7 @@ A save writes ``step-N.tmp``, waits for every rank, writes ``meta.json`` last an
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +51,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 META = "meta.json"
 # Fault injection for tests: the rank-0 process exits between writing a checkpoint and committing it.
 CRASH_BEFORE_COMMIT_ENV = "TRAIN_CRASH_BEFORE_COMMIT_STEP"
+# Optimizer state keyed by parameter name, hyperparameters included ("param_groups.layers.3.attention.wq.weight.lr"):
+# a pipeline stage holds only some parameters, and the unflattened form's per-group lists of names would differ
+# from rank to rank, so only one rank's list would be saved and checkpoints could not move between layouts.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class CheckpointError(RuntimeError):
@@ -169,8 +174,14 @@ class Checkpointer:
         *,
         seed: int = 0,
         async_save: bool | None = None,
+        trainable_only: bool = False,
     ) -> None:
         self.cfg = cfg
+        # trainable_only: frozen parameters (a frozen LM under adapters) are left out of saves and loads; the
+        # entry rebuilds them from their own checkpoint, so each save holds only what trains.
+        self._options = (
+            dataclasses.replace(_OPTIONS, ignore_frozen_params=True, strict=False) if trainable_only else _OPTIONS
+        )
         self.dir = os.path.join(run_dir, "checkpoints")
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.seed = seed
@@ -184,7 +195,7 @@ class Checkpointer:
     # -- saving ---------------------------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options)
         return {"model": model_sd, "optim": optim_sd}
 
     def _meta(self, step: int) -> dict[str, Any]:
@@ -292,7 +303,13 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=path)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self._options,
+        )
         if self.scheduler is not None and meta.get("scheduler") is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
         rank, same_layout = _rank(), meta.get("world_size") == _world()

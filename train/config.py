@@ -98,6 +98,14 @@ class ParallelConfig:
     # FSDP mixed precision: parameter dtype in compute and gradient-reduction dtype (CUDA only; CPU stays fp32).
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    # Pipeline parallel (pp > 1): a torch.distributed.pipelining schedule (1F1B, GPipe, Interleaved1F1B,
+    # InterleavedZeroBubble, ZBVZeroBubble); micro-batches per optimizer step (0 = pp), independent of the number
+    # of stages; stages per rank (1 for 1F1B / GPipe, >= 2 for the interleaved ones, 2 for ZBV); first and last
+    # stage one layer fewer (they also hold the embeddings / the output and loss).
+    pp_schedule: str = "1F1B"
+    pp_microbatches: int = 0
+    pp_virtual_stages: int = 1
+    pp_lighter_ends: bool = False
 
 
 @dataclass

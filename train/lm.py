@@ -22,9 +22,11 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(_here))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
@@ -34,15 +36,26 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.distributed.tensor.parallel import loss_parallel  # noqa: E402
 
 from lm.checkpoint import load_config, read_state_dict  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.model import Transformer  # noqa: E402
+from train import dryrun  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.loop import RunContext, accumulate, compile_default, init_run, micro_batch_size, train  # noqa: E402
+from train.parallel.cp import apply_cp, check_cp, shard_batch  # noqa: E402
 from train.parallel.fsdp import apply_ac, apply_compile, apply_fsdp  # noqa: E402
-from train.parallel.mesh import MeshError, ParallelDims, destroy_distributed, submesh  # noqa: E402
+from train.parallel.mesh import ParallelDims, destroy_distributed, submesh  # noqa: E402
+from train.parallel.pp import (  # noqa: E402
+    Pipeline,
+    PipelinePlan,
+    PipelineStages,
+    plan_pipeline,
+    rank_stages,
+    split_stage,
+)
 from train.parallel.tp import apply_tp, check_tp  # noqa: E402
 
 log = logging.getLogger("train.lm")
@@ -260,27 +273,45 @@ class ReaderGroup:
 # Model.
 
 
-def build_model(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> Transformer:
-    """Meta-device model -> TP plan -> activation checkpointing -> compile -> FSDP -> shards materialised."""
-    with torch.device("meta"):
-        model = Transformer(lm_config)
-    if ctx.dims.tp > 1:
-        apply_tp(model, submesh(ctx.mesh, "tp"), loss_parallel=True)
-    blocks = list(model.layers.values())
-    apply_ac(blocks, cfg.train.ac)
-    if compile_default(cfg):
-        apply_compile(blocks)
-    apply_fsdp(
-        model,
-        ctx.mesh,
-        blocks,
-        param_dtype=cfg.parallel.param_dtype,
-        reduce_dtype=cfg.parallel.reduce_dtype,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-    )
+def build_model(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> nn.Module:
+    """Meta-device model -> TP plan -> activation checkpointing -> compile -> FSDP -> shards materialised.
+
+    Under pipeline parallel each of this rank's stages is cut from the meta model and sharded on its own; the
+    result is a ``PipelineStages`` view of them that carries the full model's parameter names.
+    """
+    if ctx.dims.pp > 1:
+        plan = pipeline_plan(cfg, lm_config, ctx.dims)
+        stages = {}
+        for index in rank_stages(submesh(ctx.mesh, "pp").get_local_rank(), plan.pp, plan.virtual_stages, plan.style):
+            with torch.device("meta"):
+                stages[index] = split_stage(Transformer(lm_config), index, plan)
+        model: nn.Module = PipelineStages(stages)
+    else:
+        with torch.device("meta"):
+            model = Transformer(lm_config)
+        stages = {0: model}
+    for stage in stages.values():
+        if ctx.dims.tp > 1:
+            apply_tp(stage, submesh(ctx.mesh, "tp"), loss_parallel=True)
+        if ctx.dims.cp > 1:
+            apply_cp(stage, submesh(ctx.mesh, "cp"))
+        blocks = list(stage.layers.values())
+        apply_ac(blocks, cfg.train.ac)
+        if compile_default(cfg):
+            apply_compile(blocks)
+        apply_fsdp(
+            stage,
+            ctx.mesh,
+            blocks,
+            param_dtype=cfg.parallel.param_dtype,
+            reduce_dtype=cfg.parallel.reduce_dtype,
+            # A pipeline stage runs the forwards of several micro-batches before their backwards: keep its
+            # parameters gathered rather than all-gather them again for each (torchtitan does the same).
+            reshard_after_forward=cfg.parallel.reshard_after_forward and ctx.dims.pp == 1,
+        )
     model.to_empty(device=ctx.device)
     if cfg.model.init_from:
-        load_full_weights(model, cfg.model.init_from, ctx.rank)
+        load_full_weights(model, cfg.model.init_from, ctx.rank, partial=ctx.dims.pp > 1)
     else:
         with torch.no_grad(), warnings.catch_warnings():
             # On CPU, DTensor draws each shard's random values on its own (so a random init depends on the
@@ -290,8 +321,12 @@ def build_model(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> Trans
     return model
 
 
-def load_full_weights(model: nn.Module, path: str, rank: int) -> None:
-    """Rank 0 reads the checkpoint (memory-mapped) and broadcasts; every rank keeps only its own shards."""
+def load_full_weights(model: nn.Module, path: str, rank: int, *, partial: bool = False) -> None:
+    """Rank 0 reads the checkpoint (memory-mapped) and broadcasts; every rank keeps only its own shards.
+
+    ``partial``: ``model`` holds only some of the model's tensors (pipeline stages), so the load cannot be strict;
+    ``read_state_dict`` has already checked the checkpoint against the full model.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state: dict[str, torch.Tensor] = {}
@@ -306,58 +341,118 @@ def load_full_weights(model: nn.Module, path: str, rank: int) -> None:
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise ValueError(error[0])
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not partial)
     set_model_state_dict(model, state, options=options)
+
+
+def model_inputs(
+    cfg: LMJobConfig, ctx: RunContext, tokens: torch.Tensor, documents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``(inputs, targets, model keyword arguments)`` of packed rows of ``seq_len + 1`` tokens and document ids."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    model_kwargs: dict = {"document_ids": documents[:, :-1]}
+    if ctx.dims.cp > 1:  # this rank's chunks of every row; the loss is the mean over its own tokens
+        inputs, targets, model_kwargs = shard_batch(
+            inputs, targets, documents[:, :-1], submesh(ctx.mesh, "cp"), cfg.model.attn_backend
+        )
+    return inputs, targets, model_kwargs
+
+
+def uses_fused_loss(cfg: LMJobConfig, ctx: RunContext) -> bool:
+    """The chunked loss as configured, except under tensor parallel (the vocabulary-parallel cross-entropy)."""
+    return cfg.model.loss == "fused" and ctx.dims.tp == 1
+
+
+def fused_loss_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's ``output_fn`` for the chunked loss: linear + cross-entropy without whole logits."""
+    from lm.loss import linear_cross_entropy
+
+    flat_targets = targets.flatten()
+    return lambda hidden, weight: linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` [B, S, V] (vocabulary-sharded under TP) and ``targets`` [B, S]."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    if isinstance(loss, DTensor):  # vocabulary-parallel: a replicated scalar, made plain (differentiably)
+        loss = loss.full_tensor()
+    return loss
 
 
 def make_loss(cfg: LMJobConfig, ctx: RunContext):
     """``loss_fn(model, batch) -> (mean next-token cross-entropy, metrics)`` for the configured loss and layout."""
-    vocab_parallel = ctx.dims.tp > 1
-    fused = cfg.model.loss == "fused" and not vocab_parallel
+    fused = uses_fused_loss(cfg, ctx)
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         tokens = batch["tokens"].to(ctx.device, non_blocking=True)
         documents = batch["document_ids"].to(ctx.device, non_blocking=True)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        inputs, targets, model_kwargs = model_inputs(cfg, ctx, tokens, documents)
         if fused:
-            from lm.loss import linear_cross_entropy
-
             # Inside forward, where FSDP has the output weight gathered: its gradient reaches the reduce-scatter.
-            flat_targets = targets.flatten()
-            loss = model(
-                inputs,
-                document_ids=documents[:, :-1],
-                output_fn=lambda hidden, weight: linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets),
-            )
+            loss = model(inputs, **model_kwargs, output_fn=fused_loss_output_fn(targets))
         else:
-            logits = model(inputs, document_ids=documents[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            if isinstance(loss, DTensor):  # vocabulary-parallel: a replicated scalar, made plain (differentiably)
-                loss = loss.full_tensor()
+            loss = token_cross_entropy(model(inputs, **model_kwargs), targets)
         return loss, {}
 
     return loss_fn
+
+
+def pipeline_plan(cfg: LMJobConfig, lm_config: LMConfig, dims: ParallelDims) -> PipelinePlan:
+    """The checked pipeline layout of this config (``[parallel]`` pp keys against the model and the batch)."""
+    rows_per_rank = micro_batch_size(cfg.train.batch_size, dims.dp, 1)
+    return plan_pipeline(
+        cfg.parallel, lm_config.n_layers, rows_per_rank, tie_word_embeddings=lm_config.tie_word_embeddings
+    )
+
+
+def make_pipeline_step(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext, model: PipelineStages):
+    """The loop's ``forward_backward`` under pipeline parallel: this rank's rows of the step, re-split into the
+    plan's micro-batches (``parallel.pp_microbatches``, whatever ``train.grad_accum`` is), run by the schedule."""
+    plan = pipeline_plan(cfg, lm_config, ctx.dims)
+    fused = uses_fused_loss(cfg, ctx)
+    # Fused: the last stage's forward already returns the loss (output_fn), which the schedule takes as it is.
+    loss_fn = (lambda loss, targets: loss) if fused else token_cross_entropy
+    pipeline = Pipeline(plan, model.stages, submesh(ctx.mesh, "pp").get_group(), ctx.device, loss_fn)
+
+    def forward_backward(model: nn.Module, batches: list) -> tuple[torch.Tensor, dict]:
+        tokens = torch.cat([b["tokens"] for b in batches]).to(ctx.device, non_blocking=True)
+        documents = torch.cat([b["document_ids"] for b in batches]).to(ctx.device, non_blocking=True)
+        inputs, targets, kwargs = [], [], []
+        for rows, docs in zip(tokens.chunk(plan.microbatches), documents.chunk(plan.microbatches), strict=True):
+            # Every stage builds its own mask and RoPE positions from the document ids. All ranks of a pipeline
+            # share a data-parallel rank and so read the same rows: each passes its own copy to its stages as a
+            # keyword argument, rather than sending the ids along with the activations.
+            x, y, model_kwargs = model_inputs(cfg, ctx, rows, docs)
+            if fused:
+                model_kwargs["output_fn"] = fused_loss_output_fn(y)
+            inputs.append(x)
+            targets.append(y)
+            kwargs.append(model_kwargs)
+        # The vocabulary-parallel cross-entropy needs its backward inside the same context.
+        with loss_parallel() if ctx.dims.tp > 1 else contextlib.nullcontext():
+            mean = pipeline.step(inputs, kwargs, targets)
+        return mean * len(batches), {}
+
+    return forward_backward
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Entry.
 
 
-def validate(cfg: LMJobConfig) -> LMConfig:
+def validate(cfg: LMJobConfig, world_size: int | None = None) -> LMConfig:
     """Everything that can be checked before any process group or data work; returns the model's config."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size or int(os.environ.get("WORLD_SIZE", 1))
     dims = ParallelDims.from_config(cfg.parallel, world)
-    if dims.pp > 1 or dims.cp > 1:
-        raise MeshError(
-            f"parallel.pp={dims.pp}, parallel.cp={dims.cp}: pipeline and context parallel are not built yet "
-            "(issue 5); use dp_replicate, dp_shard and tp"
-        )
     lm_config = build_lm_config(cfg.model)
     check_tp(lm_config, dims.tp)
+    check_cp(cfg.data.seq_len, dims.cp)
     if cfg.data.seq_len > lm_config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={lm_config.max_seq_len}")
     micro_batch_size(cfg.train.batch_size, dims.dp, cfg.train.grad_accum)
     check_readers(cfg.data.readers or dims.dp, dims.dp, cfg.train.batch_size)
+    if dims.pp > 1:
+        pipeline_plan(cfg, lm_config, dims)
     return lm_config
 
 
@@ -372,11 +467,15 @@ def check_readers(readers: int, dp_size: int, batch_size: int) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and validate, set up the mesh, build model and data, train."""
     parser = argparse.ArgumentParser(prog="train/lm.py", description=__doc__.split("\n\n")[0])
-    cfg, _ = parse_cli(LMJobConfig, argv, parser)
+    dryrun.add_arguments(parser)
+    cfg, args = parse_cli(LMJobConfig, argv, parser)
     try:
-        lm_config = validate(cfg)
+        lm_config = validate(cfg, dryrun.planned_world_size(args))
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    if args.dry_run:  # a plan on a fake process group: no data, no devices, no training
+        dryrun.main(cfg, lm_config, args)
+        return []
     ctx = init_run(cfg)
     try:
         return _run(cfg, lm_config, ctx)
@@ -410,8 +509,9 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
 
     loss_fn = make_loss(cfg, ctx)
     forward_backward = None
-    if ctx.dims.tp > 1:
-        from torch.distributed.tensor.parallel import loss_parallel
+    if ctx.dims.pp > 1:
+        forward_backward = make_pipeline_step(cfg, lm_config, ctx, model)
+    elif ctx.dims.tp > 1:
 
         def forward_backward(model: nn.Module, batches: list) -> tuple[torch.Tensor, dict]:
             # The vocabulary-parallel cross-entropy needs its backward inside the same context.
@@ -428,6 +528,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         flops_per_sample=lm_config.flops_per_token(seq) * seq,
         extra_metrics=lambda step: data.stats(),
         forward_backward=forward_backward,
+        pp_group=submesh(ctx.mesh, "pp").get_group() if ctx.dims.pp > 1 else None,
     )
 
 

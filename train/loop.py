@@ -123,6 +123,7 @@ def train(
     checkpointer: Checkpointer | None = None,
     extra_metrics: Callable[[int], dict[str, Any]] | None = None,
     forward_backward: ForwardBackward | None = None,
+    pp_group: dist.ProcessGroup | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``cfg.train.steps`` optimizer steps (resuming if a checkpoint exists); returns the logged records.
 
@@ -134,6 +135,7 @@ def train(
     ``tokens_per_sample`` / ``flops_per_sample`` (training FLOPs, forward + backward) give tokens/s and MFU.
     ``forward_backward(model, micro_batches)`` replaces the default micro-step loop (pipeline schedules): it runs
     backward itself and returns the SUM of micro-batch losses and of each metric (see :func:`accumulate`).
+    ``pp_group``: under pipeline parallel ``model`` holds this rank's stages only; the gradient norm spans the group.
     """
     rank, world = process_rank(), world_size()
     tc = cfg.train
@@ -186,7 +188,7 @@ def train(
             values = packed.tolist()
             loss_val, extra_vals = values[0], dict(zip(keys, values[1:], strict=True))
 
-            grad_norm = clip_grad_norm(model.parameters(), tc.max_grad_norm).item()
+            grad_norm = clip_grad_norm(model.parameters(), tc.max_grad_norm, pp_group).item()
             lr = optimizer.param_groups[0]["lr"]
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {grad_norm}"

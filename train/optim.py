@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
@@ -88,11 +89,14 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(
+    parameters: Iterable[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Clip gradients to ``max_norm`` by their global L2 norm over all ranks and shards; returns that norm.
 
     With FSDP2 the gradients are DTensors: the per-shard norms reduce across the mesh, so the result is the norm
-    of the full (global) gradient, the same on every rank. ``max_norm <= 0`` only measures.
+    of the full (global) gradient, the same on every rank. ``max_norm <= 0`` only measures. Under pipeline
+    parallel each rank holds only its stages' parameters: ``pp_group`` sums the squared norms over the stages.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -101,6 +105,10 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     if isinstance(total, DTensor):
         # A Partial/Replicate DTensor: materialise the global value (an all-reduce over the shard groups).
         total = total.full_tensor()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        squared = total.float() ** 2
+        dist.all_reduce(squared, group=pp_group)
+        total = squared.sqrt().to(total.dtype)
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=None)
     return total
