@@ -155,7 +155,8 @@ class TemporalAggregator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.dim) * cfg.dim**-0.5)
-        self.frame_embedding = nn.Parameter(torch.zeros(cfg.frames_per_group, cfg.dim))
+        # open_clip's positional-embedding scale: from the first step, keys tell which frame they come from.
+        self.frame_embedding = nn.Parameter(torch.randn(cfg.frames_per_group, cfg.dim) * cfg.dim**-0.5)
         self.layers = nn.ModuleDict({str(i): PerceiverLayer(cfg) for i in range(cfg.aggregator_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 

@@ -247,6 +247,10 @@ class Llama3MM(nn.Module):
 
         images [B, I, T, 3, S, S] (or [B, T, 3, S, S]: one image per row), aspect_ratio_ids [B, I] (or [B]),
         tile_mask [B, I, T] (derived from the ids when absent). The k-th <|image|> of a row is its image k.
+        video: uint8 frames [B, F, 3, H, W] or a list of [F_i, 3, H, W] (None: no clip); every text position of
+        row b sees clip b. audio: padded 16 kHz waveforms [K, L] with `audio_lengths` [K] (or a list of 1-D
+        waveforms); clip k replaces the k-th run of `audio_token_id` placeholders, row-major, each run
+        `adapters.speech.num_audio_tokens(samples)` long (`processor` builds such runs).
         """
         state = self.encode_media(
             tokens,
