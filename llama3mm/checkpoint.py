@@ -1,0 +1,138 @@
+"""Llama3MM checkpoints: the trained parts in small files beside a manifest that pins the frozen LM.
+
+    DIR/llama3mm.json            manifest: the LM's path and sha256, and each part's class and config class
+    DIR/extra_embeddings/        the learnable special-token table
+    DIR/vision_encoder/ ...      one directory per part (config.json + model.safetensors, encoders' layout,
+                                 so DIR/vision_encoder loads with VisionEncoder.from_pretrained too)
+    DIR/lm/                      only when the LM had no path of its own (e.g. imported from Mllama)
+
+The LM is never copied when it has a path: adapters are small and the LM is shared. Its sha256 (of its weight
+and config files) is checked on load, so adapters are never silently attached to another LM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from encoders.vision import load_encoder, save_encoder
+from lm.checkpoint import atomic_write_text, detect_format, load_pretrained, save_pretrained
+
+MANIFEST = "llama3mm.json"
+PARTS = ("vision_encoder", "vision_adapter", "video_adapter", "speech_encoder", "speech_adapter")
+_LM_FILES = ("*.safetensors", "*.pth", "config.json", "params.json")
+
+
+def lm_sha256(path: str | Path) -> str:
+    """sha256 over an LM checkpoint's weight and config files (names and bytes, in name order)."""
+    path = Path(path)
+    files = sorted({f for pattern in _LM_FILES for f in path.glob(pattern)})
+    if not files:
+        raise FileNotFoundError(f"no LM checkpoint files ({', '.join(_LM_FILES)}) in {path}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(mm, directory: str | Path) -> Path:
+    """Write `mm`'s parts and manifest to directory (the LM too when it has no path)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if mm.lm_path is None:
+        save_pretrained(mm.lm, directory / "lm", format="hf")
+        lm_ref, lm_dir = "lm", directory / "lm"
+    else:
+        lm_ref = lm_dir = Path(mm.lm_path).resolve()
+    manifest = {
+        "format": "llama3mm",
+        "version": 1,
+        "lm": {"path": str(lm_ref), "sha256": lm_sha256(lm_dir)},
+        "parts": {},
+    }
+    save_encoder({"weight": mm.extra_embeddings.detach()}, {}, directory / "extra_embeddings")
+    for name in PARTS:
+        module = getattr(mm, name)
+        if module is None:
+            continue
+        cfg = module.cfg
+        save_encoder(module, cfg.to_dict(), directory / name)
+        manifest["parts"][name] = {"class": _qualname(type(module)), "config_class": _qualname(type(cfg))}
+    # Last, so a directory with a manifest always holds every part it names.
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+    return directory
+
+
+def load(
+    directory: str | Path,
+    *,
+    lm_path: str | Path | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Read what `save` wrote (or a bare LM checkpoint directory) into a Llama3MM."""
+    from llama3mm.model import Llama3MM
+
+    directory = Path(directory)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        detect_format(directory)  # a clear error when it is neither a Llama3MM nor an LM checkpoint
+        return Llama3MM(load_pretrained(directory), lm_path=directory).to(device=device, dtype=dtype)
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != "llama3mm":
+        raise ValueError(f"{manifest_path} is not a Llama3MM manifest (format={manifest.get('format')!r})")
+    recorded = manifest["lm"]
+    lm_dir = Path(lm_path) if lm_path is not None else Path(recorded["path"])
+    if not lm_dir.is_absolute():
+        lm_dir = directory / lm_dir
+    if not lm_dir.is_dir():
+        raise FileNotFoundError(
+            f"{manifest_path} names the LM {recorded['path']}, which is not a directory here; pass lm_path="
+        )
+    actual = lm_sha256(lm_dir)
+    if actual != recorded["sha256"]:
+        raise ValueError(
+            f"LM at {lm_dir} has sha256 {actual}, but the adapters in {directory} were trained on the LM "
+            f"{recorded['path']} with sha256 {recorded['sha256']}: refusing to attach them to a different LM"
+        )
+    parts = {}
+    for name, spec in manifest["parts"].items():
+        cfg_dict, state = load_encoder(directory / name)
+        cfg_cls, cls = _resolve(spec["config_class"]), _resolve(spec["class"])
+        module = cls(cfg_cls.from_dict(cfg_dict))
+        module.load_state_dict(state, strict=True)
+        parts[name] = module
+    _, extra = load_encoder(directory / "extra_embeddings")
+    lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir
+    mm = Llama3MM(load_pretrained(lm_dir), num_extra_tokens=extra["weight"].shape[0], lm_path=lm_ref, **parts)
+    with torch.no_grad():
+        mm.extra_embeddings.copy_(extra["weight"])
+    return mm.to(device=device, dtype=dtype)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _resolve(name: str) -> type:
+    module, _, qualname = name.partition(":")
+    # A manifest names classes; only this project's part modules may be imported from it.
+    if module.split(".")[0] not in ("adapters", "encoders"):
+        raise ValueError(f"{MANIFEST}: part class {name!r} is outside the adapters/encoders packages")
+    obj = importlib.import_module(module)
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+__all__ = ["MANIFEST", "PARTS", "lm_sha256", "load", "save"]
