@@ -182,3 +182,15 @@ def test_prompts_place_one_run_per_clip(speech_mm, tmp_path):
     assert bare[0] == mm.tokenizer.bos_id and bare[1 : 1 + run] == [audio_id] * run
     with pytest.raises(ValueError, match="holds 1 <\\|audio\\|> tokens but 2 audio clips"):
         mm.processor.prompt_inputs("Say <|audio|>", audio=[wave, wave])
+
+
+def test_speech_parts_survive_save_and_load(speech_mm, tmp_path):
+    """save_pretrained / from_pretrained keep the speech encoder and adapter: the same logits from the same clip."""
+    mm = speech_mm
+    batch = mm.processor([[1, mm.audio_token_id, 5]], audio=[_clips(2000, seed=7)[0][0]], pad_id=0)
+    mm.save_pretrained(tmp_path / "mm")
+    loaded = Llama3MM.from_pretrained(tmp_path / "mm", device="cpu").eval()
+    assert isinstance(loaded.speech_adapter, SpeechAdapter) and loaded.speech_adapter.cfg == mm.speech_adapter.cfg
+    with torch.no_grad():
+        inputs = dict(audio=batch["audio"], audio_lengths=batch["audio_lengths"])
+        torch.testing.assert_close(loaded(batch["tokens"], **inputs), mm(batch["tokens"], **inputs), rtol=0, atol=0)

@@ -194,3 +194,14 @@ def test_generate_with_video_file_matches_full_forward(composed, tmp_path):
     with torch.no_grad():
         logits = composed(torch.tensor([prompt + new[:-1]]), video=[clip])[0]
     assert logits[len(prompt) - 1 :].argmax(-1).tolist() == new
+
+
+def test_video_adapter_survives_save_and_load(composed, tmp_path):
+    """save_pretrained / from_pretrained keep the video adapter (config and weights): the same logits."""
+    _open_gates(composed.video_adapter, 0.3)
+    composed.save_pretrained(tmp_path / "mm")
+    loaded = Llama3MM.from_pretrained(tmp_path / "mm", device="cpu").eval()
+    assert loaded.video_adapter.cfg == composed.video_adapter.cfg
+    tokens, clips = torch.tensor([[1, 5, 9, 42]]), _frames(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens, video=clips), composed(tokens, video=clips), rtol=0, atol=0)
