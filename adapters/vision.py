@@ -15,7 +15,7 @@ to itself and the text after it, until the next `<|image|>`; consecutive image t
 that follows the group. A text row that sees no image (text before the first image) gets a zero cross-attention
 output and a zero feed-forward branch, so it is exactly the frozen LM's. This is Meta's rule; HF Mllama instead
 lets such rows attend uniformly to every image token (it only zeroes their feed-forward), so HF and Meta differ
-on the text before the first image.
+on the text before the first image (transformers issue #39379; identical when the prompt starts with <|image|>).
 """
 
 from __future__ import annotations

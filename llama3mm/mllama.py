@@ -1,4 +1,8 @@
-"""Import Llama 3.2 Vision weights in HF `MllamaForConditionalGeneration` layout into a Llama3MM.
+"""Import Llama 3.2 Vision weights into a Llama3MM: HF `MllamaForConditionalGeneration` layout and Meta's.
+
+Meta's layout (llama_models `CrossAttentionTransformer`: `text_model.*`, `vision_model.*`, params.json) already
+uses our names: the self-attention layers, the cross-attention blocks (`cross_attention_layers.N`, run before the
+layers of Meta's fusion schedule, which `adapters.vision.fusion_schedule` reproduces) and `learnable_embedding`.
 
 HF interleaves the cross-attention layers with the self-attention layers in one list (for 11B: 40 layers, cross
 at 3, 8, ..., 38); ours keep the self-attention layers as a plain `lm.Transformer` (32 layers) and put each
@@ -14,7 +18,13 @@ from typing import Any
 
 import torch
 
-from adapters.vision import VisionAdapter, VisionAdapterConfig, mllama_adapter_to_ours, mllama_cross_attention_layers
+from adapters.vision import (
+    VisionAdapter,
+    VisionAdapterConfig,
+    meta_adapter_to_ours,
+    mllama_adapter_to_ours,
+    mllama_cross_attention_layers,
+)
 from encoders.vision import VisionEncoder
 from lm.checkpoint import _HF_TO_META, _rename, check_state_dict, hf_to_meta_rotary
 from lm.config import LMConfig
@@ -121,6 +131,71 @@ def from_mllama(
     return mm.to(lm.output.weight.dtype)  # the encoder and adapter were built in fp32
 
 
+def meta_to_ours(state_dict: dict, params: dict) -> dict[str, Any]:
+    """Split a Meta Llama 3.2 Vision state dict: {"lm_config", "lm", "adapter_config", "adapter", "extra",
+    "vision" (Meta-named encoder tensors, or None when absent)}."""
+    lm_config = LMConfig.from_meta_params(params)
+    text = {k[len("text_model.") :]: v for k, v in state_dict.items() if k.startswith("text_model.")}
+    if "learnable_embedding.weight" not in text:
+        raise KeyError("not a Llama 3.2 Vision checkpoint in Meta's layout: no text_model.learnable_embedding.weight")
+    lm_state = {k: v for k, v in text.items() if not k.startswith(("cross_attention_layers.", "learnable_embedding"))}
+    adapter = meta_adapter_to_ours(state_dict)
+    adapter_config = VisionAdapterConfig.from_lm(
+        lm_config,
+        vision_dim=adapter["vision_projection.weight"].shape[1],
+        num_layers=params["vision_num_cross_attention_layers"],
+    )
+    vision = {k: v for k, v in state_dict.items() if k.startswith("vision_model.vision_encoder.")}
+    return {
+        "lm_config": lm_config,
+        "lm": lm_state,
+        "adapter_config": adapter_config,
+        "adapter": adapter,
+        "extra": text["learnable_embedding.weight"],
+        "vision": vision or None,
+    }
+
+
+def from_meta(source: str | Path | dict, params: dict | None = None):
+    """A Llama3MM from Meta's Llama 3.2 Vision layout: a directory (params.json + one consolidated.00.pth) or a
+    state dict with its params. The encoder is Meta's ViT-H/14 at `vision_chunk_size` pixels per tile."""
+    from encoders.vision import VisionEncoderConfig, load_converted, meta_vision_to_ours
+    from llama3mm.model import Llama3MM
+
+    if isinstance(source, dict):
+        if params is None:
+            raise ValueError("a state dict needs its params.json contents (params)")
+        state = source
+    else:
+        directory = Path(source)
+        shards = sorted(directory.glob("consolidated.*.pth"))
+        if len(shards) != 1 or not (directory / "params.json").is_file():
+            raise ValueError(
+                f"{directory}: expected params.json and exactly one consolidated.00.pth (model-parallel Meta "
+                f"shards are not merged here), found {[p.name for p in shards]}"
+            )
+        params = params or json.loads((directory / "params.json").read_text())
+        state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
+    parts = meta_to_ours(state, params)
+    with torch.device("meta"):
+        lm = Transformer(parts["lm_config"])
+    check_state_dict(lm, parts["lm"], source="Meta text model")
+    lm.load_state_dict(parts["lm"], assign=True, strict=True)
+    adapter = VisionAdapter(parts["adapter_config"])
+    adapter.load_state_dict(parts["adapter"], strict=True)
+    encoder = None
+    if parts["vision"] is not None:
+        cfg = VisionEncoderConfig.from_preset(
+            "vit-h-14", image_size=params["vision_chunk_size"], max_num_tiles=params.get("vision_max_num_chunks", 4)
+        )
+        encoder = VisionEncoder(cfg)
+        load_converted(encoder, meta_vision_to_ours(parts["vision"], cfg))
+    mm = Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, num_extra_tokens=parts["extra"].shape[0])
+    with torch.no_grad():
+        mm.extra_embeddings.copy_(parts["extra"])
+    return mm.to(lm.output.weight.dtype)
+
+
 def _prefix_of(state_dict: dict, suffix: str) -> str:
     for key in state_dict:
         if key.endswith(suffix):
@@ -128,4 +203,4 @@ def _prefix_of(state_dict: dict, suffix: str) -> str:
     raise KeyError(f"no key ending in {suffix!r}: not an HF MllamaForConditionalGeneration checkpoint")
 
 
-__all__ = ["from_mllama", "mllama_lm_config", "mllama_lm_to_ours", "read_mllama"]
+__all__ = ["from_meta", "from_mllama", "meta_to_ours", "mllama_lm_config", "mllama_lm_to_ours", "read_mllama"]

@@ -64,8 +64,8 @@ class Llama3MM(nn.Module):
         tokenizer: Any = None,
     ):
         super().__init__()
-        if (vision_encoder is None) != (vision_adapter is None) and video_adapter is None:
-            raise ValueError("images need both vision_encoder and vision_adapter (got only one)")
+        if vision_encoder is not None and vision_adapter is None:
+            raise ValueError("a vision_encoder needs a vision_adapter to reach the LM")
         if vision_adapter is not None and vision_adapter.cfg.dim != lm.config.dim:
             raise ValueError(f"vision adapter width {vision_adapter.cfg.dim} != LM width {lm.config.dim}")
         if vision_adapter is not None and max(vision_adapter.cfg.layers, default=-1) >= lm.config.n_layers:
@@ -413,6 +413,15 @@ class Llama3MM(nn.Module):
         from llama3mm.mllama import from_mllama
 
         return from_mllama(source, hf_config, intermediate_layer_input=intermediate_layer_input)
+
+    @classmethod
+    def from_meta(cls, source: str | Path | dict, params: dict | None = None) -> Llama3MM:
+        """Import Llama 3.2 Vision weights in Meta's layout (llama_models): a directory (params.json +
+        consolidated.00.pth) or a state dict with its params. Without `vision_model.vision_encoder.*` tensors
+        the model has no encoder (media tokens can still be given through `MediaState`)."""
+        from llama3mm.mllama import from_meta
+
+        return from_meta(source, params)
 
 
 class _WithMedia(nn.Module):

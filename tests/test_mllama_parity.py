@@ -124,3 +124,61 @@ def test_import_maps_layers_and_extra_embeddings(hf_model_dir, ours):
     table = hf.model.language_model.embed_tokens.weight
     assert torch.equal(ours.extra_embeddings.detach(), table[VOCAB:])
     assert torch.equal(ours.lm.tok_embeddings.weight, table[:VOCAB])
+
+
+def test_meta_layout_logits_equal_llama_models_reference():
+    """Meta's layout imports and equals llama_models' CrossAttentionTransformerText on projected image tokens,
+    including Meta's rule for text before the first image (rows zeroed) and a run of two image tokens."""
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.chat_format import create_vision_mask
+    from test_encoders_vision import _meta_reference
+
+    from adapters.vision import MediaAttentionMask, cross_attention_mask
+    from llama3mm import CrossAttentionInputs, MediaState
+
+    meta = _meta_reference()
+    params = dict(
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=VOCAB,
+        multiple_of=32,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        use_scaled_rope=False,
+        vision_num_cross_attention_layers=2,
+    )
+    torch.manual_seed(0)
+    ref = meta.CrossAttentionTransformerText(ModelArgs(max_seq_len=32, max_batch_size=1, **params)).eval()
+    projection = torch.nn.Linear(96, 64)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    ref.setup_cache(1, "cpu", torch.float32)
+    state = {f"text_model.{k}": v for k, v in ref.state_dict().items()}
+    state.update({f"vision_model.vision_projection.{k}": v for k, v in projection.state_dict().items()})
+    ours = Llama3MM.from_meta(state, params).eval()
+    assert ours.vision_adapter.cfg.layers == tuple(ref.fusion_schedule) == (1, 3)
+
+    tokens = [1, 5, VOCAB, 7, 8, VOCAB, VOCAB, 9, 10, 11, 12]  # text before any image; a run of two images
+    tiles_per_image = [2, 4, 1]
+    media = torch.randn(1, 3, 4, 5, 64)  # [B, images, tiles, tokens per tile, dim], already projected
+    tile_mask = torch.arange(4) < torch.tensor(tiles_per_image)[:, None]
+    with torch.no_grad():
+        padded = meta._pad_masks([create_vision_mask(tokens, VOCAB)], [tiles_per_image], len(tokens), 4)
+        xattn_mask, rows = ref._get_xattn_mask(len(tokens), "cpu", torch.float32, media, padded)
+        caches = torch.stack([b.compute_xattn_kv_cache(media.view(1, -1, 64)) for b in ref.cross_attention_layers])
+        ids = torch.tensor([tokens])
+        expected = ref(torch.arange(len(tokens)), ref.get_partially_trainable_embedding(ids), xattn_mask, rows, caches)
+
+        adapter = ours.vision_adapter
+        mask = MediaAttentionMask.from_tiles(cross_attention_mask(ids, VOCAB, tile_mask[None]), 5)
+        inputs = CrossAttentionInputs(adapter.block_for_layer(), adapter.media_kv(media.view(1, -1, 64)), mask)
+        out = ours.forward_with_media(ids, MediaState(cross=[inputs]))
+    assert (out - expected).abs().max() <= 1e-4
+    with torch.no_grad():
+        lm_alone = ours.lm(ids.clamp(max=VOCAB - 1), embeddings=ours.embed(ids))
+    assert torch.equal(out[:, :2], lm_alone[:, :2])  # before the first image: exactly the frozen LM
+    assert (out[:, 2:] - lm_alone[:, 2:]).abs().amax(-1).min() > 1e-3
