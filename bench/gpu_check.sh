@@ -14,3 +14,6 @@ python3 bench/mfu.py --layers 8 --seq 8192 --steps 12 --json "$OUT/mfu_8b.json" 
 # The document-mask path the paper configs use (flex_attention), same shape.
 python3 bench/mfu.py --layers 8 --seq 8192 --steps 12 --attn flex --json "$OUT/mfu_8b_flex.json" 2>&1 \
   | tee "$OUT/mfu_8b_flex.log"
+# Context-parallel attention (issue 5): each cp rank's queries against the whole row under causal + document masks,
+# compiled flex_attention block mask vs SDPA's dense mask, forward and backward in bf16.
+python3 bench/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | tee "$OUT/cp_attention.log"
