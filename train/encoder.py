@@ -116,11 +116,12 @@ class EncoderJobConfig(JobConfig):
 
 def ensure_data(cfg: EncoderJobConfig, modality: str, rank: int) -> None:
     """Make the embedded synthetic shards in ``data.dir`` when missing: rank 0 writes, every rank waits."""
-    from data.media import find_shards
-
-    kind = "image" if modality == "vision" else "audio"
-    synth_kind = "images" if modality == "vision" else "speech"
+    from data.media import SUBDIRS, find_shards
     from data.synthetic import GENERATING_MARKER
+
+    # train/adapter.py shares this check, with video beside vision and speech.
+    kind = {"vision": "image", "video": "video"}.get(modality, "audio")
+    synth_kind = SUBDIRS[kind]
 
     try:
         shards = find_shards(cfg.data.dir, kind, "train")

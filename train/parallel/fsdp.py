@@ -103,10 +103,12 @@ def apply_fsdp(
     param_dtype: str = "bfloat16",
     reduce_dtype: str = "float32",
     reshard_after_forward: bool = True,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """``fully_shard`` each block, then the root; mixed precision (bf16 params, fp32 reduce) on CUDA only.
 
-    On CPU everything stays fp32: gloo reduces fp32 and the tests compare layouts at 1e-5.
+    On CPU everything stays fp32: gloo reduces fp32 and the tests compare layouts at 1e-5. ``ignored_params``
+    (e.g. a frozen LM under trained adapters) stay plain tensors, replicated on every rank.
     """
     _promote_scalar_params(model)
     dp_mesh = dp_mesh_for_fsdp(mesh)
@@ -114,7 +116,7 @@ def apply_fsdp(
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     else:
         mp = MixedPrecisionPolicy()
-    shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=mp)
+    shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=mp, ignored_params=ignored_params)
     blocks = list(blocks)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
@@ -133,6 +135,7 @@ def parallelize(
     param_dtype: str = "bfloat16",
     reduce_dtype: str = "float32",
     reshard_after_forward: bool = True,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """AC, compile and FSDP in torchtitan's order for a data-parallel-only model (encoders, the LM without TP)."""
     blocks = list(blocks) if blocks is not None else find_blocks(model)
@@ -146,4 +149,5 @@ def parallelize(
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
         reshard_after_forward=reshard_after_forward,
+        ignored_params=ignored_params,
     )
