@@ -99,7 +99,7 @@ def test_encode_frames_through_frozen_image_encoder_and_projection():
 @pytest.fixture(scope="module")
 def composed() -> Llama3MM:
     """A 4-layer tiny LM with a tiny image encoder, an image adapter whose gates are open (as if trained), and a
-    fresh video adapter; the image parts are frozen as in the video stage."""
+    fresh video adapter (groups of 4 frames, so short clips span groups); the image parts are frozen."""
     lm = tiny_model(n_layers=4)
     torch.manual_seed(1)
     enc_cfg = VisionEncoderConfig.from_preset("tiny", max_num_tiles=1)
@@ -107,7 +107,9 @@ def composed() -> Llama3MM:
     for block in vision.cross_attention_layers:
         block.gate_attn.data.fill_(0.5)
         block.gate_ffwd.data.fill_(0.5)
-    video = VideoAdapter(VideoAdapterConfig.from_vision(vision.cfg, num_latents=4, aggregator_heads=4))
+    video = VideoAdapter(
+        VideoAdapterConfig.from_vision(vision.cfg, frames_per_group=4, num_latents=4, aggregator_heads=4)
+    )
     mm = Llama3MM(lm, vision_encoder=VisionEncoder(enc_cfg), vision_adapter=vision, video_adapter=video).eval()
     mm.vision_encoder.requires_grad_(False)
     mm.vision_adapter.requires_grad_(False)
@@ -144,10 +146,11 @@ def test_fresh_video_gates_leave_logits_unchanged(composed):
 
 
 def test_padded_clip_batch_equals_each_row_alone(composed):
-    """Opened gates: clips of 3 and 33 frames (and a row without a clip) batched give each row's logits alone."""
+    """Opened gates: clips of 3 and 6 frames (1 and 2 groups; and a row without a clip) batched give each row's
+    logits alone."""
     _open_gates(composed.video_adapter, 0.8)
     tokens = torch.randint(0, 500, (3, 10), generator=torch.Generator().manual_seed(1))
-    clips = _frames(3, 33)
+    clips = _frames(3, 6)
     with torch.no_grad():
         batched = composed(tokens, video=[clips[0], clips[1], None])
         for i, clip in enumerate(clips):
