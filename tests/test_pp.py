@@ -175,6 +175,16 @@ def test_405b_pipeline_is_the_papers(world):
         ("2", [*PP2, "--parallel.pp_schedule=Bubbly"], "'Bubbly': torch.distributed.pipelining has no such schedule"),
         ("2", [*PP2, "--parallel.pp_schedule=DualPipeV"], "'DualPipeV' is not supported here"),
         ("2", [*PP2, "--model.preset=llama3.2-1b"], "tied input/output embeddings"),
+        (
+            "2",
+            [
+                *PP2,
+                "--parallel.pp_schedule=interleavedzerobubble",
+                "--parallel.pp_virtual_stages=2",
+                "--train.compile=true",
+            ],
+            "InterleavedZeroBubble splits each backward into input and weight parts",
+        ),
     ],
     ids=[
         "layers<stages",
@@ -188,6 +198,7 @@ def test_405b_pipeline_is_the_papers(world):
         "unknown-schedule",
         "unsupported-schedule",
         "tied-embeddings",
+        "zero-bubble-compiled",
     ],
 )
 def test_impossible_pipelines_fail_before_any_work(tmp_path, monkeypatch, capsys, world, override, message):

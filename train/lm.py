@@ -401,7 +401,11 @@ def pipeline_plan(cfg: LMJobConfig, lm_config: LMConfig, dims: ParallelDims) -> 
     """The checked pipeline layout of this config (``[parallel]`` pp keys against the model and the batch)."""
     rows_per_rank = micro_batch_size(cfg.train.batch_size, dims.dp, 1)
     return plan_pipeline(
-        cfg.parallel, lm_config.n_layers, rows_per_rank, tie_word_embeddings=lm_config.tie_word_embeddings
+        cfg.parallel,
+        lm_config.n_layers,
+        rows_per_rank,
+        tie_word_embeddings=lm_config.tie_word_embeddings,
+        compile=compile_default(cfg),
     )
 
 

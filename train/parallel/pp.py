@@ -122,9 +122,6 @@ def schedule_name(name: str) -> str:
     """The canonical spelling of a supported schedule name (case-insensitive); a clear error otherwise."""
     from torch.distributed.pipelining.schedules import get_schedule_class
 
-    supported = {k.lower(): k for k in SCHEDULES}
-    if name.lower() in supported:
-        return supported[name.lower()]
     try:
         get_schedule_class(name)
     except ValueError:
@@ -132,14 +129,23 @@ def schedule_name(name: str) -> str:
             f"parallel.pp_schedule={name!r}: torch.distributed.pipelining has no such schedule; "
             f"use one of {', '.join(SCHEDULES)}"
         ) from None
-    raise ValueError(f"parallel.pp_schedule={name!r} is not supported here; use one of {', '.join(SCHEDULES)}")
+    supported = {k.lower(): k for k in SCHEDULES}
+    if name.lower() not in supported:
+        raise ValueError(f"parallel.pp_schedule={name!r} is not supported here; use one of {', '.join(SCHEDULES)}")
+    return supported[name.lower()]
 
 
 def plan_pipeline(
-    parallel: ParallelConfig, n_layers: int, rows_per_rank: int, *, tie_word_embeddings: bool = False
+    parallel: ParallelConfig,
+    n_layers: int,
+    rows_per_rank: int,
+    *,
+    tie_word_embeddings: bool = False,
+    compile: bool = False,
 ) -> PipelinePlan:
     """Resolve and check the ``[parallel]`` pipeline keys for a model of ``n_layers`` layers whose data-parallel
-    rank trains ``rows_per_rank`` sequences per optimizer step; every combination that cannot run raises here."""
+    rank trains ``rows_per_rank`` sequences per optimizer step (``compile``: blocks are compiled); every
+    combination that cannot run raises here."""
     pp, virtual = parallel.pp, parallel.pp_virtual_stages
     schedule = schedule_name(parallel.pp_schedule)
     stages_per_rank, style = SCHEDULES[schedule]
@@ -158,6 +164,11 @@ def plan_pipeline(
     if stages_per_rank == "two" and virtual != 2:
         raise ValueError(
             f"parallel.pp_schedule={schedule} holds exactly 2 stages per rank: set parallel.pp_virtual_stages=2"
+        )
+    if compile and "ZeroBubble" in schedule:
+        raise ValueError(
+            f"parallel.pp_schedule={schedule} splits each backward into input and weight parts, which compiled "
+            "blocks do not support: set train.compile=false or use Interleaved1F1B"
         )
     if tie_word_embeddings and pp > 1:
         raise ValueError(
