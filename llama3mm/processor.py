@@ -109,7 +109,7 @@ class Processor:
         if audio is not None:
             clips = _audio_clips(audio, audio_lengths, len(rows))
             for b, clip in enumerate(clips):
-                counts = [] if clip is None else [num_audio_tokens(len(clip))]
+                counts = [] if clip is None else [self.audio_tokens(len(clip))]
                 rows[b] = self._place_audio(rows[b], counts, f"row {b}")
         if images is not None:
             if len(images) != len(rows):
@@ -133,6 +133,13 @@ class Processor:
         if video is not None:
             batch["video"] = video
         return batch
+
+    def audio_tokens(self, num_samples: int) -> int:
+        """Placeholders a 16 kHz clip of num_samples takes, with this model's encoder and adapter strides."""
+        encoder, adapter = self.mm.speech_encoder, self.mm.speech_adapter
+        if encoder is None or adapter is None:
+            raise ValueError("this Llama3MM has no speech encoder/adapter: it cannot take audio")
+        return num_audio_tokens(num_samples, encoder.cfg.stride, adapter.cfg.conv_stride)
 
     def _place_audio(self, ids: list[int], counts: list[int], where: str) -> list[int]:
         """One marker per clip expanded to its run of placeholders (runs already expanded are kept; no marker:
@@ -182,7 +189,7 @@ class Processor:
             inputs.update({k: v.to(device) for k, v in self.tile([images]).items()})
         if audio is not None:
             clips = _audio_clips(audio if isinstance(audio, (list, tuple)) else [audio], None, None)
-            ids = self._place_audio(ids, [num_audio_tokens(len(clip)) for clip in clips], "the prompt")
+            ids = self._place_audio(ids, [self.audio_tokens(len(clip)) for clip in clips], "the prompt")
             inputs["tokens"] = torch.tensor([ids], device=inputs["tokens"].device)
             inputs["audio"] = clips
         if video is not None:
