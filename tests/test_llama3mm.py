@@ -21,6 +21,9 @@ IMG = VOCAB  # <|image|>: the first id past the text vocabulary
 TILE = 32
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 def _build(vocab: int = VOCAB, seed: int = 0) -> Llama3MM:
     torch.manual_seed(seed)
     cfg = LMConfig(
@@ -145,10 +148,10 @@ def test_cached_generation_equals_full_recompute(gated):
     """Greedy decoding with cached text KV and cached image K/V equals recomputing everything every step."""
     image = _images((40, 70), seed=4)
     prompt = [1, IMG, 60, 61, 62]
-    new = list(gated.generate_tokens(prompt, images=image, max_new_tokens=10, temperature=0, stop_tokens=()))
+    new = list(gated.generate_tokens(prompt, images=image, max_new_tokens=6, temperature=0, stop_tokens=()))
     tokens, tiles = list(prompt), _tiles(image)
     with torch.no_grad():
-        for _ in range(10):
+        for _ in range(6):
             tokens.append(int(gated(torch.tensor([tokens]), *tiles)[0, -1].argmax()))
     assert new == tokens[len(prompt) :]
     with pytest.raises(ValueError, match="1 <|image|> tokens but 2 images"):
@@ -185,7 +188,9 @@ def test_save_and_load_round_trip_and_refuse_another_lm(gated, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS, *tiles), mm(TOKENS, *tiles))
 
-    other = _build(seed=7).lm
+    other = copy.deepcopy(gated.lm)
+    with torch.no_grad():
+        other.norm.weight[0] += 1e-3  # one weight off: another LM
     other_dir = save_pretrained(other, tmp_path / "other_lm", format="hf")
     with pytest.raises(ValueError, match=f"{other_dir}.*sha256.*{manifest['lm']['sha256']}"):
         Llama3MM.from_pretrained(tmp_path / "mm", lm_path=other_dir)

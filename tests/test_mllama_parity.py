@@ -12,6 +12,9 @@ VOCAB = 200  # <|image|> is VOCAB, the first id past the text vocabulary, as 128
 TILE = 28
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(scope="module")
 def hf_model_dir(tmp_path_factory):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
