@@ -177,7 +177,9 @@ def build_model(cfg: AdapterJobConfig, modality: str, device: torch.device) -> L
         if not Path(getattr(mc, key)).exists():
             raise FileNotFoundError(f"model.{key} = {getattr(mc, key)!r} does not exist")
     if modality == "video":
-        mm = Llama3MM.from_pretrained(mc.base, lm_path=mc.lm, device=device, dtype=torch.float32)
+        # Resolved here: from_pretrained reads a relative lm_path against the checkpoint directory.
+        lm_path = Path(mc.lm).resolve()
+        mm = Llama3MM.from_pretrained(mc.base, lm_path=lm_path, device=device, dtype=torch.float32)
         if mm.vision_encoder is None or mm.vision_adapter is None:
             raise ValueError(f"model.base = {mc.base!r} holds no image encoder/adapter: run the vision stage first")
         from adapters.video import VideoAdapter, VideoAdapterConfig
@@ -254,7 +256,7 @@ class Examples:
         if self.modality == "vision":
             return {"images": [sample["image"]]}
         if self.modality == "video":
-            return {"video": sample["video"][None]}
+            return {"video": sample["video"]}
         return {"audio": sample["audio"]}
 
     def target(self, sample: dict) -> str:
@@ -288,23 +290,16 @@ class Examples:
 
 
 def collate_media(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate the per-sample media inputs of prompt_inputs along the batch (waveforms right-padded)."""
+    """Join the per-sample media inputs of prompt_inputs along the batch: tensors concatenated, clip lists chained."""
     out: dict[str, Any] = {}
     for key in per_sample[0]:
         values = [m[key] for m in per_sample]
-        if key == "audio":
-            waves = [torch.as_tensor(v).reshape(-1) for v in values]
-            lengths = torch.tensor([len(w) for w in waves])
-            audio = torch.zeros(len(waves), int(lengths.max()))
-            for i, w in enumerate(waves):
-                audio[i, : len(w)] = w
-            out["audio"], out["audio_lengths"] = audio, lengths
-        elif key == "audio_lengths":
-            continue
-        elif isinstance(values[0], torch.Tensor):
+        if isinstance(values[0], torch.Tensor):
             out[key] = torch.cat(values)
+        elif isinstance(values[0], (list, tuple)):
+            out[key] = [item for v in values for item in v]
         else:
-            out[key] = values
+            raise TypeError(f"cannot batch the media input {key!r} of type {type(values[0]).__name__}")
     return out
 
 

@@ -1,0 +1,173 @@
+"""`train/adapter.py` end to end on 2 ranks with a tiny random LM and tiny random encoders: each modality learns
+(held-out loss falls, and the trained model's held-out loss with the right media beats the same model given
+another sample's media), the LM stays frozen and out of the checkpoints, the final Llama3MM loads and generates,
+and a run resumed from a checkpoint (after a crash mid-save) equals the uninterrupted one."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+from dist_utils import torchrun
+
+from data.scenes import random_scene
+from train.metrics import read_metrics
+
+SCRIPT = "train/adapter.py"
+STEPS = 24
+# One schedule for every run (a resumed run must decay as the uninterrupted one did).
+COMMON = (
+    f"--train.steps={STEPS}",
+    "--train.batch_size=8",
+    f"--train.eval_interval={STEPS}",
+    "--checkpoint.interval=12",
+    "--checkpoint.keep=2",
+    "--metrics.log_interval=1",
+    "--optim.lr=3e-3",
+    "--optim.warmup_steps=2",
+    "--eval.samples=4",
+    "--eval.max_new_tokens=4",
+    "--eval.loss_samples=8",
+    "--eval.batch_size=8",
+)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny media (images, clips, spoken words), a tiny random LM in HF layout and random tiny encoders."""
+    from data.synthetic import generate
+    from encoders.speech import SpeechEncoder, SpeechEncoderConfig
+    from encoders.vision import VisionEncoder, VisionEncoderConfig
+    from lm.checkpoint import save_pretrained
+    from lm.config import LMConfig
+    from lm.model import Transformer
+
+    root = tmp_path_factory.mktemp("adapter")
+    media = root / "media"
+    generate("images", media, train=200, heldout=24)
+    generate("video", media, train=96, heldout=24)
+    generate("speech", media, train=120, heldout=24)
+    torch.manual_seed(0)
+    cfg = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64)
+    lm = Transformer(cfg)
+    lm.init_weights()
+    save_pretrained(lm, root / "lm", format="hf")
+    VisionEncoder(VisionEncoderConfig.from_preset("tiny")).save_pretrained(root / "vision_encoder")
+    SpeechEncoder(SpeechEncoderConfig.from_preset("tiny")).save_pretrained(root / "speech_encoder")
+    return root
+
+
+def run(modality: str, run_dir, assets, *extra: str) -> list[dict]:
+    argv = ["--modality", modality, "--config", f"configs/adapter/{modality}_tiny.toml", f"--run.dir={run_dir}"]
+    argv += [f"--data.dir={assets / 'media'}", f"--model.lm={assets / 'lm'}"]
+    argv += [f"--model.vision_encoder={assets / 'vision_encoder'}"]
+    argv += [f"--model.speech_encoder={assets / 'speech_encoder'}"]
+    proc = torchrun(SCRIPT, 2, [*argv, *COMMON, *extra], timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return read_metrics(str(run_dir))
+
+
+@pytest.fixture(scope="module")
+def vision_run(assets, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("vision")
+    return run_dir, run("vision", run_dir, assets)
+
+
+@pytest.fixture(scope="module")
+def speech_run(assets, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("speech")
+    return run_dir, run("speech", run_dir, assets)
+
+
+def checkpoint_keys(run_dir) -> list[str]:
+    """The entries of the run's last DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(run_dir / "checkpoints" / f"step-{STEPS}"))
+    return list(reader.read_metadata().state_dict_metadata)
+
+
+def media_loss_gap(final_dir, assets, modality: str) -> tuple[float, float]:
+    """Held-out teacher-forced loss of the trained model with each sample's own media, and with the media of
+    another sample (rolled by one): a model that reads the media does clearly better with its own."""
+    from llama3mm import Llama3MM
+    from train.adapter import DEFAULT_PROMPTS, AdapterJobConfig, Examples, batch_loss, heldout_samples
+    from train.config import from_dict
+
+    cfg = from_dict(AdapterJobConfig, {"data": {"dir": str(assets / "media")}})
+    mm = Llama3MM.from_pretrained(final_dir, lm_path=assets / "lm", device="cpu")
+    mm.eval()
+    samples = heldout_samples(cfg, modality, 24)
+    key = {"vision": "image", "video": "video", "speech": "audio"}[modality]
+    shuffled = [dict(s, **{key: samples[(i + 1) % len(samples)][key]}) for i, s in enumerate(samples)]
+    examples = Examples(mm, modality, DEFAULT_PROMPTS[modality])
+    with torch.no_grad():
+        own = batch_loss(mm, examples(samples), torch.device("cpu"))[0].item()
+        other = batch_loss(mm, examples(shuffled), torch.device("cpu"))[0].item()
+    return own, other
+
+
+def test_vision_stage_learns_keeps_the_lm_frozen_and_writes_llama3mm(vision_run, assets):
+    run_dir, recs = vision_run
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    first, last = recs[0], recs[-1]
+    assert last["loss"] < first["loss"] - 1.5, (first["loss"], last["loss"])
+    assert last["eval/loss"] < first["loss"] - 1.5, last
+    for key in ("eval/accuracy", "eval/chance", "eval/exact_match"):
+        assert 0.0 <= last[key] <= 1.0, last
+    own, other = media_loss_gap(run_dir / "final", assets, "vision")
+    assert own < other - 0.05, (own, other)
+
+    # The frozen LM is in no checkpoint: no LM weights, no optimizer state for LM parameters.
+    keys = checkpoint_keys(run_dir)
+    assert not [k for k in keys if k.startswith("model.lm.") or ".lm." in k or "optim.state.lm." in k]
+    assert any(k.startswith("model.vision_adapter.") for k in keys)
+    assert any(k.startswith("optim.state.vision_encoder.") for k in keys)  # the paper trains the image encoder
+    # The final Llama3MM: small part files beside a manifest pinning the (unchanged) LM by sha256.
+    from llama3mm import Llama3MM
+
+    final = run_dir / "final"
+    written = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+    assert written < (assets / "lm" / "model.safetensors").stat().st_size / 4, written  # the LM was not copied
+    mm = Llama3MM.from_pretrained(final, lm_path=assets / "lm", device="cpu")
+    from data.synthetic import draw_scene
+
+    image = draw_scene(random_scene(random.Random(1)))
+    assert isinstance(mm.generate("Describe the image.", images=[image], max_new_tokens=4, temperature=0), str)
+
+
+def test_speech_stage_learns(speech_run, assets):
+    run_dir, recs = speech_run
+    first, last = recs[0], recs[-1]
+    assert last["loss"] < first["loss"] - 2.0, (first["loss"], last["loss"])
+    own, other = media_loss_gap(run_dir / "final", assets, "speech")
+    assert own < other - 0.05, (own, other)
+
+
+def test_video_stage_trains_only_video_parameters(vision_run, assets, tmp_path):
+    base, _ = vision_run
+    recs = run("video", tmp_path / "video", assets, f"--model.base={base / 'final'}")
+    first, last = recs[0], recs[-1]
+    assert last["loss"] < first["loss"] - 1.0, (first["loss"], last["loss"])
+    keys = checkpoint_keys(tmp_path / "video")
+    assert {k.split(".")[1] for k in keys if k.startswith("model.")} == {"video_adapter"}, keys[:5]
+    own, other = media_loss_gap(tmp_path / "video" / "final", assets, "video")
+    assert own < other - 0.02, (own, other)
+
+
+def test_resumed_run_equals_the_uninterrupted_one(speech_run, assets, tmp_path):
+    """A run that died after committing step 12 (and while saving a later step) resumes to the same losses."""
+    run_dir, full = speech_run
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir / "checkpoints" / "step-12", cut / "checkpoints" / "step-12")
+    (cut / "checkpoints" / "step-16.tmp").mkdir()  # a save the crash interrupted: never loaded
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:14]) + "\n")  # it had logged a little past step 12
+    resumed = run("speech", cut, assets)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(full[12:], resumed[12:], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    assert resumed[-1]["eval/loss"] == pytest.approx(full[-1]["eval/loss"], rel=1e-5)
