@@ -77,6 +77,10 @@ class Llama3MM(nn.Module):
         table = torch.empty(num_extra_tokens, lm.config.dim, dtype=weight.dtype, device=weight.device)
         # Same scale as the frozen table, so a new token's embedding looks like a text token's to the LM.
         self.extra_embeddings = nn.Parameter(table.normal_(0.0, float(weight.detach().float().std())))
+        if vision_encoder is not None and isinstance(getattr(vision_encoder, "proj", None), nn.Parameter):
+            # The CLIP projection serves contrastive pretraining only; the tiled forward never reaches it, so it
+            # would get no gradient: frozen, it also gets no optimizer state.
+            vision_encoder.proj.requires_grad_(False)
         self.vision_encoder = vision_encoder
         self.vision_adapter = vision_adapter
         self.video_adapter = video_adapter
