@@ -1,5 +1,7 @@
 """Llama 3.2 Vision in HF Mllama layout loads into Llama3MM with logits equal to transformers' Mllama."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,17 @@ def test_meta_layout_logits_equal_llama_models_reference():
         lm_alone = ours.lm(ids.clamp(max=VOCAB - 1), embeddings=ours.embed(ids))
     assert torch.equal(out[:, :2], lm_alone[:, :2])  # before the first image: exactly the frozen LM
     assert (out[:, 2:] - lm_alone[:, 2:]).abs().amax(-1).min() > 1e-3
+
+
+def test_imported_model_saves_with_its_lm_and_reloads(hf_model_dir, ours, tmp_path):
+    """An imported model has no LM path: save_pretrained writes the LM beside the parts (manifest path "lm")
+    and from_pretrained restores the same logits."""
+    hf, _ = hf_model_dir
+    tokens = [VOCAB, 5, 17, 33, 9]
+    inputs = _hf_inputs(tokens, _images((30, 80)), hf.config)
+    args = inputs["input_ids"], inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"]
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "llama3mm.json").read_text())["lm"]["path"] == "lm"
+    loaded = Llama3MM.from_pretrained(tmp_path, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(*args), ours(*args))
