@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,17 +29,43 @@ _LM_FILES = ("*.safetensors", "*.pth", "config.json", "params.json")
 
 
 def lm_sha256(path: str | Path) -> str:
-    """sha256 over an LM checkpoint's weight and config files (names and bytes, in name order)."""
+    """sha256 of an LM checkpoint: over the names and sha256s of its weight and config files, in name order.
+
+    Hashing a large LM takes minutes, so each file's digest is cached (LLAMA3MM_CACHE, default
+    ~/.cache/llama3-herd/file_sha256.json) under its path, size and modification time; a file rewritten in place
+    gets a new modification time and is hashed again.
+    """
     path = Path(path)
     files = sorted({f for pattern in _LM_FILES for f in path.glob(pattern)})
     if not files:
         raise FileNotFoundError(f"no LM checkpoint files ({', '.join(_LM_FILES)}) in {path}")
-    digest = hashlib.sha256()
+    cache_path = Path(os.environ.get("LLAMA3MM_CACHE", Path.home() / ".cache" / "llama3-herd")) / "file_sha256.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest, changed = hashlib.sha256(), False
     for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        stat = file.stat()
+        key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key], changed = _file_sha256(file), True
+        digest.update(f"{file.name}\0{cache[key]}\n".encode())
+    if changed:
+        cache = {k: v for k, v in cache.items() if Path(k.rsplit(":", 2)[0]).exists()}  # forget deleted files
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_path, json.dumps(cache))
+        except OSError:  # a read-only home only costs the next load a re-hash
+            pass
+    return digest.hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

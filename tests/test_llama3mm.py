@@ -169,9 +169,11 @@ def test_chat_puts_the_image_token_past_the_vocabulary():
     assert isinstance(reply, str) and reply == mm.tokenizer.decode(expected)
 
 
-def test_save_and_load_round_trip_and_refuse_another_lm(gated, tmp_path):
+def test_save_and_load_round_trip_and_refuse_another_lm(gated, tmp_path, monkeypatch):
     """save_pretrained writes small part files + a manifest; from_pretrained restores the same logits; an LM
-    whose weights differ from the recorded sha256 is refused with an error naming both."""
+    whose weights differ from the recorded sha256 (another directory, or the same one rewritten) is refused with
+    an error naming both."""
+    monkeypatch.setenv("LLAMA3MM_CACHE", str(tmp_path / "cache"))
     lm_dir = save_pretrained(gated.lm, tmp_path / "lm", format="hf")
     mm = copy.deepcopy(gated)
     mm.lm_path = str(lm_dir)
@@ -193,3 +195,7 @@ def test_save_and_load_round_trip_and_refuse_another_lm(gated, tmp_path):
     other_dir = save_pretrained(other, tmp_path / "other_lm", format="hf")
     with pytest.raises(ValueError, match=f"{other_dir}.*sha256.*{manifest['lm']['sha256']}"):
         Llama3MM.from_pretrained(tmp_path / "mm", lm_path=other_dir)
+    assert (tmp_path / "cache" / "file_sha256.json").is_file()  # digests cached, so a large LM hashes once
+    save_pretrained(other, lm_dir, format="hf")  # rewritten in place: the cached digest must not be trusted
+    with pytest.raises(ValueError, match="refusing"):
+        Llama3MM.from_pretrained(tmp_path / "mm")

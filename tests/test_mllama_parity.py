@@ -189,9 +189,10 @@ def test_meta_layout_logits_equal_llama_models_reference():
     assert (out[:, 2:] - lm_alone[:, 2:]).abs().amax(-1).min() > 1e-3
 
 
-def test_imported_model_saves_with_its_lm_and_reloads(hf_model_dir, ours, tmp_path):
+def test_imported_model_saves_with_its_lm_and_reloads(hf_model_dir, ours, tmp_path, monkeypatch):
     """An imported model has no LM path: save_pretrained writes the LM beside the parts (manifest path "lm")
     and from_pretrained restores the same logits."""
+    monkeypatch.setenv("LLAMA3MM_CACHE", str(tmp_path / "cache"))
     hf, _ = hf_model_dir
     tokens = [VOCAB, 5, 17, 33, 9]
     inputs = _hf_inputs(tokens, _images((30, 80)), hf.config)
