@@ -70,6 +70,18 @@ class Llama3MM(nn.Module):
             raise ValueError(f"vision adapter width {vision_adapter.cfg.dim} != LM width {lm.config.dim}")
         if vision_adapter is not None and max(vision_adapter.cfg.layers, default=-1) >= lm.config.n_layers:
             raise ValueError(f"vision adapter layers {vision_adapter.cfg.layers} exceed the LM's {lm.config.n_layers}")
+        if video_adapter is not None and video_adapter.cfg.dim != lm.config.dim:
+            raise ValueError(f"video adapter width {video_adapter.cfg.dim} != LM width {lm.config.dim}")
+        if video_adapter is not None and max(video_adapter.cfg.layers) >= lm.config.n_layers:
+            raise ValueError(f"video adapter layers {video_adapter.cfg.layers} exceed the LM's {lm.config.n_layers}")
+        if speech_adapter is not None and speech_adapter.cfg.lm_dim != lm.config.dim:
+            raise ValueError(f"speech adapter lm_dim {speech_adapter.cfg.lm_dim} != LM width {lm.config.dim}")
+        if speech_encoder is not None and speech_adapter is not None:
+            if speech_encoder.cfg.dim != speech_adapter.cfg.encoder_dim:
+                raise ValueError(
+                    f"speech adapter encoder_dim {speech_adapter.cfg.encoder_dim} != speech encoder dim "
+                    f"{speech_encoder.cfg.dim}"
+                )
         self.lm = lm
         self.lm.requires_grad_(False)
         self.lm.eval()

@@ -194,3 +194,14 @@ def test_speech_parts_survive_save_and_load(speech_mm, tmp_path):
     with torch.no_grad():
         inputs = dict(audio=batch["audio"], audio_lengths=batch["audio_lengths"])
         torch.testing.assert_close(loaded(batch["tokens"], **inputs), mm(batch["tokens"], **inputs), rtol=0, atol=0)
+
+
+def test_mismatched_speech_parts_are_refused(speech):
+    """An adapter sized for another LM or another encoder is an error naming both widths."""
+    encoder, _ = speech
+    wide = SpeechAdapter(SpeechAdapterConfig(encoder_dim=64, lm_dim=128, dim=48, heads=4, ffn_dim=96))
+    with pytest.raises(ValueError, match="speech adapter lm_dim 128 != LM width 64"):
+        Llama3MM(tiny_model(), speech_encoder=encoder, speech_adapter=wide)
+    other = SpeechAdapter(SpeechAdapterConfig(encoder_dim=32, lm_dim=LM_DIM, dim=48, heads=4, ffn_dim=96))
+    with pytest.raises(ValueError, match="encoder_dim 32 != speech encoder dim 64"):
+        Llama3MM(tiny_model(), speech_encoder=encoder, speech_adapter=other)

@@ -33,6 +33,14 @@ def test_video_blocks_sit_before_every_fourth_image_block():
     assert VideoAdapterConfig.from_vision(vision).layers == (7,)
 
 
+def test_video_adapter_must_fit_the_lm():
+    """A video adapter for another LM width, or for layers the LM lacks, is refused with both values named."""
+    with pytest.raises(ValueError, match="video adapter width 64 != LM width 128"):
+        Llama3MM(tiny_model(dim=128), video_adapter=VideoAdapter(_video_cfg()))
+    with pytest.raises(ValueError, match=r"video adapter layers \(5,\) exceed the LM's 2"):
+        Llama3MM(tiny_model(), video_adapter=VideoAdapter(_video_cfg(layers=(5,))))
+
+
 def test_aggregator_merges_each_32_frames_and_masks_padding():
     """64 frames -> 2 groups of latents; 33 -> 2; 5 -> 1; padded frames never change the latents of real ones."""
     torch.manual_seed(0)
