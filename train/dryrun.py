@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,11 +120,13 @@ def activation_bytes_per_layer(shape: Shape, ac: str, attn_backend: str = "sdpa"
 
     With ``T = b * s / cp`` local tokens, ``t`` = TP (sequence parallel between blocks), elements per token:
 
-    * ``none``: ``2h + 4h/t + 2 kv cp / t + 4f/t``. Attention: the norm's input ``h/t``, the all-gathered normed
-      input of wq/wk/wv ``h``, the rotated queries ``h/t``, keys and values ``2 kv cp / t`` (the whole sequence's
-      under CP: they are all-gathered), the attention output ``h/t`` (also wo's input: on CUDA it is already laid
-      out [B, S, H, D]). Feed-forward: the norm's input ``h/t``, the gathered normed input ``h``, w1's output,
-      silu's output, w3's output and their product ``4f/t``.
+    * ``none``: ``2h + (2n + 2)h/t + 2 kv cp / t + 4f/t``. Attention: the norm's ``n h/t`` (bf16 compute:
+      ``lm.model.RMSNorm`` keeps its fp32 input copy and its normalized output, ``n = 3``; fp32: its input,
+      ``n = 1``), the all-gathered normed input of wq/wk/wv ``h``, the rotated queries ``h/t``, keys and values
+      ``2 kv cp / t`` (the whole sequence's under CP: they are all-gathered), the attention output ``h/t`` (also
+      wo's input: on CUDA it is already laid out [B, S, H, D]). Feed-forward: the norm's ``n h/t``, the gathered
+      normed input ``h``, w1's output, silu's output, w3's output and their product ``4f/t``. Not measured here
+      (CPU runs decompose the sharded norm differently); the other two modes are (tests/test_dryrun.py).
     * ``selective`` (``train.parallel.fsdp``'s policy: keep matmul and SDPA outputs, recompute the rest):
       ``2h + 3h/t + 2 kv / t + 2f/t``: the block's input ``h/t``, wq/wk/wv ``h/t + 2kv/t``, the SDPA output
       ``h/t`` (flex attention is not on the keep list: recomputed, so ``2h/t`` then), w1 and w3 ``2f/t``, and
@@ -135,7 +138,8 @@ def activation_bytes_per_layer(shape: Shape, ac: str, attn_backend: str = "sdpa"
     """
     h, kv, f, t, cp = shape.dim, shape.kv_dim, shape.ffn_dim, shape.tp, shape.cp
     if ac == "none":
-        elements = 2 * h + (4 * h + 2 * kv * cp + 4 * f) / t
+        norm = 3 if shape.act_bytes == 2 else 1
+        elements = 2 * h + ((2 * norm + 2) * h + 2 * kv * cp + 4 * f) / t
     elif ac == "selective":
         kept_attention = h if attn_backend == "sdpa" else 0
         elements = 2 * h + (2 * h + kept_attention + 2 * kv + 2 * f) / t
@@ -490,10 +494,11 @@ def _unsharded_params(model: nn.Module, fsdp: int) -> float:
 
 def _largest_fsdp_group(model: nn.Module, fsdp: int) -> float:
     """Unsharded elements of the largest FSDP unit: one layer, or the rest of the model (embeddings, output)."""
-    layers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[0].endswith("layers")]
-    in_layers = sum(_unsharded_params(layer, fsdp) for layer in layers)
-    per_layer = max((_unsharded_params(layer, fsdp) for layer in layers), default=0.0)
-    return max(per_layer, _unsharded_params(model, fsdp) - in_layers)
+    from lm.model import TransformerBlock
+
+    layers = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    per_layer = [_unsharded_params(layer, fsdp) for layer in layers]
+    return max([*per_layer, _unsharded_params(model, fsdp) - sum(per_layer)])
 
 
 def _buffer_bytes(sizes: dict[str, float], pp: int, compute_bytes: int, reduce_bytes: int) -> int:
@@ -566,7 +571,7 @@ def main(cfg, lm_config: LMConfig, args: argparse.Namespace) -> dict:
     if args.dry_run_out:
         from lm.checkpoint import atomic_write_text
 
-        atomic_write_text(args.dry_run_out, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(Path(args.dry_run_out), json.dumps(report, indent=2) + "\n")
     return report
 
 
