@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 from tests.dist_utils import PYTHON, ROOT, free_port
 from tests.test_lm_training import SCRIPT, args, assert_same, losses, run, setup  # noqa: F401 (setup: a fixture)
@@ -52,3 +53,52 @@ def test_two_launchers_match_one_launcher(setup):  # noqa: F811
     got = losses(two)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert_same(got, losses(one), range(1, STEPS + 1))
+
+
+def test_slurm_script_launches_torchrun_per_node(tmp_path):
+    """`sbatch train/slurm/llama3_405b.sbatch`, with srun and scontrol stubbed: one torchrun per node, 8 GPUs each,
+    the c10d rendezvous on the first node of the allocation, the 405B config and the overrides passed through."""
+    for script in ("train_lm.sbatch", "llama3_405b.sbatch"):
+        lint = subprocess.run(["bash", "-n", f"train/slurm/{script}"], cwd=ROOT, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stderr
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "scontrol").write_text('#!/bin/sh\nprintf "gpu-node-017\\ngpu-node-018\\n"\n')
+    (stubs / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu-node-[017-018]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_SUBMIT_DIR": ROOT,
+    }
+    script = Path(ROOT, "train/slurm/llama3_405b.sbatch")
+    proc = subprocess.run(
+        ["bash", str(script), "--train.steps=10"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    (launch,) = [line for line in proc.stdout.splitlines() if line.startswith("srun ")]
+    assert launch.split() == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        ".venv/bin/python",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "gpu-node-017:29500",
+        "--rdzv-id",
+        "4242",
+        "train/lm.py",
+        "--config",
+        "configs/lm/llama3_405b.toml",
+        "--train.steps=10",
+    ]
