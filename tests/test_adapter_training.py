@@ -15,6 +15,8 @@ from dist_utils import torchrun
 from data.scenes import random_scene
 from train.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # the in-process checks run tiny shapes
+
 SCRIPT = "train/adapter.py"
 STEPS = 24
 # One schedule for every run (a resumed run must decay as the uninterrupted one did).
