@@ -86,11 +86,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def planned_optimizer_bytes(model: nn.Module) -> int:
-    """AdamW's two fp32 moments, shaped like each local (unpadded) parameter shard."""
-    return ADAM_STATES * MASTER_BYTES * shard_bytes(model)["params"]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Formulas.
 
@@ -321,10 +316,10 @@ def _rank_stages(plan, pp_rank: int) -> list[int]:
     return rank_stages(pp_rank, plan.pp, plan.virtual_stages, plan.style)
 
 
-def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> tuple[nn.Module, Any]:
+def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> nn.Module:
     """``train.lm.build_model`` for ``rank`` of ``dims.world_size`` on the meta device and a fake process group.
 
-    Returns the parallelized (meta) model and the mesh; the caller destroys the process group when done.
+    Returns the parallelized (meta) model; the caller destroys the process group when done.
     """
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -340,7 +335,7 @@ def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> tuple[nn.Modul
     ctx = RunContext(dims, mesh, rank, dims.world_size, dp_rank, dp_size, torch.device("meta"))
     # The dry run reads no weights: the model's shape is already in lm_config.
     planned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=""))
-    return build_model(planned, lm_config, ctx), mesh
+    return build_model(planned, lm_config, ctx)
 
 
 def _coords_rank(dims, pp_rank: int) -> int:
@@ -400,7 +395,7 @@ def plan(cfg, lm_config: LMConfig, world_size: int, *, rank: int | None = None, 
         if sig not in built:
             global_rank = rank if rank is not None else _coords_rank(dims, pp_rank)
             try:
-                model, _ = build_fake_rank(cfg, lm_config, dims, global_rank)
+                model = build_fake_rank(cfg, lm_config, dims, global_rank)
                 sizes = shard_bytes(model)
                 sizes["unsharded"] = _unsharded_params(model, dims.dp_shard * dims.cp)
                 sizes["largest_group"] = _largest_fsdp_group(model, dims.dp_shard * dims.cp)
