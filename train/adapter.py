@@ -91,8 +91,8 @@ class AdapterModelConfig:
     # Cross-attention blocks of the image adapter (0 = one per 4 LM layers, Meta's schedule).
     vision_layers: int = 0
     # Keyword overrides of VideoAdapterConfig.from_vision (every, num_latents, ...) and SpeechAdapterConfig fields.
-    video_adapter: dict = field(default_factory=dict)
-    speech_adapter: dict = field(default_factory=dict)
+    video_adapter: dict[str, Any] = field(default_factory=dict)
+    speech_adapter: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
