@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     fr, un = results["frozen"], results["unfrozen"]
     gb = 1e9
-    print(f"config: LM {LM_SHAPE} ({fr['lm_params'] / 1e6:.1f}M params), tiny ViT + 1 cross-attention block, ")
+    print(f"config: LM {LM_SHAPE} ({fr['lm_params'] / 1e6:.1f}M params), tiny ViT + 1 cross-attention block,")
     print(f"        batch {args.batch}, fp32, {torch.get_num_threads()} threads, median of {args.steps} steps")
     print(f"{'':>10} {'step s':>8} {'peak RSS GB':>12} {'grads GB':>9} {'AdamW GB':>9} {'trainable':>11}")
     for name, r in results.items():
