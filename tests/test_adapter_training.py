@@ -95,6 +95,11 @@ def speech_run(assets, tmp_path_factory):
     return run_dir, run("speech", run_dir, assets, *SPEECH)
 
 
+def mean_loss(records: list[dict]) -> float:
+    """Mean training loss of some steps (single steps of a batch of 8 are noisy)."""
+    return sum(r["loss"] for r in records) / len(records)
+
+
 def checkpoint_keys(run_dir) -> list[str]:
     """The entries of the run's last DCP checkpoint."""
     import torch.distributed.checkpoint as dcp
@@ -106,9 +111,10 @@ def checkpoint_keys(run_dir) -> list[str]:
 def test_vision_stage_learns_keeps_the_lm_frozen_and_writes_llama3mm(vision_run, assets):
     run_dir, recs = vision_run
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    first, last = recs[0], recs[-1]
-    assert last["loss"] < first["loss"] - 1.5, (first["loss"], last["loss"])
-    assert last["eval/loss"] < first["loss"] - 1.5, last
+    start, end = mean_loss(recs[:4]), mean_loss(recs[-4:])
+    assert end < start - 1.2, (start, end)
+    last = recs[-1]
+    assert last["eval/loss"] < start - 1.2, last
     for key in ("eval/accuracy", "eval/chance", "eval/exact_match"):
         assert 0.0 <= last[key] <= 1.0, last
 
@@ -141,8 +147,8 @@ def test_speech_stage_trains_the_encoder_and_adapter_only(speech_run):
 def test_video_stage_trains_only_video_parameters(vision_run, assets, tmp_path):
     base, _ = vision_run
     recs = run("video", tmp_path / "video", assets, f"--model.base={base / 'final'}")
-    first, last = recs[0], recs[-1]
-    assert last["loss"] < first["loss"] - 1.0, (first["loss"], last["loss"])
+    start, end = mean_loss(recs[:4]), mean_loss(recs[-4:])
+    assert end < start - 1.0, (start, end)
     keys = checkpoint_keys(tmp_path / "video")
     assert {k.split(".")[1] for k in keys if k.startswith("model.")} == {"video_adapter"}, keys[:5]
 
