@@ -53,9 +53,9 @@ def assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("adapter")
     media = root / "media"
-    generate("images", media, train=200, heldout=24)
-    generate("video", media, train=96, heldout=24)
-    generate("speech", media, train=120, heldout=24)
+    generate("images", media, train=96, heldout=16)
+    generate("video", media, train=48, heldout=16)
+    generate("speech", media, train=64, heldout=16)
     torch.manual_seed(0)
     cfg = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64)
     lm = Transformer(cfg)
