@@ -7,6 +7,7 @@ import torch
 
 from lm.config import LMConfig, RopeScaling
 from lm.model import Transformer
+from tests.lm_runs import reference, setup  # noqa: F401  (session fixtures of the torchrun train/lm.py tests)
 
 
 def tiny_config(**overrides) -> LMConfig:

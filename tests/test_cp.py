@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from lm.attention import attend, build_mask
 from tests.dist_utils import free_port
-from tests.test_lm_training import args, assert_same, losses, reference, run, setup  # noqa: F401 (fixtures)
+from tests.lm_runs import args, assert_same, losses, run
 from train.parallel.cp import ContextParallelAttend, context_parallel_mask, shard_sequence, unshard_sequence
 
 # One packed batch of 2 rows, 32 tokens each, cut into 4 chunks of 8: documents start mid-chunk and run across
@@ -75,14 +75,14 @@ def test_shard_sequence_balances_and_round_trips():
     assert torch.equal(unshard_sequence(torch.stack(shards), 4, dim=1), row)
 
 
-def test_cp_trains_like_one_rank(setup, reference):  # noqa: F811
+def test_cp_trains_like_one_rank(setup, reference):
     """cp=2 on packed rows with document masks, through the fused loss: the losses of one rank (plain loss)."""
     run_dir = setup / "cp2"
     run(2, args(setup, run_dir, "--train.steps=8", "--parallel.cp=2", "--parallel.dp_shard=1", "--model.loss=fused"))
     assert_same(losses(run_dir), reference, range(1, 9))
 
 
-def test_dp2_cp2_tp2_trains_like_one_rank(setup, reference):  # noqa: F811
+def test_dp2_cp2_tp2_trains_like_one_rank(setup, reference):
     """The composed layout on 8 ranks: FSDP over dp_shard x cp, sequence chunks, and TP heads inside attention."""
     run_dir = setup / "dp2cp2tp2"
     run(8, args(setup, run_dir, "--train.steps=8", "--parallel.cp=2", "--parallel.tp=2", "--parallel.dp_shard=2"))

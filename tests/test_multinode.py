@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.dist_utils import PYTHON, ROOT, free_port
-from tests.test_lm_training import SCRIPT, args, assert_same, losses, run, setup  # noqa: F401 (setup: a fixture)
+from tests.lm_runs import SCRIPT, args, assert_same, losses, run
 
 STEPS = 4
 
@@ -32,7 +32,7 @@ def argv_run_dir(argv: list[str]) -> str:
     return run_dir
 
 
-def test_two_launchers_match_one_launcher(setup):  # noqa: F811
+def test_two_launchers_match_one_launcher(setup):
     """FSDP over 2 ranks, started as 2 nodes x 1 rank through c10d, gives the 2-rank single launcher's losses."""
     one = setup / "one_launcher"
     run(2, args(setup, one, f"--train.steps={STEPS}"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_lm_training import args, assert_same, losses, run, setup  # noqa: F401  (setup: a fixture)
+from tests.lm_runs import args, assert_same, losses, run
 from train.parallel.pp import rank_stages, stage_layer_ids
 
 STEPS = 8
@@ -21,14 +21,14 @@ PP2 = ["--parallel.pp=2", "--parallel.dp_shard=1"]
 
 
 @pytest.fixture(scope="module")
-def root(setup) -> Path:  # noqa: F811  (test_lm_training's fixture: its small corpus)
-    """test_lm_training's directory: the default corpus under text/ and its runs."""
+def root(setup) -> Path:
+    """The session's LM test directory (tests/lm_runs.py): the default corpus under text/ and its runs."""
     return setup
 
 
 @pytest.fixture(scope="module")
 def init4(root) -> Path:
-    """The tiny Llama 3 of test_lm_training with 4 layers, in HF layout."""
+    """The tiny Llama 3 of tests/lm_runs.py with 4 layers, in HF layout."""
     from lm import LMConfig, Transformer, save_pretrained
 
     config = LMConfig.from_preset("debug", dim=64, n_layers=4, n_heads=4, n_kv_heads=2)

@@ -508,7 +508,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
             cfg.model.init_from or f"preset {cfg.model.preset}",
             cfg.data.seq_len,
             cfg.train.batch_size,
-            "x".join(f"{d}{getattr(ctx.dims, d)}" for d in ("dp_replicate", "dp_shard", "cp", "tp")),
+            "x".join(f"{d}{getattr(ctx.dims, d)}" for d in ("dp_replicate", "dp_shard", "pp", "cp", "tp")),
         )
 
     loss_fn = make_loss(cfg, ctx)
