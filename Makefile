@@ -28,7 +28,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM on
 # 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; then synthetic media and CLIP / BEST-RQ
