@@ -267,15 +267,16 @@ class Transformer(nn.Module):
                 positions = document_positions(document_ids)
             else:
                 positions = torch.arange(start_pos or 0, (start_pos or 0) + seq, device=h.device)
-        mask = mask or build_mask(
-            self.config.attn_backend,
-            batch=batch,
-            q_len=seq,
-            kv_len=(start_pos or 0) + seq,
-            device=h.device,
-            document_ids=document_ids,
-            key_valid=key_valid,
-        )
+        if mask is None:
+            mask = build_mask(
+                self.config.attn_backend,
+                batch=batch,
+                q_len=seq,
+                kv_len=(start_pos or 0) + seq,
+                device=h.device,
+                document_ids=document_ids,
+                key_valid=key_valid,
+            )
         rope = self.rope(positions)
         for name, layer in self.layers.items():
             if layer_hook is not None:

@@ -51,7 +51,7 @@ import torch.nn as nn  # noqa: E402
 from lm.checkpoint import atomic_write_text  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
-from train.encoder import EncoderBatches, ensure_data  # noqa: E402
+from train.encoder import MEDIA_KINDS, EncoderBatches, ensure_data  # noqa: E402
 from train.loop import RunContext, compile_default, init_run, train  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
 from train.parallel.fsdp import parallelize  # noqa: E402
@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("train.adapter")
 
 MODALITIES = ("vision", "video", "speech")
-# The MediaSamples kind each modality reads.
-KINDS = {"vision": "image", "video": "video", "speech": "audio"}
 # What the model is asked; the processor adds the media placeholders exactly as generate does. The speech
 # placeholders come last, so the adapter's final output sits where the transcript's first token is predicted.
 DEFAULT_PROMPTS = {
@@ -360,7 +358,7 @@ def heldout_samples(cfg: AdapterJobConfig, modality: str, count: int, skip: int 
     from data.media import MediaSamples
 
     heldout = MediaSamples(
-        cfg.data.dir, kind=KINDS[modality], split="heldout", shuffle=False, epochs=1, **_decode(modality)
+        cfg.data.dir, kind=MEDIA_KINDS[modality], split="heldout", shuffle=False, epochs=1, **_decode(modality)
     )
     out = []
     for i, sample in enumerate(heldout):
@@ -501,7 +499,7 @@ def _run(cfg: AdapterJobConfig, modality: str, ctx: RunContext) -> list[dict]:
 
     samples = MediaSamples(
         cfg.data.dir,
-        kind=KINDS[modality],
+        kind=MEDIA_KINDS[modality],
         split="train",
         rank=ctx.dp_rank,
         world_size=ctx.dp_size,

@@ -51,6 +51,8 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 log = logging.getLogger("train.encoder")
 
 MODALITIES = ("vision", "speech")
+# The media kind (data.media) each training modality reads; train/adapter.py adds video.
+MEDIA_KINDS = {"vision": "image", "video": "video", "speech": "audio"}
 
 
 @dataclass
@@ -120,7 +122,7 @@ def ensure_data(cfg: EncoderJobConfig, modality: str, rank: int) -> None:
     from data.synthetic import GENERATING_MARKER
 
     # train/adapter.py shares this check, with video beside vision and speech.
-    kind = {"vision": "image", "video": "video"}.get(modality, "audio")
+    kind = MEDIA_KINDS[modality]
     synth_kind = SUBDIRS[kind]
 
     try:
@@ -346,7 +348,7 @@ def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
         raise ValueError("encoder pretraining is data parallel only: set parallel.tp = pp = cp = 1")
     ensure_data(cfg, modality, ctx.rank)
     micro = ctx.micro_batch_size(cfg)
-    kind = "image" if modality == "vision" else "audio"
+    kind = MEDIA_KINDS[modality]
     samples = MediaSamples(
         cfg.data.dir,
         kind=kind,
