@@ -1,6 +1,7 @@
 """Llama3MM checkpoints: the trained parts in small files beside a manifest that pins the frozen LM.
 
-    DIR/llama3mm.json            manifest: the LM's path and sha256, and each part's class and config class
+    DIR/llama3mm.json            manifest: the LM's path and sha256, each part's class and config class, and the
+                                 prompt each media kind's adapter was trained with (Llama3MM.prompts)
     DIR/extra_embeddings/        the learnable special-token table
     DIR/vision_encoder/ ...      one directory per part (config.json + model.safetensors, encoders' layout,
                                  so DIR/vision_encoder loads with VisionEncoder.from_pretrained too)
@@ -83,6 +84,7 @@ def save(mm, directory: str | Path) -> Path:
         "version": 1,
         "lm": {"path": str(lm_ref), "sha256": lm_sha256(lm_dir)},
         "parts": {},
+        "prompts": dict(mm.prompts),
     }
     save_encoder({"weight": mm.extra_embeddings.detach()}, {}, directory / "extra_embeddings")
     for name in PARTS:
@@ -141,7 +143,13 @@ def load(
         parts[name] = module
     _, extra = load_encoder(directory / "extra_embeddings")
     lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir
-    mm = Llama3MM(load_pretrained(lm_dir), num_extra_tokens=extra["weight"].shape[0], lm_path=lm_ref, **parts)
+    mm = Llama3MM(
+        load_pretrained(lm_dir),
+        num_extra_tokens=extra["weight"].shape[0],
+        lm_path=lm_ref,
+        prompts=manifest.get("prompts"),
+        **parts,
+    )
     with torch.no_grad():
         mm.extra_embeddings.copy_(extra["weight"])
     return mm.to(device=device, dtype=dtype)

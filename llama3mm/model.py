@@ -13,7 +13,7 @@ cross-attention blocks as one more `CrossAttentionInputs` in `MediaState.cross`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ class Llama3MM(nn.Module):
         num_extra_tokens: int = NUM_EXTRA_TOKENS,
         lm_path: str | Path | None = None,
         tokenizer: Any = None,
+        prompts: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if vision_encoder is not None and vision_adapter is None:
@@ -100,6 +101,9 @@ class Llama3MM(nn.Module):
         self.speech_adapter = speech_adapter
         self.lm_path = None if lm_path is None else str(lm_path)
         self._tokenizer = tokenizer
+        # Media kind ("image", "video", "audio") -> the prompt its adapter was trained with by train/adapter.py.
+        # Adapters on a base LM answer only that prompt; empty for chat-tuned imports (Llama 3.2 Vision).
+        self.prompts = dict(prompts or {})
 
     # ---- ids and parts --------------------------------------------------------------------------------------
 

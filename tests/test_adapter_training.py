@@ -130,6 +130,7 @@ def test_vision_stage_learns_keeps_the_lm_frozen_and_writes_llama3mm(vision_run,
     written = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
     assert written < (assets / "lm" / "model.safetensors").stat().st_size / 4, written  # the LM was not copied
     mm = Llama3MM.from_pretrained(final, lm_path=assets / "lm", device="cpu")
+    assert mm.prompts == {"image": "Describe the image."}  # the prompt it answers, for the demo
     from data.synthetic import draw_scene
 
     image = draw_scene(random_scene(random.Random(1)))

@@ -8,10 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from adapters.vision import VisionAdapter, VisionAdapterConfig, cross_attention_mask, image_spans
+from encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from encoders.tiling import tile_images
 from encoders.vision import VisionEncoder, VisionEncoderConfig
 from llama3mm import Llama3MM
+from llama3mm.compose import compose
 from lm.checkpoint import save_pretrained
 from lm.config import LMConfig
 from lm.model import Transformer
@@ -199,3 +202,41 @@ def test_save_and_load_round_trip_and_refuse_another_lm(gated, tmp_path, monkeyp
     save_pretrained(other, lm_dir, format="hf")  # rewritten in place: the cached digest must not be trusted
     with pytest.raises(ValueError, match="refusing"):
         Llama3MM.from_pretrained(tmp_path / "mm")
+
+
+def test_compose_joins_stages_on_one_lm_with_their_prompts_and_refuses_conflicts(gated, tmp_path, monkeypatch):
+    """A vision-stage and a speech-stage checkpoint of one LM compose into one model: each part, the extra-token
+    row its adapter trained and its training prompt come from its own stage; the LM is shared, never copied; two
+    stages whose copies of one part differ are refused, naming the part."""
+    monkeypatch.setenv("LLAMA3MM_CACHE", str(tmp_path / "cache"))
+    lm_dir = save_pretrained(gated.lm, tmp_path / "lm", format="hf")
+    vision = copy.deepcopy(gated)
+    vision.lm_path, vision.prompts = str(lm_dir), {"image": "Describe the image."}
+    torch.manual_seed(3)
+    speech_encoder = SpeechEncoder(SpeechEncoderConfig.from_preset("tiny"))
+    shape = SpeechAdapterConfig(encoder_dim=speech_encoder.cfg.dim, lm_dim=64, dim=48, heads=4, ffn_dim=96)
+    adapter = SpeechAdapter(shape)
+    speech = Llama3MM(
+        gated.lm, speech_encoder=speech_encoder, speech_adapter=adapter, lm_path=lm_dir, prompts={"audio": "Hear:"}
+    )
+    vision.save_pretrained(tmp_path / "vision")
+    speech.save_pretrained(tmp_path / "speech")
+
+    composed = Llama3MM.from_pretrained(compose([tmp_path / "vision", tmp_path / "speech"], tmp_path / "mm"))
+    assert composed.prompts == {"image": "Describe the image.", "audio": "Hear:"}
+    assert not (tmp_path / "mm" / "lm").exists()
+    for name, source in [("vision_encoder", vision), ("vision_adapter", vision), ("speech_adapter", speech)]:
+        ours, theirs = getattr(composed, name).state_dict(), getattr(source, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    rows = composed.extra_embeddings
+    assert torch.equal(rows[composed.image_token_id - VOCAB], vision.extra_embeddings[composed.image_token_id - VOCAB])
+    assert torch.equal(rows[composed.audio_token_id - VOCAB], speech.extra_embeddings[composed.audio_token_id - VOCAB])
+    with torch.no_grad():
+        tiles = _tiles(_images((40, 70), (64, 30)))
+        assert torch.equal(composed(TOKENS, *tiles), vision(TOKENS, *tiles))  # the image path is the vision stage's
+
+    with torch.no_grad():
+        vision.vision_adapter.cross_attention_layers[0].gate_attn.add_(0.1)
+    vision.save_pretrained(tmp_path / "vision2")
+    with pytest.raises(ValueError, match="vision_adapter differs between .*vision.* and .*vision2"):
+        compose([tmp_path / "vision", tmp_path / "vision2"], tmp_path / "bad")

@@ -541,6 +541,8 @@ def _run(cfg: AdapterJobConfig, modality: str, ctx: RunContext) -> list[dict]:
     evaluator.sync_shadow(mm)
     if ctx.rank == 0:
         final = Path(cfg.run.dir) / "final"
+        # The prompt goes with the checkpoint: an adapter on a base LM answers the prompt it was trained with.
+        shadow.prompts[MEDIA_KINDS[modality]] = examples.prompt
         shadow.save_pretrained(final)
         last_eval = next((r for r in reversed(records) if "eval/accuracy" in r), {})
         summary = {
