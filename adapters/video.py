@@ -37,6 +37,8 @@ from encoders.vision import VisionEncoder
 
 FRAMES_PER_GROUP = 32
 VIDEO_EVERY = 4
+# Init std of the time and place embeddings, against the unit-variance normalised frame features they join.
+EMBEDDING_STD = 0.5
 
 
 @dataclass
@@ -54,6 +56,10 @@ class VideoAdapterConfig:
     aggregator_layers: int = 2
     aggregator_heads: int = 8
     aggregator_ffn_mult: int = 4
+    # Tokens per frame that get a learned place embedding (the image encoder's tokens per tile; 0 = none): the
+    # perceiver's attention is blind to token order, and a frozen small ViT's outputs keep little of where a patch
+    # was, yet the direction of motion is the change of that place from frame to frame.
+    tokens_per_frame: int = 0
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(i) for i in self.layers)
@@ -61,6 +67,8 @@ class VideoAdapterConfig:
             raise ValueError(
                 f"video adapter dim {self.dim} is not divisible by aggregator_heads={self.aggregator_heads}"
             )
+        if self.tokens_per_frame < 0:
+            raise ValueError(f"video adapter tokens_per_frame must be >= 0, got {self.tokens_per_frame}")
         for key in ("frames_per_group", "num_latents", "aggregator_layers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"video adapter {key} must be at least 1, got {getattr(self, key)}")
@@ -155,8 +163,14 @@ class TemporalAggregator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, cfg.dim) * cfg.dim**-0.5)
-        # open_clip's positional-embedding scale: from the first step, keys tell which frame they come from.
-        self.frame_embedding = nn.Parameter(torch.randn(cfg.frames_per_group, cfg.dim) * cfg.dim**-0.5)
+        # Features are normalised before the time (and place) embeddings are added, at a scale comparable to
+        # theirs: added to raw projected features (norms of tens), the embeddings were drowned and the stage never
+        # learnt the frame order (direction of motion at chance, bench/RESULTS.md).
+        self.media_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.frame_embedding = nn.Parameter(torch.randn(cfg.frames_per_group, cfg.dim) * EMBEDDING_STD)
+        self.place_embedding = (
+            nn.Parameter(torch.randn(cfg.tokens_per_frame, cfg.dim) * EMBEDDING_STD) if cfg.tokens_per_frame else None
+        )
         self.layers = nn.ModuleDict({str(i): PerceiverLayer(cfg) for i in range(cfg.aggregator_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
@@ -168,7 +182,14 @@ class TemporalAggregator(nn.Module):
         frames = F.pad(frames, (0, 0, 0, 0, 0, pad))
         g = frames.shape[1] // group
         frame_valid = torch.arange(f + pad, device=frames.device)[None, :] < frame_counts.to(frames.device)[:, None]
-        frames = frames.view(b, g, group, t, d) + self.frame_embedding[:, None, :].to(frames.dtype)
+        frames = self.media_norm(frames).view(b, g, group, t, d) + self.frame_embedding[:, None, :].to(frames.dtype)
+        if self.place_embedding is not None:
+            if t != self.cfg.tokens_per_frame:
+                raise ValueError(
+                    f"frames have {t} tokens each but the video adapter's tokens_per_frame is "
+                    f"{self.cfg.tokens_per_frame} (the image encoder it was built for)"
+                )
+            frames = frames + self.place_embedding.to(frames.dtype)
         media = frames.reshape(b * g, group * t, d)
         media_valid = frame_valid.view(b * g, group, 1).expand(b * g, group, t).reshape(b * g, group * t)
         latents = self.latents.to(frames.dtype).expand(b * g, -1, -1)

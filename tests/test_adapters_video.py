@@ -61,6 +61,23 @@ def test_aggregator_merges_each_32_frames_and_masks_padding():
     assert not torch.allclose(forward, backward, atol=1e-3)
 
 
+def test_place_embedding_tells_where_in_the_frame_a_token_was():
+    """The perceiver's attention is blind to token order: without place embeddings, shuffling the tokens of every
+    frame leaves the latents as they were (so an object moving left looks like one moving right); with
+    tokens_per_frame they differ, and a frame of another token count is refused with both counts named."""
+    torch.manual_seed(0)
+    frames = torch.randn(1, 6, 5, DIM)
+    shuffled = frames[:, :, torch.randperm(5)]
+    count = torch.tensor([6])
+    with torch.no_grad():
+        blind = TemporalAggregator(_video_cfg()).eval()
+        torch.testing.assert_close(blind(shuffled, count)[0], blind(frames, count)[0], atol=1e-5, rtol=1e-5)
+        placed = TemporalAggregator(_video_cfg(tokens_per_frame=5)).eval()
+        assert not torch.allclose(placed(shuffled, count)[0], placed(frames, count)[0], atol=1e-3)
+        with pytest.raises(ValueError, match="frames have 4 tokens each but .* tokens_per_frame is 5"):
+            placed(frames[:, :, :4], count)
+
+
 def test_padded_video_batch_equals_each_clip_alone():
     """Clips of 6 and 40 frames in one batch: each row's block output equals the clip alone (gates opened)."""
     torch.manual_seed(0)
