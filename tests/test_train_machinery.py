@@ -172,3 +172,18 @@ def test_weight_decay_groups():
         "layers.1.w1.weight",
         "layers.1.w2.weight",
     }
+
+
+def test_report_gives_start_end_loss_and_the_last_held_out_figures(tmp_path):
+    """train.report: mean loss of the first and last logged steps, and the latest eval/* record's figures."""
+    from train.report import summarize
+
+    records = [{"step": s, "loss": 10.0 - s} for s in range(1, 11)]
+    records[4]["eval/accuracy"], records[4]["eval/chance"] = 0.2, 0.1
+    records[8]["eval/accuracy"], records[8]["eval/chance"] = 0.6, 0.1
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    line = summarize(str(tmp_path))
+    assert "10 steps" in line and "loss 7.00 -> 2.00" in line
+    assert "held-out at step 9: accuracy 0.6, chance 0.1" in line
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        summarize(str(tmp_path / "missing"))
