@@ -115,6 +115,11 @@ def load(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
+        vision = _llama32_vision_layout(directory)
+        if vision == "hf":
+            return Llama3MM.from_mllama(directory).to(device=device, dtype=dtype)
+        if vision == "meta":
+            return Llama3MM.from_meta(directory).to(device=device, dtype=dtype)
         detect_format(directory)  # a clear error when it is neither a Llama3MM nor an LM checkpoint
         return Llama3MM(load_pretrained(directory), lm_path=directory).to(device=device, dtype=dtype)
     manifest = json.loads(manifest_path.read_text())
@@ -153,6 +158,16 @@ def load(
     with torch.no_grad():
         mm.extra_embeddings.copy_(extra["weight"])
     return mm.to(device=device, dtype=dtype)
+
+
+def _llama32_vision_layout(directory: Path) -> str | None:
+    """'hf' for an HF MllamaForConditionalGeneration directory, 'meta' for Meta's Llama 3.2 Vision, else None."""
+    config, params = directory / "config.json", directory / "params.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "mllama":
+        return "hf"
+    if params.is_file() and "vision_chunk_size" in json.loads(params.read_text()):
+        return "meta"
+    return None
 
 
 def _qualname(cls: type) -> str:

@@ -410,7 +410,8 @@ class Llama3MM(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Llama3MM:
-        """Load a save_pretrained directory (or a bare LM checkpoint). The LM (the recorded path, or `lm_path`)
+        """Load a save_pretrained directory, a Llama 3.2 Vision checkpoint (HF Mllama or Meta layout, imported by
+        from_mllama / from_meta) or a bare LM checkpoint. A saved model's LM (the recorded path, or `lm_path`)
         must hash to the recorded sha256. On CUDA the default dtype is bf16, fp32 elsewhere."""
         from llama3mm.checkpoint import load
 

@@ -202,3 +202,17 @@ def test_imported_model_saves_with_its_lm_and_reloads(hf_model_dir, ours, tmp_pa
     loaded = Llama3MM.from_pretrained(tmp_path, device="cpu")
     with torch.no_grad():
         assert torch.equal(loaded(*args), ours(*args))
+
+
+def test_from_pretrained_recognises_an_mllama_directory(hf_model_dir):
+    """Llama3MM.from_pretrained (what the demo's --checkpoint calls) imports an HF Mllama directory as
+    from_mllama does: the same parts and the same logits on an image prompt."""
+    hf, directory = hf_model_dir
+    loaded = Llama3MM.from_pretrained(directory, device="cpu").eval()
+    imported = Llama3MM.from_mllama(directory).eval()
+    tokens = [VOCAB, 5, 17, 33, 9]
+    inputs = _hf_inputs(tokens, _images((30, 80)), hf.config)
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    with torch.no_grad():
+        assert torch.equal(loaded(*args), imported(*args))
+    assert loaded.vision_encoder is not None and loaded.prompts == {}
