@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" $(PIP_QUIET)
 	touch $@
 
-# Debian packages the tests and the embedded default data need: espeak-ng speaks the default speech data.
-SYSTEM_PACKAGES := espeak-ng
+# Debian packages the tests and the embedded default data need: espeak-ng speaks the default speech data;
+# chromium is the browser of the demo's end-to-end test (Playwright drives it; its own browser download is not used).
+SYSTEM_PACKAGES := espeak-ng chromium
 APT := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
 system-deps:
@@ -31,12 +32,16 @@ test: install lint
 	$(PY) -m pytest -q --durations=15
 
 # The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM on
-# 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; then synthetic media and CLIP / BEST-RQ
-# pretraining of the tiny encoders. Each stage is skipped when its output exists (an interrupted run resumes from
-# its last checkpoint). Then the adapters on the frozen LM: vision (image encoder + adapter), video (on top of the
-# vision stage) and speech (speech encoder + adapter), and a caption generated from a new scene.
+# 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; synthetic media and CLIP / BEST-RQ
+# pretraining of the tiny encoders; the adapters on the frozen LM (vision: image encoder + adapter; video, on top
+# of the vision stage; speech: speech encoder + adapter), composed into one Llama3MM; what each stage achieved; then
+# the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
+# checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves video out.
 TORCHRUN := $(VENV)/bin/torchrun --nproc-per-node 2
 LM_RUN := runs/lm/debug
+ADAPTER_STAGES ?= vision video speech
+MM_DIR := runs/llama3mm/tiny
+DEMO ?= 1
 quickstart: install
 	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
 	test -f $(LM_RUN)/hf/config.json || { $(TORCHRUN) train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
@@ -50,25 +55,29 @@ quickstart: install
 	  $(TORCHRUN) train/encoder.py --modality speech --config configs/encoder/speech_tiny.toml
 	$(PY) -m train.plot runs/encoder/vision_tiny
 	$(PY) -m train.plot runs/encoder/speech_tiny
-	for stage in vision video speech; do \
+	for stage in $(ADAPTER_STAGES); do \
 	  test -f runs/adapter/$${stage}_tiny/final/eval.json || \
 	    $(TORCHRUN) train/adapter.py --modality $$stage --config configs/adapter/$${stage}_tiny.toml || exit 1; \
 	  $(PY) -m train.plot runs/adapter/$${stage}_tiny; done
+	$(PY) -m llama3mm.compose $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny/final) --out $(MM_DIR)
 	$(PY) -c "$$ADAPTER_DEMO"
-	@echo "quickstart: the debug LM is pretrained ($(LM_RUN)/metrics.jsonl, curves.png, hf/), the encoders too"
-	@echo "quickstart: (runs/encoder/*/) and the adapters on the frozen LM (runs/adapter/*/final: Llama3MM"
-	@echo "quickstart: checkpoints, eval.json with held-out accuracies beside chance). The demo is not built yet."
+	@echo "quickstart: what each stage achieved (held-out figures beside chance; curves.png in each run dir):"
+	@$(PY) -m train.report $(LM_RUN) runs/encoder/vision_tiny runs/encoder/speech_tiny \
+	  $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny)
+	@if [ "$(DEMO)" = 1 ]; then $(PY) -m demo --checkpoint $(MM_DIR); \
+	  else echo "quickstart: the model is $(MM_DIR); serve it with: $(PY) -m demo --checkpoint $(MM_DIR)"; fi
 
-# The vision-stage model captions a scene it never saw (drawn from a seed outside the data's).
+# The composed model captions a scene it never saw (drawn from a seed outside the data's).
 define ADAPTER_DEMO
 import random
 from data.scenes import caption, random_scene
 from data.synthetic import draw_scene
 from llama3mm import Llama3MM
 scene = random_scene(random.Random("quickstart-demo"))
-mm = Llama3MM.from_pretrained("runs/adapter/vision_tiny/final")
-print("scene:    ", caption(scene))
-print("generated:", mm.generate("Describe the image.", images=[draw_scene(scene)], max_new_tokens=24, temperature=0))
+mm = Llama3MM.from_pretrained("$(MM_DIR)")
+if mm.vision_adapter is not None:
+    print("scene:    ", caption(scene))
+    print("generated:", mm.generate(mm.prompts["image"], images=[draw_scene(scene)], max_new_tokens=24, temperature=0))
 endef
 export ADAPTER_DEMO
 

@@ -510,7 +510,9 @@ def make_examples(chat: DemoChat, directory: str | Path) -> tuple[list[dict], li
     labels: list[str] = []
 
     def ask(kind: str) -> str:
-        return chat.training_prompt(kind) or FALLBACK_PROMPTS[kind]
+        # The markers are the processor's business: shown in the textbox they would read as text to type.
+        prompt = chat.training_prompt(kind) or FALLBACK_PROMPTS[kind]
+        return prompt.replace("<|audio|>", "").replace("<|image|>", "").strip()
 
     if "image" in kinds:
         for k in range(2):
@@ -572,7 +574,7 @@ def build_app(chat: DemoChat, examples_dir: str | Path | None = None) -> Any:
         "the tiny model knows only those prompts); a text-only message is continued as plain text. chat: the "
         "Llama 3 chat format with the whole conversation."
     )
-    with gr.Blocks(title="Llama 3 herd: multimodal chat") as app:
+    with gr.Blocks(title="Llama 3 herd: multimodal chat", analytics_enabled=False) as app:
         gr.Markdown("# Llama 3 herd: multimodal chat")
         with gr.Accordion("Loaded model", open=True):
             gr.Markdown(chat.info_markdown(), elem_id="model-info")
@@ -583,23 +585,32 @@ def build_app(chat: DemoChat, examples_dir: str | Path | None = None) -> Any:
             placeholder="Type a message or upload " + (", ".join(file_types) or "nothing: this model reads text only"),
             interactive=True,
             elem_id="chat-input",
+            render=False,
         )
         gr.ChatInterface(
             chat.respond,
             multimodal=True,
             textbox=textbox,
-            chatbot=gr.Chatbot(elem_id="chatbot", height=420),
+            chatbot=gr.Chatbot(elem_id="chatbot", height=420, render=False),
             additional_inputs=[
-                gr.Slider(0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"),
-                gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)"),
-                gr.Slider(1, min(1024, context), value=defaults.max_new_tokens, step=1, label="Max new tokens"),
-                gr.Radio(list(FORMATS), value=defaults.prompt_format, label="Prompt format", info=completion_info),
+                gr.Slider(
+                    0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)", render=False
+                ),
+                gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)", render=False),
+                gr.Slider(
+                    1, min(1024, context), value=defaults.max_new_tokens, step=1, label="Max new tokens", render=False
+                ),
+                gr.Radio(
+                    list(FORMATS),
+                    value=defaults.prompt_format,
+                    label="Prompt format",
+                    info=completion_info,
+                    render=False,
+                ),
             ],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
-            examples=[
-                [e, defaults.temperature, defaults.top_p, defaults.max_new_tokens, defaults.prompt_format]
-                for e in examples
-            ],
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
+            # Settings left out of the examples, so they show as labelled cards in the empty chat.
+            examples=[[example] for example in examples],
             example_labels=labels,
             cache_examples=False,
             api_name="chat",
