@@ -44,8 +44,6 @@ MAX_FILE_SIZE = "100mb"
 AUDIO_RATE = 16000
 FORMATS = ("completion", "chat")
 ERROR_PREFIX = "⚠️ "
-# Adapter training prompts by modality; train/adapter.py names the modalities vision/speech, the manifest image/audio.
-PROMPT_KEYS = {"image": ("image", "vision"), "video": ("video",), "audio": ("audio", "speech")}
 # Completion prompts for a model that records none and a turn without text.
 FALLBACK_PROMPTS = {"image": "Describe the image.", "video": "Describe the video.", "audio": "Transcribe the audio:"}
 # Containers PyPI's FFmpeg (PyAV) may read as video or audio; image2/*_pipe would take any file named .png.
@@ -286,7 +284,7 @@ class DemoChat:
     def __init__(self, mm: Llama3MM, checkpoint: str | Path | None = None):
         self.mm = mm.eval()
         self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.prompts = dict(getattr(mm, "prompts", None) or {})
+        self.prompts = dict(mm.prompts)  # media kind -> its adapter's training prompt (empty: a chat model)
 
     # ---- what the model can do ------------------------------------------------------------------------------
 
@@ -309,7 +307,7 @@ class DemoChat:
 
     def training_prompt(self, kind: str) -> str | None:
         """The prompt the adapter of `kind` was trained with, if the checkpoint records it."""
-        return next((self.prompts[key] for key in PROMPT_KEYS[kind] if self.prompts.get(key)), None)
+        return self.prompts.get(kind) or None
 
     def info_markdown(self) -> str:
         """Which LM, encoders and adapters are loaded, and the demo's limits."""

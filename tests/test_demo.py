@@ -15,6 +15,7 @@ import soundfile
 import torch
 from PIL import Image
 
+from data.synthetic import clip_frames, encode_mp4, random_clip
 from demo.app import (
     ERROR_PREFIX,
     MAX_AUDIO_SECONDS,
@@ -72,10 +73,11 @@ def build_tiny_model(directory: Path) -> tuple[Llama3MM, Path]:
         speech_encoder=speech_encoder,
         speech_adapter=speech,
         lm_path=lm_dir,
+        prompts=PROMPTS,  # as train/adapter.py records them in the checkpoint
     )
     mm.save_pretrained(directory / "mm")
     loaded = Llama3MM.from_pretrained(directory / "mm", device="cpu").eval()
-    loaded.prompts = dict(PROMPTS)  # what the checkpoint manifest records for adapters trained by train/adapter.py
+    assert loaded.prompts == PROMPTS
     return loaded, directory / "mm"
 
 
@@ -131,6 +133,23 @@ def sine_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
     """A 440 Hz tone as 16-bit WAV."""
     t = np.arange(int(seconds * rate)) / rate
     soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+def opus_webm(path: Path, seconds: float, rate: int = 48000) -> Path:
+    """A 440 Hz tone as Opus in WebM, the way a browser's microphone recording arrives."""
+    import av
+
+    samples = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+    with av.open(str(path), "w", format="webm") as container:
+        stream = container.add_stream("libopus", rate=rate)
+        stream.layout = "mono"
+        size = stream.codec_context.frame_size or 960
+        for start in range(0, len(samples), size):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + size], format="flt", layout="mono")
+            frame.sample_rate = rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
     return path
 
 
@@ -254,8 +273,6 @@ def test_chat_history_becomes_one_llama3_dialog(served):
     image = scene_png(served.files / "history.png")
     wav = sine_wav(served.files / "history.wav", 0.5)
     clip = served.files / "clip.mp4"
-    from data.synthetic import clip_frames, encode_mp4, random_clip
-
     clip.write_bytes(encode_mp4(clip_frames(random_clip(__import__("random").Random(3)), 32, 8), fps=8))
     bad = served.files / "bad.png"
     bad.write_text("not an image")
@@ -300,8 +317,9 @@ def test_chat_history_becomes_one_llama3_dialog(served):
 
 
 def test_limits_long_audio_is_trimmed_and_long_prompts_refused(served, tmp_path):
-    """A 10-minute clip is cut to its first MAX_AUDIO_SECONDS with a note; a prompt over the context, an empty
-    message and an empty file are refused with their reasons; max_new_tokens is held inside the context."""
+    """A 10-minute clip is cut to its first MAX_AUDIO_SECONDS with a note, a browser's Opus recording is read; a
+    130 s video, an over-large image, a prompt over the context, an empty message and an empty file are refused
+    with their reasons; max_new_tokens is held inside the context."""
     long_wav = sine_wav(tmp_path / "long.wav", 600.0)
     notes: list[str] = []
     answer = list(
@@ -312,6 +330,13 @@ def test_limits_long_audio_is_trimmed_and_long_prompts_refused(served, tmp_path)
     assert notes == [f"long.wav is 600 s long: only its first {MAX_AUDIO_SECONDS:.0f} s are heard"]
     assert not answer[-1].startswith(ERROR_PREFIX)
     assert load_media(long_wav).value.shape == (int(MAX_AUDIO_SECONDS * 16000),)
+
+    recording = load_media(opus_webm(tmp_path / "recording.webm", 1.0))
+    assert recording.kind == "audio" and abs(recording.value.numel() - 16000) < 1000 and recording.note is None
+    long_video = tmp_path / "long.mp4"
+    long_video.write_bytes(encode_mp4([Image.new("RGB", (32, 32))] * 130, fps=1))
+    with pytest.raises(InputError, match=r"long.mp4 is a 130 s video; the demo takes clips up to 120 s"):
+        load_media(long_video)
 
     long_text = "the red circle " * 200
     refused = list(served.chat.stream(long_text, [], Settings(0.0, 1.0, 4, "chat")))
