@@ -174,6 +174,27 @@ def test_weight_decay_groups():
     }
 
 
+def test_lr_scale_gives_a_part_its_own_learning_rate():
+    """optim.lr_scale: parameters under a name prefix get the peak LR times its multiplier (the schedule scales
+    every group alike); other parameters keep the peak LR; a prefix that names no parameter is refused."""
+    from train.config import OptimConfig
+    from train.optim import build_optimizer, build_scheduler
+
+    model = ToyModel(8, 2, 0.0)
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, lr_scale={"layers.1": 0.1})
+    optimizer = build_optimizer(model, optim)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(1e-3 if name.startswith("layers.1.") else 1e-2), name
+    scheduler = build_scheduler(optimizer, optim, 10)
+    optimizer.step()
+    scheduler.step()
+    ratios = {round(g["lr"] / g["initial_lr"], 6) for g in optimizer.param_groups}
+    assert len(ratios) == 1  # one schedule for all parts
+    with pytest.raises(ValueError, match="layers.9"):
+        build_optimizer(model, OptimConfig(lr_scale={"layers.9": 0.1}))
+
+
 def test_report_gives_start_end_loss_and_the_last_held_out_figures(tmp_path):
     """train.report: mean loss of the first and last logged steps, and the latest eval/* record's figures."""
     from train.report import summarize

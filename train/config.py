@@ -82,6 +82,9 @@ class OptimConfig:
     schedule_steps: int = 0
     # The fused AdamW kernel (CPU and CUDA); false = torch's foreach implementation.
     fused: bool = True
+    # LR multipliers by parameter-name prefix, e.g. {vision_encoder = 0.1}: a pretrained part that trains on
+    # beside fresh ones takes smaller steps than they do.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
