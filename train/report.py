@@ -26,9 +26,10 @@ def summarize(run_dir: str) -> str:
     records = read_metrics(run_dir)
     if not records:
         raise FileNotFoundError(f"no metrics in {os.path.join(run_dir, 'metrics.jsonl')}: has the run started?")
-    name = os.path.basename(os.path.normpath(run_dir))
+    # Two path parts: runs/encoder/vision_tiny and runs/adapter/vision_tiny share their last one.
+    name = "/".join(os.path.normpath(run_dir).split(os.sep)[-2:])
     line = (
-        f"{name:<14} {records[-1]['step']:>5} steps  loss {_mean_loss(records[:_WINDOW]):.2f} -> "
+        f"{name:<20} {records[-1]['step']:>5} steps  loss {_mean_loss(records[:_WINDOW]):.2f} -> "
         f"{_mean_loss(records[-_WINDOW:]):.2f}"
     )
     evaluated = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), None)
