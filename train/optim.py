@@ -44,7 +44,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: Mapping[str, f
         groups.setdefault((decayed, scale), []).append(p)
     return [
         {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
-        for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+        # Unscaled groups first: the loop logs param_groups[0]'s LR as the run's.
+        for (decayed, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], kv[0][1]))
     ]
 
 
