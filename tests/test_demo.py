@@ -4,8 +4,10 @@ the same prompt and media, which proves the demo passes both through unchanged."
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +93,9 @@ class Served:
     files: Path
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, single_thread):
-    """The demo on a free port of 127.0.0.1 with its uploads, caches and examples under a temp dir."""
-    directory = tmp_path_factory.mktemp("demo")
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[tuple[Llama3MM, DemoChat, str]]:
+    """The demo serving a tiny model on a free port of 127.0.0.1, its uploads, caches and examples under directory."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LLAMA3MM_CACHE", str(directory / "cache"))
         env.setenv("GRADIO_TEMP_DIR", str(directory / "gradio"))
@@ -103,12 +104,20 @@ def served(tmp_path_factory, single_thread):
         chat = DemoChat(mm, path)
         app = build_app(chat, directory / "examples")
         _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-        files = directory / "files"
-        files.mkdir()
         try:
-            yield Served(mm, chat, url, files)
+            yield mm, chat, url
         finally:
             app.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, single_thread):
+    """The demo (serving) with a folder for the files the tests upload."""
+    directory = tmp_path_factory.mktemp("demo")
+    with serving(directory) as (mm, chat, url):
+        files = directory / "files"
+        files.mkdir()
+        yield Served(mm, chat, url, files)
 
 
 @pytest.fixture(scope="module")

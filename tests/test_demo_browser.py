@@ -8,10 +8,9 @@ import time
 
 import pytest
 from PIL import Image
-from test_demo import build_tiny_model, scene_png
+from test_demo import scene_png, serving
 
-from demo.app import ERROR_PREFIX, DemoChat, build_app
-from tests.dist_utils import free_port
+from demo.app import ERROR_PREFIX
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (make test installs it); Playwright's own download is unavailable
 
@@ -19,19 +18,8 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (make test installs it); Pla
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, single_thread):
     """The demo serving a tiny random model on 127.0.0.1, its files under a temp dir."""
-    directory = tmp_path_factory.mktemp("demo_browser")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LLAMA3MM_CACHE", str(directory / "cache"))
-        env.setenv("GRADIO_TEMP_DIR", str(directory / "gradio"))
-        env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        mm, path = build_tiny_model(directory)
-        chat = DemoChat(mm, path)
-        app = build_app(chat, directory / "examples")
-        _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-        try:
-            yield chat, url
-        finally:
-            app.close()
+    with serving(tmp_path_factory.mktemp("demo_browser")) as (_, chat, url):
+        yield chat, url
 
 
 def words(text: str) -> list[str]:
