@@ -7,11 +7,11 @@ PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2
 
 .PHONY: install system-deps test lint quickstart bench clean
 
+# No bytecode compile at install: ~15,000 files (torch, transformers) of which the tests import a fraction, and
+# those compile on first import; saves about a minute of the 20 that make test may take.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
-	# No bytecode compile at install: ~15,000 files (torch, transformers) of which the tests import a fraction, and
-	# those compile on first import; saves about a minute of the 20 that make test may take.
 	$(PY) -m pip install -q --no-compile -e ".[dev]" $(PIP_QUIET)
 	touch $@
 
