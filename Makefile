@@ -7,12 +7,15 @@ PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2
 
 .PHONY: install system-deps test lint quickstart bench clean
 
-# No bytecode compile at install: ~15,000 files (torch, transformers) of which the tests import a fraction, and
-# those compile on first import; saves about a minute of the 20 that make test may take.
+# Bytecode is compiled after the install on every core (pip compiles its ~15,000 files on one): about half a
+# minute of the 20 that make test may take. Compiled it must be: with PYTHONDONTWRITEBYTECODE set, as on these
+# machines, every process would otherwise recompile each module it imports. (A file compileall cannot read is
+# one pip would skip too.)
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
 	$(PY) -m pip install -q --no-compile -e ".[dev]" $(PIP_QUIET)
+	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") >/dev/null || true
 	touch $@
 
 # Debian packages the tests and the embedded default data need: espeak-ng speaks the default speech data;
