@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from llama3mm import Llama3MM
+from llama3mm.processor import DEFAULT_PROMPTS
 
 log = logging.getLogger("demo")
 
@@ -44,8 +45,6 @@ MAX_FILE_SIZE = "100mb"
 AUDIO_RATE = 16000
 FORMATS = ("completion", "chat")
 ERROR_PREFIX = "⚠️ "
-# Completion prompts for a model that records none and a turn without text.
-FALLBACK_PROMPTS = {"image": "Describe the image.", "video": "Describe the video.", "audio": "Transcribe the audio:"}
 # Containers PyPI's FFmpeg (PyAV) may read as video or audio; image2/*_pipe would take any file named .png.
 VIDEO_CONTAINERS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "gif", "mpeg", "mpegts", "flv"}
 AUDIO_CONTAINERS = {"mp3", "ogg", "wav", "flac", "aac", "matroska", "webm", "mov", "mp4", "m4a", "asf", "aiff"}
@@ -411,7 +410,7 @@ class DemoChat:
                 "or choose the chat format"
             )
         item = uploads[0]
-        prompt = self.training_prompt(item.kind) or text.strip() or FALLBACK_PROMPTS[item.kind]
+        prompt = self.training_prompt(item.kind) or text.strip() or DEFAULT_PROMPTS[item.kind]
         return prompt, _media_kwargs(uploads)
 
     def _chat_prompt(
@@ -509,7 +508,7 @@ def make_examples(chat: DemoChat, directory: str | Path) -> tuple[list[dict], li
 
     def ask(kind: str) -> str:
         # The markers are the processor's business: shown in the textbox they would read as text to type.
-        prompt = chat.training_prompt(kind) or FALLBACK_PROMPTS[kind]
+        prompt = chat.training_prompt(kind) or DEFAULT_PROMPTS[kind]
         return prompt.replace("<|audio|>", "").replace("<|image|>", "").strip()
 
     if "image" in kinds:

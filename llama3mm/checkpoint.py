@@ -122,9 +122,7 @@ def load(
             return Llama3MM.from_meta(directory).to(device=device, dtype=dtype)
         detect_format(directory)  # a clear error when it is neither a Llama3MM nor an LM checkpoint
         return Llama3MM(load_pretrained(directory), lm_path=directory).to(device=device, dtype=dtype)
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != "llama3mm":
-        raise ValueError(f"{manifest_path} is not a Llama3MM manifest (format={manifest.get('format')!r})")
+    manifest, parts, extra = load_parts(directory)
     recorded = manifest["lm"]
     lm_dir = Path(lm_path) if lm_path is not None else Path(recorded["path"])
     if not lm_dir.is_absolute():
@@ -139,6 +137,28 @@ def load(
             f"LM at {lm_dir} has sha256 {actual}, but the adapters in {directory} were trained on the LM "
             f"{recorded['path']} with sha256 {recorded['sha256']}: refusing to attach them to a different LM"
         )
+    lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir
+    mm = Llama3MM(
+        load_pretrained(lm_dir),
+        num_extra_tokens=extra.shape[0],
+        lm_path=lm_ref,
+        prompts=manifest.get("prompts"),
+        **parts,
+    )
+    with torch.no_grad():
+        mm.extra_embeddings.copy_(extra)
+    return mm.to(device=device, dtype=dtype)
+
+
+def load_parts(directory: str | Path) -> tuple[dict, dict[str, torch.nn.Module], torch.Tensor]:
+    """A saved Llama3MM's manifest, its parts (name -> module) and extra-token table, without loading the LM."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not a Llama3MM checkpoint")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != "llama3mm":
+        raise ValueError(f"{manifest_path} is not a Llama3MM manifest (format={manifest.get('format')!r})")
     parts = {}
     for name, spec in manifest["parts"].items():
         cfg_dict, state = load_encoder(directory / name)
@@ -147,17 +167,7 @@ def load(
         module.load_state_dict(state, strict=True)
         parts[name] = module
     _, extra = load_encoder(directory / "extra_embeddings")
-    lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir
-    mm = Llama3MM(
-        load_pretrained(lm_dir),
-        num_extra_tokens=extra["weight"].shape[0],
-        lm_path=lm_ref,
-        prompts=manifest.get("prompts"),
-        **parts,
-    )
-    with torch.no_grad():
-        mm.extra_embeddings.copy_(extra["weight"])
-    return mm.to(device=device, dtype=dtype)
+    return manifest, parts, extra["weight"]
 
 
 def _llama32_vision_layout(directory: Path) -> str | None:
@@ -185,4 +195,4 @@ def _resolve(name: str) -> type:
     return obj
 
 
-__all__ = ["MANIFEST", "PARTS", "lm_sha256", "load", "save"]
+__all__ = ["MANIFEST", "PARTS", "lm_sha256", "load", "load_parts", "save"]

@@ -17,46 +17,45 @@ from pathlib import Path
 
 import torch
 
-from llama3mm.checkpoint import MANIFEST, PARTS
+from llama3mm.checkpoint import MANIFEST, PARTS, load_parts
 from llama3mm.model import Llama3MM
 
 # The parts whose training gives each extra token's embedding its meaning.
 _TOKEN_OWNERS = {"image_token_id": ("vision_adapter", "video_adapter"), "audio_token_id": ("speech_adapter",)}
 
 
-def compose(directories: list[str | Path], out: str | Path) -> Path:
-    """Load each Llama3MM checkpoint, merge their parts onto the first one's LM and save the result to `out`."""
+def compose(directories: list[str | Path], out: str | Path) -> Llama3MM:
+    """Merge the parts of Llama3MM checkpoints of one LM onto the first one's, save the result to `out`, return it.
+
+    The LM is loaded once, through the first checkpoint; the others contribute their parts only."""
     if not directories:
         raise ValueError("compose needs at least one Llama3MM checkpoint directory")
     sources = [Path(d) for d in directories]
-    for source in sources:
-        if not (source / MANIFEST).is_file():
-            raise FileNotFoundError(f"{source} has no {MANIFEST}: not a Llama3MM checkpoint")
-    hashes = {source: json.loads((source / MANIFEST).read_text())["lm"]["sha256"] for source in sources}
-    if len(set(hashes.values())) > 1:
-        listing = ", ".join(f"{s} ({h[:12]})" for s, h in hashes.items())
+    others = [(source, *load_parts(source)) for source in sources[1:]]
+    first_sha = json.loads((sources[0] / MANIFEST).read_text())["lm"]["sha256"] if others else None
+    mismatched = [(s, m["lm"]["sha256"]) for s, m, _, _ in others if m["lm"]["sha256"] != first_sha]
+    if mismatched:
+        listing = ", ".join(f"{s} ({h[:12]})" for s, h in [(sources[0], first_sha), *mismatched])
         raise ValueError(f"the checkpoints were trained on different LMs: {listing}")
 
-    models = [Llama3MM.from_pretrained(source, device="cpu") for source in sources]
-    base = models[0]
+    base = Llama3MM.from_pretrained(sources[0], device="cpu")
     owner: dict[str, Path] = {name: sources[0] for name in PARTS if getattr(base, name) is not None}
-    for source, mm in zip(sources[1:], models[1:], strict=True):
-        for name in PARTS:
-            part = getattr(mm, name)
-            if part is None:
-                continue
+    vocab = base.config.vocab_size
+    for source, manifest, parts, extra in others:
+        for name, part in parts.items():
             if getattr(base, name) is None:
                 setattr(base, name, part)
                 owner[name] = source
             elif not _same_weights(getattr(base, name), part):
                 raise ValueError(f"{name} differs between {owner[name]} and {source}: refusing to pick one")
         with torch.no_grad():
-            for token, parts in _TOKEN_OWNERS.items():
-                if any(getattr(mm, p) is not None and owner.get(p) == source for p in parts):
-                    row = getattr(mm, token) - mm.config.vocab_size
-                    base.extra_embeddings[row] = mm.extra_embeddings[row]
-        base.prompts.update(mm.prompts)
-    return base.save_pretrained(out)
+            for token, trained_by in _TOKEN_OWNERS.items():
+                if any(owner.get(name) == source for name in trained_by):
+                    row = getattr(base, token) - vocab
+                    base.extra_embeddings[row] = extra[row]
+        base.prompts.update(manifest.get("prompts", {}))
+    base.save_pretrained(out)
+    return base
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -70,10 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directories", nargs="+", help="Llama3MM checkpoints (train/adapter.py's RUN_DIR/final)")
     parser.add_argument("--out", required=True, help="where the composed checkpoint is written")
     args = parser.parse_args(argv)
-    out = compose(args.directories, args.out)
-    mm = Llama3MM.from_pretrained(out, device="cpu")
+    mm = compose(args.directories, args.out)
     parts = [name for name in PARTS if getattr(mm, name) is not None]
-    print(f"wrote {out}: {', '.join(parts) or 'no parts'}; prompts {mm.prompts}")
+    print(f"wrote {args.out}: {', '.join(parts) or 'no parts'}; prompts {mm.prompts}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 
 IMAGE_MARKER = "<|image|>"
 AUDIO_MARKER = "<|audio|>"
+# What an adapter is asked by default, by media kind (train/adapter.py trains with these unless told otherwise;
+# a checkpoint records the prompt it used in Llama3MM.prompts). The audio placeholders come last, so the speech
+# adapter's final output sits where the transcript's first token is predicted.
+DEFAULT_PROMPTS = {
+    "image": "Describe the image.",
+    "video": "Describe the video.",
+    "audio": f"Transcribe the audio: {AUDIO_MARKER}",
+}
 
 
 class Processor:
@@ -241,4 +249,4 @@ def _check_count(tokens: int, images: int, where: str) -> None:
         raise ValueError(f"{where} holds {tokens} <|image|> tokens but {images} images were given")
 
 
-__all__ = ["IMAGE_MARKER", "Processor"]
+__all__ = ["AUDIO_MARKER", "DEFAULT_PROMPTS", "IMAGE_MARKER", "Processor"]

@@ -222,7 +222,8 @@ def test_compose_joins_stages_on_one_lm_with_their_prompts_and_refuses_conflicts
     vision.save_pretrained(tmp_path / "vision")
     speech.save_pretrained(tmp_path / "speech")
 
-    composed = Llama3MM.from_pretrained(compose([tmp_path / "vision", tmp_path / "speech"], tmp_path / "mm"))
+    compose([tmp_path / "vision", tmp_path / "speech"], tmp_path / "mm")
+    composed = Llama3MM.from_pretrained(tmp_path / "mm")
     assert composed.prompts == {"image": "Describe the image.", "audio": "Hear:"}
     assert not (tmp_path / "mm" / "lm").exists()
     for name, source in [("vision_encoder", vision), ("vision_adapter", vision), ("speech_adapter", speech)]:

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from llama3mm.processor import DEFAULT_PROMPTS  # noqa: E402
 from lm.checkpoint import atomic_write_text  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.config import JobConfig, parse_cli  # noqa: E402
@@ -63,13 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("train.adapter")
 
 MODALITIES = ("vision", "video", "speech")
-# What the model is asked; the processor adds the media placeholders exactly as generate does. The speech
-# placeholders come last, so the adapter's final output sits where the transcript's first token is predicted.
-DEFAULT_PROMPTS = {
-    "vision": "Describe the image.",
-    "video": "Describe the video.",
-    "speech": "Transcribe the audio: <|audio|>",
-}
 IGNORE = -100
 
 
@@ -104,7 +98,7 @@ class AdapterDataConfig:
     heldout_count: int = 0
     seed: int = 0
     on_corrupt: str = "skip"
-    # The text before the target; empty = the modality's default (DEFAULT_PROMPTS).
+    # The text before the target; empty = the media kind's default (llama3mm.processor.DEFAULT_PROMPTS).
     prompt: str = ""
 
 
@@ -470,7 +464,7 @@ def _run(cfg: AdapterJobConfig, modality: str, ctx: RunContext) -> list[dict]:
     n_train = sum(p.numel() for p in trainable)
     # Rank 0 generates with an unsharded copy that shares the frozen LM (never sharded, so never copied).
     shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm}) if ctx.rank == 0 else None
-    examples = Examples(mm, modality, cfg.data.prompt or DEFAULT_PROMPTS[modality])
+    examples = Examples(mm, modality, cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[modality]])
 
     frozen = {p for p in mm.parameters() if not p.requires_grad}
     parallelize(

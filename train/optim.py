@@ -29,6 +29,11 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter `name` is `prefix` itself or lies inside the module it names."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def param_groups(model: nn.Module, weight_decay: float, lr_scale: Mapping[str, float] | None = None) -> list[dict]:
     """AdamW groups: decayed weight matrices and undecayed norms/biases/embeddings (see module docstring), each
     split by ``lr_scale`` (parameter-name prefix -> LR multiplier, the longest matching prefix wins)."""
@@ -40,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: Mapping[str, f
             continue
         leaf = name.rsplit(".", 1)[-1].lower()
         decayed = not (p.ndim < 2 or name in embeds or "embed" in name.lower() or "token" in leaf)
-        scale = next((s for prefix, s in prefixes if name == prefix or name.startswith(prefix + ".")), 1.0)
+        scale = next((s for prefix, s in prefixes if _under(name, prefix)), 1.0)
         groups.setdefault((decayed, scale), []).append(p)
     return [
         {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
@@ -52,11 +57,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: Mapping[str, f
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters with the config's (``OptimConfig``) lr, betas, decay and
     per-part LR multipliers (``optim.lr_scale``)."""
-    unknown = [
-        prefix
-        for prefix in optim.lr_scale
-        if not any(n == prefix or n.startswith(prefix + ".") for n, _ in model.named_parameters())
-    ]
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [prefix for prefix in optim.lr_scale if not any(_under(n, prefix) for n in names)]
     if unknown:
         raise ValueError(f"optim.lr_scale names {unknown}, which prefix no parameter of the model")
     groups = param_groups(model, optim.weight_decay, optim.lr_scale)
