@@ -11,6 +11,13 @@ layers -> the video cross-attention layers read all the latents of the clip. A c
 is one group, its missing frames padded and masked; a group with no real frame (padding of a shorter clip in a
 batch) is masked out of the cross-attention, so a padded batch equals its clips alone.
 
+Motion tokens (our addition, `motion_grid`): the frozen image encoder sees one frame at a time, and the aggregator
+did not learn the direction of motion end to end through the frozen LM in CPU-length runs, although it can
+represent it (bench/RESULTS.md). So each group also gets one motion token per patch: the optical flow of the
+encoder's patch features (brightness constancy in feature space, `feature_flow`), summed over the group's frames,
+through a learned projection plus a learned place embedding. The video cross-attention reads them beside the
+latents. This is the motion stream of two-stream video models, computed from the features already at hand.
+
 Placement: the LM layers before which image cross-attention runs are the schedule s_0 < s_1 < ... < s_{n-1};
 video cross-attention runs before image cross-attention k when (n - 1 - k) % every == 0, i.e. the schedule
 counted from the top as the image one is (for 8 image layers before LM layers 3, 7, ..., 31: before image
@@ -60,6 +67,14 @@ class VideoAdapterConfig:
     # perceiver's attention is blind to token order, and a frozen small ViT's outputs keep little of where a patch
     # was, yet the direction of motion is the change of that place from frame to frame.
     tokens_per_frame: int = 0
+    # Patches per frame side (the image encoder's grid; a frame's last grid**2 tokens are its patches, row-major;
+    # 0 = no motion tokens): each group gets grid**2 motion tokens beside its latents (see the module docstring).
+    motion_grid: int = 0
+
+    @property
+    def tokens_per_group(self) -> int:
+        """Tokens the video cross-attention reads per group of frames: latents, then motion tokens."""
+        return self.num_latents + self.motion_grid**2
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(i) for i in self.layers)
@@ -67,8 +82,9 @@ class VideoAdapterConfig:
             raise ValueError(
                 f"video adapter dim {self.dim} is not divisible by aggregator_heads={self.aggregator_heads}"
             )
-        if self.tokens_per_frame < 0:
-            raise ValueError(f"video adapter tokens_per_frame must be >= 0, got {self.tokens_per_frame}")
+        for key in ("tokens_per_frame", "motion_grid"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"video adapter {key} must be >= 0, got {getattr(self, key)}")
         for key in ("frames_per_group", "num_latents", "aggregator_layers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"video adapter {key} must be at least 1, got {getattr(self, key)}")
@@ -156,8 +172,53 @@ class PerceiverLayer(nn.Module):
         return latents + self.ffn(latents)
 
 
+def feature_flow(patches: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+    """Patch features [B, F, H, W, dim] of consecutive frames -> their optical flow [B, F, H, W, 2] (x right, y down).
+
+    Features that move by (u, v) patches per frame obey dx/dt = -(u dx/dcol + v dx/drow) (brightness constancy);
+    the flow's least-squares numerator, -sum over channels of dx/dt times the spatial gradient, is what is kept:
+    it points where the features went, weighted by how much texture moved. The features are layer-normalised
+    first, so the flow does not depend on their scale. Frame f's flow is from frame f - 1 (0 for the first frame,
+    and where either frame is padding: frame_valid [B, F]).
+    """
+    x = F.layer_norm(patches.float(), patches.shape[-1:])
+    dt = x[:, 1:] - x[:, :-1]
+    pair_valid = (frame_valid[:, 1:] & frame_valid[:, :-1])[:, :, None, None, None]
+    # Central differences across columns and rows, zero at the border.
+    d_col = F.pad((x[:, :, :, 2:] - x[:, :, :, :-2]) / 2, (0, 0, 1, 1))
+    d_row = F.pad((x[:, :, 2:] - x[:, :, :-2]) / 2, (0, 0, 0, 0, 1, 1))
+    now = slice(1, None)
+    flow = -torch.stack([(dt * d_col[:, now]).mean(-1), (dt * d_row[:, now]).mean(-1)], dim=-1)
+    flow = torch.where(pair_valid, flow, torch.zeros_like(flow))
+    return F.pad(flow, (0, 0, 0, 0, 0, 0, 1, 0)).to(patches.dtype)
+
+
+class MotionTokens(nn.Module):
+    """Per group of frames, one token per patch: the patch's flow summed over the group (scaled so the largest
+    component is 1) through a learned projection, plus a learned place embedding."""
+
+    def __init__(self, cfg: VideoAdapterConfig):
+        super().__init__()
+        self.grid = cfg.motion_grid
+        self.proj = nn.Linear(2, cfg.dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=1.0)
+        self.place_embedding = nn.Parameter(torch.randn(cfg.motion_grid**2, cfg.dim) * EMBEDDING_STD)
+
+    def forward(self, frames: torch.Tensor, frame_valid: torch.Tensor, group: int) -> torch.Tensor:
+        """frames [B, F, T, dim] (F a multiple of `group`), frame_valid [B, F] -> motion tokens [B, G, grid**2, dim]."""
+        b, f, t, d = frames.shape
+        g, patches = f // group, self.grid**2
+        if t < patches:
+            raise ValueError(f"frames have {t} tokens each, fewer than the motion grid's {self.grid}x{self.grid}")
+        grouped = frames[:, :, t - patches :].reshape(b * g, group, self.grid, self.grid, d)
+        flow = feature_flow(grouped, frame_valid.reshape(b * g, group)).sum(dim=1).reshape(b, g, patches, 2)
+        flow = flow / (flow.abs().amax(dim=(2, 3), keepdim=True) + 1e-6)
+        return self.proj(flow.to(self.proj.weight.dtype)) + self.place_embedding
+
+
 class TemporalAggregator(nn.Module):
-    """Per-frame tokens [B, F, T, dim] -> latents [B, G, num_latents, dim], G = ceil(F / frames_per_group)."""
+    """Per-frame tokens [B, F, T, dim] -> tokens [B, G, tokens_per_group, dim], G = ceil(F / frames_per_group):
+    each group's latents, then its motion tokens (when motion_grid > 0)."""
 
     def __init__(self, cfg: VideoAdapterConfig):
         super().__init__()
@@ -173,6 +234,7 @@ class TemporalAggregator(nn.Module):
         )
         self.layers = nn.ModuleDict({str(i): PerceiverLayer(cfg) for i in range(cfg.aggregator_layers)})
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.motion = MotionTokens(cfg) if cfg.motion_grid else None
 
     def forward(self, frames: torch.Tensor, frame_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """frames [B, F, T, dim] (frame f of clip b real when f < frame_counts[b]) -> (latents, group_valid [B, G])."""
@@ -182,6 +244,7 @@ class TemporalAggregator(nn.Module):
         frames = F.pad(frames, (0, 0, 0, 0, 0, pad))
         g = frames.shape[1] // group
         frame_valid = torch.arange(f + pad, device=frames.device)[None, :] < frame_counts.to(frames.device)[:, None]
+        motion = self.motion(frames, frame_valid, group) if self.motion is not None else None
         frames = self.media_norm(frames).view(b, g, group, t, d) + self.frame_embedding[:, None, :].to(frames.dtype)
         if self.place_embedding is not None:
             if t != self.cfg.tokens_per_frame:
@@ -196,15 +259,18 @@ class TemporalAggregator(nn.Module):
         for layer in self.layers.values():
             latents = layer(media, latents, media_valid)
         group_valid = frame_valid.view(b, g, group).any(dim=-1)
-        return self.norm(latents).view(b, g, self.cfg.num_latents, d), group_valid
+        latents = self.norm(latents).view(b, g, self.cfg.num_latents, d)
+        if motion is not None:
+            latents = torch.cat([latents, motion.to(latents.dtype)], dim=2)
+        return latents, group_valid
 
 
-def video_attention_mask(group_valid: torch.Tensor, num_latents: int) -> MediaAttentionMask:
-    """Every text position of a clip's row sees all its real latents; rows without a clip are zeroed.
+def video_attention_mask(group_valid: torch.Tensor, tokens_per_group: int) -> MediaAttentionMask:
+    """Every text position of a clip's row sees all its real groups' tokens; rows without a clip are zeroed.
 
     One mask row broadcasts over every text position (and `rows_at` keeps it during generation).
     """
-    key_valid = group_valid.repeat_interleave(num_latents, dim=1)  # [B, G * L]
+    key_valid = group_valid.repeat_interleave(tokens_per_group, dim=1)  # [B, G * tokens_per_group]
     sees_any = key_valid.any(dim=-1)[:, None, None, None]
     return MediaAttentionMask(allowed=key_valid[:, None, None, :] | ~sees_any, rows=sees_any.float())
 
@@ -225,9 +291,9 @@ class VideoAdapter(nn.Module):
         return {str(i): block for i, block in zip(self.cfg.layers, self.cross_attention_layers, strict=True)}
 
     def forward(self, media: torch.Tensor, frame_counts: torch.Tensor) -> tuple[torch.Tensor, MediaAttentionMask]:
-        """Projected frame tokens [B, F, N, dim] -> (latents [B, G * num_latents, dim], their cross-attention mask)."""
+        """Projected frame tokens [B, F, N, dim] -> (tokens [B, G * tokens_per_group, dim], their mask)."""
         latents, group_valid = self.aggregator(media, frame_counts)
-        return latents.flatten(1, 2), video_attention_mask(group_valid, self.cfg.num_latents)
+        return latents.flatten(1, 2), video_attention_mask(group_valid, self.cfg.tokens_per_group)
 
     def media_kv(self, latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per LM layer name, the keys and values of the video latents [B, K, dim] (the generation cache)."""

@@ -9,6 +9,7 @@ from adapters.video import (
     VideoAdapter,
     VideoAdapterConfig,
     encode_frames,
+    feature_flow,
     video_layer_schedule,
 )
 from adapters.vision import VisionAdapter, VisionAdapterConfig, fusion_schedule
@@ -78,14 +79,77 @@ def test_place_embedding_tells_where_in_the_frame_a_token_was():
             placed(frames[:, :, :4], count)
 
 
-def test_padded_video_batch_equals_each_clip_alone():
-    """Clips of 6 and 40 frames in one batch: each row's block output equals the clip alone (gates opened)."""
+MOVES = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+
+
+def _moving_object(direction: str, frames: int = 4, grid: int = 8, dim: int = 16) -> torch.Tensor:
+    """Patch features [1, F, grid, grid, dim]: a plain background (one random feature everywhere, as a plain wall's
+    patches would have) and one object patch moving a patch a frame."""
+    g = torch.Generator().manual_seed(1)
+    background, thing = torch.randn(dim, generator=g).expand(grid, grid, dim), 3 * torch.randn(dim, generator=g)
+    (dr, dc), out = MOVES[direction], []
+    for f in range(frames):
+        frame = background.clone()
+        frame[4 + dr * f, 4 + dc * f] = thing
+        out.append(frame)
+    return torch.stack(out)[None]
+
+
+@pytest.mark.parametrize("direction", sorted(MOVES))
+def test_feature_flow_points_where_the_features_moved(direction):
+    """An object patch moving one patch a frame over a still background: the summed flow points its way (x right,
+    y down), the still background has none, and frames marked padding add nothing."""
+    patches = _moving_object(direction)
+    flow = feature_flow(patches, torch.ones(1, 4, dtype=torch.bool))
+    total = flow.sum(dim=(0, 1, 2, 3))
+    dr, dc = MOVES[direction]
+    along, across = (total[0], total[1]) if dc else (total[1], total[0])
+    assert float(along) * (dc or dr) > 0 and abs(float(across)) < 0.2 * abs(float(along))
+    assert flow[0, 0].abs().max() == 0  # the first frame has no predecessor
+    near = torch.zeros(8, 8, dtype=torch.bool)  # patches next to the object's path
+    for f in range(4):
+        near[3 + dr * f : 6 + dr * f, 3 + dc * f : 6 + dc * f] = True
+    assert flow[0, :, ~near].abs().max() < 1e-6  # elsewhere a still background has no flow
+    clipped = feature_flow(patches, torch.tensor([[True, True, True, False]]))
+    torch.testing.assert_close(clipped[:, :3], flow[:, :3])
+    assert clipped[:, 3:].abs().max() == 0
+
+
+def test_motion_tokens_tell_a_clip_from_its_reverse():
+    """The perceiver can tell frame order only through learned frame embeddings; the motion tokens carry the
+    direction from the first step: rightwards for a clip, leftwards for its reverse. A frame with fewer tokens than
+    the motion grid is refused."""
     torch.manual_seed(0)
-    adapter = VideoAdapter(_video_cfg()).eval()
+    cfg = _video_cfg(motion_grid=8, tokens_per_frame=65)
+    aggregator = TemporalAggregator(cfg).eval()
+    project = torch.nn.Linear(16, DIM, bias=False)
+    with torch.no_grad():
+        patches = project(_moving_object("right")).flatten(2, 3)  # [1, 4, 64, DIM]
+        frames = torch.cat([torch.zeros(1, 4, 1, DIM), patches], dim=2)  # a class token first, as the ViT's
+        forward, _ = aggregator(frames, torch.tensor([4]))
+        backward, _ = aggregator(frames.flip(1), torch.tensor([4]))
+    assert cfg.tokens_per_group == 4 + 64 and forward.shape == (1, 1, 68, DIM)
+    # Read the flow back out of the motion tokens (the projection is 2 -> DIM): rightwards, and leftwards reversed.
+    place, proj = aggregator.motion.place_embedding, aggregator.motion.proj.weight
+    flow_forward, flow_backward = (
+        (tokens[0, 0, 4:] - place) @ torch.linalg.pinv(proj).T for tokens in (forward, backward)
+    )
+    (x_forward, y_forward), (x_backward, y_backward) = flow_forward.sum(0).tolist(), flow_backward.sum(0).tolist()
+    assert x_forward > 1 and x_backward < -1 and max(abs(y_forward), abs(y_backward)) < 0.2 * abs(x_forward)
+    with pytest.raises(ValueError, match="frames have 65 tokens each, fewer than the motion grid's 9x9"):
+        TemporalAggregator(_video_cfg(motion_grid=9))(frames, torch.tensor([4]))
+
+
+@pytest.mark.parametrize("motion_grid", [0, 2])
+def test_padded_video_batch_equals_each_clip_alone(motion_grid):
+    """Clips of 6 and 40 frames in one batch: each row's block output equals the clip alone (gates opened), with
+    and without motion tokens."""
+    torch.manual_seed(0)
+    adapter = VideoAdapter(_video_cfg(motion_grid=motion_grid)).eval()
     block = adapter.cross_attention_layers[0]
     block.gate_attn.data.fill_(0.7)
     block.gate_ffwd.data.fill_(-0.4)
-    frames = torch.randn(2, 40, 3, DIM)
+    frames = torch.randn(2, 40, 5, DIM)
     counts = torch.tensor([6, 40])
     text = torch.randn(2, 5, DIM)
     with torch.no_grad():

@@ -204,8 +204,9 @@ def build_model(cfg: AdapterJobConfig, modality: str, device: torch.device) -> L
         from adapters.video import VideoAdapter, VideoAdapterConfig
 
         mm.requires_grad_(False)  # the image stage's parts are reused frozen; only the video adapter learns
-        # Each token of a frame gets a learned place embedding (VideoAdapterConfig.tokens_per_frame).
-        shape = {"tokens_per_frame": mm.vision_encoder.cfg.num_tokens, **mc.video_adapter}
+        # Each token of a frame gets a learned place embedding, and each patch a motion token (VideoAdapterConfig).
+        encoder_cfg = mm.vision_encoder.cfg
+        shape = {"tokens_per_frame": encoder_cfg.num_tokens, "motion_grid": encoder_cfg.grid, **mc.video_adapter}
         mm.video_adapter = VideoAdapter(VideoAdapterConfig.from_vision(mm.vision_adapter.cfg, **shape))
         return mm.to(device)
     lm = load_pretrained(mc.lm).to(device=device, dtype=torch.float32)
