@@ -39,14 +39,13 @@ test: install lint
 # The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM on
 # 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; synthetic media and CLIP / BEST-RQ
 # pretraining of the tiny encoders; the adapters on the frozen LM (vision: image encoder + adapter; speech: speech
-# encoder + adapter; optionally video, on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
+# encoder + adapter; video, on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
-# checkpoint). `make quickstart DEMO=0` stops before serving. The video stage is left out by default: it adds ~6
-# minutes and does not yet learn the direction of motion (bench/RESULTS.md); ADAPTER_STAGES="vision video speech"
-# trains it too.
+# checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves out the video
+# stage (about 4.5 minutes).
 TORCHRUN := $(VENV)/bin/torchrun --nproc-per-node 2
 LM_RUN := runs/lm/debug
-ADAPTER_STAGES ?= vision speech
+ADAPTER_STAGES ?= vision video speech
 MM_DIR := runs/llama3mm/tiny
 DEMO ?= 1
 quickstart: install
