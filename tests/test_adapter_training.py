@@ -4,7 +4,8 @@ checkpoints; video leaves the image parts alone), the final Llama3MM loads and g
 from a checkpoint (after a crash mid-save) equals the uninterrupted one.
 
 Grounding (held-out accuracy by generation far above chance) needs the pretrained debug LM and more steps than a
-test affords: the quickstart's tiny runs show it (bench/RESULTS.md). A random LM cannot show it for speech at all
+test affords: the quickstart's tiny runs show it (bench/RESULTS.md); tests/test_video_learns_motion.py shows the
+video stage's on a random LM by forced choice. A random LM cannot show it for speech at all
 in a few steps: every transcript starts with its own word, so its loss falls only once the audio is recognised."""
 
 from __future__ import annotations
