@@ -1,8 +1,8 @@
 """The video stage learns the direction of motion: a fresh video adapter on a frozen random tiny LM and a frozen
 random tiny ViT, trained on captions of the embedded moving-shape clips, names the direction of held-out clips far
 above chance (a forced choice among the four directions by loss). Without the motion tokens it stays near chance
-in the same steps (0.21 when measured; the perceiver alone must discover the frame order through the frozen LM:
-bench/RESULTS.md)."""
+in the same steps (measured: 1.00 with them, 0.21 without): the perceiver alone must discover the frame order
+through the frozen LM (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from llama3mm.model import CrossAttentionInputs, MediaState
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 DIRECTIONS = ("to the right", "to the left", "up", "down")
-STEPS, BATCH = 60, 16
+STEPS, BATCH = 40, 16
 
 
 @pytest.fixture(scope="module")
