@@ -142,6 +142,9 @@ def test_speech_stage_trains_the_encoder_and_adapter_only(speech_run):
     run_dir, recs = speech_run
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) for r in recs)
+    # It learns, if only what a random LM allows in 24 steps: the transcripts' words and stop (12.1 -> 11.2 when
+    # measured; uniform over the vocabulary is 11.8). Recognition needs the pretrained LM (bench/RESULTS.md).
+    assert mean_loss(recs[-4:]) < mean_loss(recs[:4]) - 0.5, (recs[0], recs[-1])
     parts = {k.split(".")[1] for k in checkpoint_keys(run_dir) if k.startswith("model.")}
     assert parts == {"speech_encoder", "speech_adapter", "extra_embeddings"}, parts
 
