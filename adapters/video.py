@@ -182,13 +182,13 @@ def feature_flow(patches: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tens
     and where either frame is padding: frame_valid [B, F]).
     """
     x = F.layer_norm(patches.float(), patches.shape[-1:])
-    dt = x[:, 1:] - x[:, :-1]
+    now = x[:, 1:]
+    dt = now - x[:, :-1]
     pair_valid = (frame_valid[:, 1:] & frame_valid[:, :-1])[:, :, None, None, None]
-    # Central differences across columns and rows, zero at the border.
-    d_col = F.pad((x[:, :, :, 2:] - x[:, :, :, :-2]) / 2, (0, 0, 1, 1))
-    d_row = F.pad((x[:, :, 2:] - x[:, :, :-2]) / 2, (0, 0, 0, 0, 1, 1))
-    now = slice(1, None)
-    flow = -torch.stack([(dt * d_col[:, now]).mean(-1), (dt * d_row[:, now]).mean(-1)], dim=-1)
+    # Central differences across columns and rows of the later frame, zero at the border.
+    d_col = F.pad((now[:, :, :, 2:] - now[:, :, :, :-2]) / 2, (0, 0, 1, 1))
+    d_row = F.pad((now[:, :, 2:] - now[:, :, :-2]) / 2, (0, 0, 0, 0, 1, 1))
+    flow = -torch.stack([(dt * d_col).mean(-1), (dt * d_row).mean(-1)], dim=-1)
     flow = torch.where(pair_valid, flow, torch.zeros_like(flow))
     return F.pad(flow, (0, 0, 0, 0, 0, 0, 1, 0)).to(patches.dtype)
 
