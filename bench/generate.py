@@ -9,13 +9,17 @@ weight once, so it cannot be faster; it is timed like the engines (mean of 63 pa
 repeats, interleaved with them). "% of floor" = floor time / per-token time. MKL runs an fp32
 matrix-vector product on one thread, so that floor is not the machine's limit: the read-only floor
 (summing every weight once, all threads) is also printed, the true least cost of streaming the weights.
+On CUDA the same figures come from a larger model (the 8B shape with its layers cut, ``--preset``/``--layers``),
+synchronising the device around every timed call.
 
     python bench/generate.py [--threads 2] [--repeats 7]
+    python bench/generate.py --device cuda --preset llama3-8b --layers 8 --prompt-len 128 --new-tokens 128
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -40,9 +44,16 @@ CONFIG = LMConfig(
 
 
 def _timed(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _ours(model, prompt: list[int], n: int, compile: bool = False) -> list[int]:
@@ -66,7 +77,7 @@ def _floor_fn(model: Transformer, dtype: torch.dtype):
     """Multiply every linear weight (and the output projection) by one vector; returns the fastest way."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert any(w is model.output.weight for w in weights)
-    vectors = {w.shape[1]: torch.randn(w.shape[1], dtype=dtype) for w in weights}
+    vectors = {w.shape[1]: torch.randn(w.shape[1], dtype=dtype, device=w.device) for w in weights}
     rows = {k: v[None] for k, v in vectors.items()}
 
     def mv():
@@ -90,10 +101,12 @@ def bench_dtype(
     """Per-token decode times (seconds) of ours, HF and the floor in one dtype, interleaved."""
     import transformers
 
+    device = base.output.weight.device
     ours = base.to(dtype)
-    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    prompt = torch.randint(0, CONFIG.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
-    prompt_ids, prompt_tensor = prompt.tolist(), prompt[None]
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
+    vocab = base.config.vocab_size
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    prompt_ids, prompt_tensor = prompt.tolist(), prompt[None].to(device)
     floors = _floor_fn(ours, dtype)
 
     # Warm up: allocator, oneDNN kernel selection, HF's lazy generation setup.
@@ -146,23 +159,33 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode row")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--preset", default=None, help="an LMConfig preset instead of the CPU config (e.g. llama3-8b)")
+    parser.add_argument("--layers", type=int, default=None, help="layers kept of the preset (fit one device)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     import transformers
 
-    model = Transformer(CONFIG)
-    model.init_weights()
+    config = CONFIG
+    if args.preset:
+        config = LMConfig.from_preset(args.preset)
+        config = dataclasses.replace(config, n_layers=args.layers or config.n_layers)
+    with torch.device(args.device):
+        model = Transformer(config)
+        model.init_weights()
     model.eval()
     n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"config: dim {CONFIG.dim}, {CONFIG.n_layers} layers, {CONFIG.n_heads} heads, {CONFIG.n_kv_heads} KV heads, "
-        f"FFN {CONFIG.ffn_hidden_dim}, vocab {CONFIG.vocab_size}; {n_weights / 1e6:.1f}M matrix weights"
+        f"{device}; config: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads, "
+        f"{config.n_kv_heads} KV heads, FFN {config.ffn_hidden_dim}, vocab {config.vocab_size}; "
+        f"{n_weights / 1e6:.1f}M matrix weights"
     )
     print(
         f"batch 1, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy; "
