@@ -1,4 +1,4 @@
-"""metrics.jsonl (the contract of DESIGN.md), the rank-0 progress line, optional TensorBoard, MFU and memory.
+"""metrics.jsonl (the contract of docs/ARCHITECTURE.md), the rank-0 progress line, optional TensorBoard, MFU and memory.
 
 One JSON object per logged step with at least: ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``
 (null where tokens mean nothing), ``mfu`` (null where the device's peak is unknown, e.g. CPU), ``mem_gb``; plus
