@@ -63,12 +63,12 @@ def batch(mm, size: int) -> dict:
     from data.scenes import caption, random_scene
     from data.synthetic import draw_scene
     from llama3mm.processor import DEFAULT_PROMPTS
-    from train.adapter import Examples
+    from train.adapter import PromptCollator, image_media
 
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(size)]
     samples = [{"image": draw_scene(s), "text": caption(s)} for s in scenes]
-    return Examples(mm, "vision", DEFAULT_PROMPTS["image"])(samples)
+    return PromptCollator(mm, DEFAULT_PROMPTS["image"], image_media)(samples)
 
 
 def state_bytes(mm, optimizer) -> dict[str, int]:
