@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 LM_SHAPE = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=128256, multiple_of=256)
 
 
-def build(directory: Path, frozen: bool):
+def build(directory: Path, frozen: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The composed model (random LM saved to ``directory`` so Llama3MM records its path) and its optimizer."""
     from adapters.vision import VisionAdapter, VisionAdapterConfig
     from encoders.vision import VisionEncoder, VisionEncoderConfig
@@ -56,22 +57,22 @@ def build(directory: Path, frozen: bool):
     return mm, build_optimizer(mm, OptimConfig(lr=1e-4))
 
 
-def batch(mm, size: int) -> dict:
+def batch(mm: nn.Module, size: int) -> dict:
     """A training batch of synthetic scenes, built as train/adapter.py builds its own."""
     import random
 
     from data.scenes import caption, random_scene
     from data.synthetic import draw_scene
     from llama3mm.processor import DEFAULT_PROMPTS
-    from train.adapter import Examples
+    from train.adapter import PromptCollator, image_media
 
     rng = random.Random(0)
     scenes = [random_scene(rng) for _ in range(size)]
     samples = [{"image": draw_scene(s), "text": caption(s)} for s in scenes]
-    return Examples(mm, "vision", DEFAULT_PROMPTS["image"])(samples)
+    return PromptCollator(mm, DEFAULT_PROMPTS["image"], image_media)(samples)
 
 
-def state_bytes(mm, optimizer) -> dict[str, int]:
+def state_bytes(mm: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of gradients and AdamW state, split into the LM's and the rest."""
     names = {p: n for n, p in mm.named_parameters()}
     out = {"lm_grad": 0, "lm_optim": 0, "other_grad": 0, "other_optim": 0, "lm_optim_tensors": 0}

@@ -33,13 +33,10 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
@@ -48,22 +45,22 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from data.grading import accepted_keys, is_correct, majority_rate, normalize_text  # noqa: E402
 from llama3mm.processor import DEFAULT_PROMPTS  # noqa: E402
 from lm.checkpoint import atomic_write_text  # noqa: E402
-from train.checkpoint import Checkpointer  # noqa: E402
-from train.config import JobConfig, parse_cli  # noqa: E402
-from train.encoder import MEDIA_KINDS, EncoderBatches, ensure_data  # noqa: E402
-from train.loop import RunContext, compile_default, init_run, train  # noqa: E402
-from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.parallel.fsdp import parallelize  # noqa: E402
-from train.parallel.mesh import barrier, destroy_distributed, world_size  # noqa: E402
+from train import stage  # noqa: E402
+from train.config import JobConfig  # noqa: E402
+from train.loop import RunContext  # noqa: E402
+from train.media import MEDIA_KINDS  # noqa: E402
+from train.parallel.mesh import world_size  # noqa: E402
+from train.stage import Recipe, Stage  # noqa: E402
 
 if TYPE_CHECKING:
     from llama3mm import Llama3MM
 
 log = logging.getLogger("train.adapter")
 
-MODALITIES = ("vision", "video", "speech")
+TASK = "adapter training"
 IGNORE = -100
 
 
@@ -124,112 +121,68 @@ class AdapterJobConfig(JobConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Answers: what a generated text says, what counts as right, and what chance is.
-
-
-def _vocabulary() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    from data.scenes import COLOURS, DIRECTIONS, SHAPES
-
-    return COLOURS, SHAPES, DIRECTIONS
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, punctuation dropped, single spaces: the form transcripts are compared in."""
-    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
-
-
-def _named_objects(text: str) -> list[str]:
-    colours, shapes, _ = _vocabulary()
-    pattern = r"\b(" + "|".join(colours) + r") (" + "|".join(shapes) + r")\b"
-    return [f"{c} {s}" for c, s in re.findall(pattern, normalize_text(text))]
-
-
-def answer_key(modality: str, text: str) -> str | None:
-    """What a generated text answers: vision, the first 'colour shape' it names; video, the direction of motion
-    ('moves up'); speech, the whole normalised transcript. None when it names none."""
-    norm = normalize_text(text)
-    if modality == "speech":
-        return norm or None
-    if modality == "video":
-        directions = _vocabulary()[2]
-        m = re.search(r"\bmoves (" + "|".join(re.escape(d) for d in directions) + r")\b", norm)
-        return m.group(1) if m else None
-    named = _named_objects(norm)
-    return named[0] if named else None
-
-
-def accepted_keys(modality: str, reference: str) -> set[str]:
-    """The answers a reference caption or transcript accepts: vision, any object of the scene (a caption lists
-    its objects in an order the image does not show); video and speech, the one answer."""
-    if modality == "vision":
-        return set(_named_objects(reference))
-    key = answer_key(modality, reference)
-    return {key} if key is not None else set()
-
-
-def is_correct(modality: str, generated: str, reference: str) -> bool:
-    """Whether a generation answers right: speech, its first words are the transcript (what follows is graded by
-    eval/exact_match); vision and video, its answer is one the reference accepts."""
-    if modality == "speech":
-        want = normalize_text(reference).split()
-        return bool(want) and normalize_text(generated).split()[: len(want)] == want
-    return answer_key(modality, generated) in accepted_keys(modality, reference)
-
-
-def majority_rate(accepted: list[set[str]]) -> float:
-    """Accuracy of always giving the answer most often accepted: the chance level beside the accuracy."""
-    counts = Counter(k for keys in accepted for k in keys)
-    return counts.most_common(1)[0][1] / len(accepted) if counts else 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Model.
 
 
-def build_model(cfg: AdapterJobConfig, modality: str, device: torch.device) -> Llama3MM:
-    """The Llama3MM of a stage: frozen LM + the encoder/adapter parts the modality trains (or reads frozen)."""
+def vision_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
+    """Frozen LM + the image encoder (trained or frozen, ``train_encoder``) + a new image adapter."""
+    from adapters.vision import VisionAdapter, VisionAdapterConfig
+    from encoders.vision import VisionEncoder
     from llama3mm import Llama3MM
-    from lm import load_pretrained
 
-    mc = cfg.model
-    for key in ("lm",) + (("base",) if modality == "video" else ()):
+    lm = _load_lm(mc, device)
+    encoder = _load_encoder(VisionEncoder, mc.vision_encoder, "model.vision_encoder")
+    acfg = VisionAdapterConfig.from_lm(lm.config, encoder.cfg.output_dim, num_layers=mc.vision_layers or None)
+    adapter = VisionAdapter(acfg)
+    encoder.requires_grad_(mc.train_encoder)
+    return Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, lm_path=mc.lm).to(device)
+
+
+def video_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
+    """A vision-stage Llama3MM (``model.base``), all frozen, + a new video adapter."""
+    from adapters.video import VideoAdapter, VideoAdapterConfig
+    from llama3mm import Llama3MM
+
+    _check_exists(mc, "lm", "base")
+    # Resolved here: from_pretrained reads a relative lm_path against the checkpoint directory.
+    lm_path = Path(mc.lm).resolve()
+    mm = Llama3MM.from_pretrained(mc.base, lm_path=lm_path, device=device, dtype=torch.float32)
+    if mm.vision_encoder is None or mm.vision_adapter is None:
+        raise ValueError(f"model.base = {mc.base!r} holds no image encoder/adapter: run the vision stage first")
+    mm.requires_grad_(False)  # the image stage's parts are reused frozen; only the video adapter learns
+    # Each token of a frame gets a learned place embedding, and each patch a motion token (VideoAdapterConfig).
+    encoder_cfg = mm.vision_encoder.cfg
+    shape = {"tokens_per_frame": encoder_cfg.num_tokens, "motion_grid": encoder_cfg.grid, **mc.video_adapter}
+    mm.video_adapter = VideoAdapter(VideoAdapterConfig.from_vision(mm.vision_adapter.cfg, **shape))
+    return mm.to(device)
+
+
+def speech_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
+    """Frozen LM + the speech encoder (trained or frozen, ``train_encoder``) + a new speech adapter."""
+    from adapters.speech import SpeechAdapter, SpeechAdapterConfig
+    from encoders.speech import SpeechEncoder
+    from llama3mm import Llama3MM
+
+    lm = _load_lm(mc, device)
+    encoder = _load_encoder(SpeechEncoder, mc.speech_encoder, "model.speech_encoder")
+    scfg = {"encoder_dim": encoder.cfg.dim, "lm_dim": lm.config.dim, "dim": lm.config.dim}
+    scfg.update(heads=lm.config.n_heads, ffn_dim=lm.config.ffn_hidden_dim)
+    adapter = SpeechAdapter(SpeechAdapterConfig(**{**scfg, **mc.speech_adapter}))
+    encoder.requires_grad_(mc.train_encoder)
+    return Llama3MM(lm, speech_encoder=encoder, speech_adapter=adapter, lm_path=mc.lm).to(device)
+
+
+def _check_exists(mc: AdapterModelConfig, *keys: str) -> None:
+    for key in keys:
         if not Path(getattr(mc, key)).exists():
             raise FileNotFoundError(f"model.{key} = {getattr(mc, key)!r} does not exist")
-    if modality == "video":
-        # Resolved here: from_pretrained reads a relative lm_path against the checkpoint directory.
-        lm_path = Path(mc.lm).resolve()
-        mm = Llama3MM.from_pretrained(mc.base, lm_path=lm_path, device=device, dtype=torch.float32)
-        if mm.vision_encoder is None or mm.vision_adapter is None:
-            raise ValueError(f"model.base = {mc.base!r} holds no image encoder/adapter: run the vision stage first")
-        from adapters.video import VideoAdapter, VideoAdapterConfig
 
-        mm.requires_grad_(False)  # the image stage's parts are reused frozen; only the video adapter learns
-        # Each token of a frame gets a learned place embedding, and each patch a motion token (VideoAdapterConfig).
-        encoder_cfg = mm.vision_encoder.cfg
-        shape = {"tokens_per_frame": encoder_cfg.num_tokens, "motion_grid": encoder_cfg.grid, **mc.video_adapter}
-        mm.video_adapter = VideoAdapter(VideoAdapterConfig.from_vision(mm.vision_adapter.cfg, **shape))
-        return mm.to(device)
-    lm = load_pretrained(mc.lm).to(device=device, dtype=torch.float32)
-    if modality == "vision":
-        from adapters.vision import VisionAdapter, VisionAdapterConfig
-        from encoders.vision import VisionEncoder
 
-        encoder = _load_encoder(VisionEncoder, mc.vision_encoder, "model.vision_encoder")
-        acfg = VisionAdapterConfig.from_lm(lm.config, encoder.cfg.output_dim, num_layers=mc.vision_layers or None)
-        adapter = VisionAdapter(acfg)
-        encoder.requires_grad_(mc.train_encoder)
-        mm = Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, lm_path=mc.lm)
-    else:
-        from adapters.speech import SpeechAdapter, SpeechAdapterConfig
-        from encoders.speech import SpeechEncoder
+def _load_lm(mc: AdapterModelConfig, device: torch.device) -> nn.Module:
+    from lm import load_pretrained
 
-        encoder = _load_encoder(SpeechEncoder, mc.speech_encoder, "model.speech_encoder")
-        scfg = {"encoder_dim": encoder.cfg.dim, "lm_dim": lm.config.dim, "dim": lm.config.dim}
-        scfg.update(heads=lm.config.n_heads, ffn_dim=lm.config.ffn_hidden_dim)
-        adapter = SpeechAdapter(SpeechAdapterConfig(**{**scfg, **mc.speech_adapter}))
-        encoder.requires_grad_(mc.train_encoder)
-        mm = Llama3MM(lm, speech_encoder=encoder, speech_adapter=adapter, lm_path=mc.lm)
-    return mm.to(device)
+    _check_exists(mc, "lm")
+    return load_pretrained(mc.lm).to(device=device, dtype=torch.float32)
 
 
 def _load_encoder(cls: type, directory: str, key: str) -> nn.Module:
@@ -265,22 +218,46 @@ def fsdp_blocks(mm: nn.Module) -> list[nn.Module]:
 # Data: samples -> prompt + target rows, batched with the media.
 
 
-class Examples:
-    """Turns decoded samples into model inputs with the model's processor (the path generate takes)."""
+MediaArgs = Callable[[dict], dict[str, Any]]
 
-    def __init__(self, mm: Llama3MM, modality: str, prompt: str) -> None:
-        self.mm, self.modality, self.prompt = mm, modality, prompt
+
+def image_media(sample: dict) -> dict[str, Any]:
+    """generate()'s media arguments for an image sample."""
+    return {"images": [sample["image"]]}
+
+
+def video_media(sample: dict) -> dict[str, Any]:
+    """generate()'s media arguments for a clip."""
+    return {"video": sample["video"]}
+
+
+def audio_media(sample: dict) -> dict[str, Any]:
+    """generate()'s media arguments for an utterance."""
+    return {"audio": sample["audio"]}
+
+
+def split_samples(batch: dict) -> list[dict]:
+    """collate_samples' lists back into per-sample dicts (the processor works sample by sample)."""
+    n = len(batch["text"])
+    out = [{"text": batch["text"][i], "meta": batch["meta"][i]} for i in range(n)]
+    for key in ("image", "video"):
+        if key in batch:
+            for i in range(n):
+                out[i][key] = batch[key][i]
+    if "audio" in batch:
+        for i in range(n):
+            out[i]["audio"] = batch["audio"][i, : int(batch["audio_lengths"][i])]
+    return out
+
+
+class PromptCollator:
+    """Collates samples into prompt + target rows with the model's processor (the path generate takes)."""
+
+    def __init__(self, mm: Llama3MM, prompt: str, media: MediaArgs) -> None:
+        self.mm, self.prompt, self.media = mm, prompt, media
         tok = mm.tokenizer
         # <|end_of_text|> closes every document the LM was pretrained on: a stop it already predicts.
         self.tokenizer, self.stop_id, self.pad_id = tok, tok.eos_id, tok.pad_id
-
-    def media(self, sample: dict) -> dict[str, Any]:
-        """The generate() media arguments of one sample."""
-        if self.modality == "vision":
-            return {"images": [sample["image"]]}
-        if self.modality == "video":
-            return {"video": sample["video"]}
-        return {"audio": sample["audio"]}
 
     def target(self, sample: dict) -> str:
         """The text the model learns to produce."""
@@ -326,7 +303,8 @@ def collate_media(per_sample: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on ``device``."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -334,7 +312,7 @@ def batch_loss(mm: nn.Module, batch: dict[str, Any], device: torch.device) -> tu
     """Mean cross-entropy over the target tokens of a batch (fused chunked projection) and their count."""
     from lm.loss import linear_cross_entropy
 
-    batch = _to(batch, device)
+    batch = to_device(batch, device)
     labels = batch.pop("labels")
     tokens = batch.pop("tokens")
     scored = labels != IGNORE
@@ -350,12 +328,12 @@ def batch_loss(mm: nn.Module, batch: dict[str, Any], device: torch.device) -> tu
 # Evaluation.
 
 
-def heldout_samples(cfg: AdapterJobConfig, modality: str, count: int, skip: int = 0) -> list[dict]:
+def heldout_samples(cfg: AdapterJobConfig, modality: AdapterModality, count: int, skip: int = 0) -> list[dict]:
     """The first ``count`` held-out samples (after ``skip``), in shard order."""
     from data.media import MediaSamples
 
     heldout = MediaSamples(
-        cfg.data.dir, kind=MEDIA_KINDS[modality], split="heldout", shuffle=False, epochs=1, **_decode(modality)
+        cfg.data.dir, kind=MEDIA_KINDS[modality.name], split="heldout", shuffle=False, epochs=1, **modality.decode
     )
     out = []
     for i, sample in enumerate(heldout):
@@ -366,21 +344,18 @@ def heldout_samples(cfg: AdapterJobConfig, modality: str, count: int, skip: int 
     return out
 
 
-def _decode(modality: str) -> dict[str, Any]:
-    return {"image_format": "pil"} if modality == "vision" else {}
-
-
-def generation_accuracy(mm: Llama3MM, examples: Examples, samples: list[dict], max_new_tokens: int) -> dict:
+def generation_accuracy(
+    mm: Llama3MM, modality: str, collator: PromptCollator, samples: list[dict], max_new_tokens: int
+) -> dict:
     """Greedy generation for each sample: the share whose answer the reference accepts, chance, exact matches."""
-    modality = examples.modality
     hits, exact, accepted, shown = 0, 0, [], []
     for sample in samples:
-        text = mm.generate(examples.prompt, max_new_tokens=max_new_tokens, temperature=0.0, **examples.media(sample))
-        accepted.append(accepted_keys(modality, examples.target(sample)))
-        hits += int(is_correct(modality, text, examples.target(sample)))
-        exact += int(normalize_text(text) == normalize_text(examples.target(sample)))
+        text = mm.generate(collator.prompt, max_new_tokens=max_new_tokens, temperature=0.0, **collator.media(sample))
+        accepted.append(accepted_keys(modality, collator.target(sample)))
+        hits += int(is_correct(modality, text, collator.target(sample)))
+        exact += int(normalize_text(text) == normalize_text(collator.target(sample)))
         if len(shown) < 3:
-            shown.append(f"{examples.target(sample)!r} -> {text.strip()!r}")
+            shown.append(f"{collator.target(sample)!r} -> {text.strip()!r}")
     n = max(len(samples), 1)
     log.info("held-out generations: %s", "; ".join(shown))
     return {"eval/accuracy": hits / n, "eval/chance": majority_rate(accepted), "eval/exact_match": exact / n}
@@ -390,13 +365,18 @@ class Evaluator:
     """Held-out loss on every rank; generation accuracy on rank 0 with an unsharded copy (``shadow``)."""
 
     def __init__(
-        self, cfg: AdapterJobConfig, modality: str, ctx: RunContext, shadow: Llama3MM | None, examples: Examples
+        self,
+        cfg: AdapterJobConfig,
+        modality: AdapterModality,
+        ctx: RunContext,
+        shadow: Llama3MM | None,
+        collator: PromptCollator,
     ) -> None:
-        self.cfg, self.modality, self.ctx, self.shadow, self.examples = cfg, modality, ctx, shadow, examples
+        self.cfg, self.modality, self.ctx, self.shadow, self.collator = cfg, modality.name, ctx, shadow, collator
         ec = cfg.eval
         # Loss samples are disjoint per rank; the generation set is the first eval.samples of the split.
         mine = heldout_samples(cfg, modality, ec.loss_samples, skip=ctx.dp_rank * ec.loss_samples)
-        self.loss_batches = [examples(mine[i : i + ec.batch_size]) for i in range(0, len(mine), ec.batch_size)]
+        self.loss_batches = [collator(mine[i : i + ec.batch_size]) for i in range(0, len(mine), ec.batch_size)]
         self.gen_samples = heldout_samples(cfg, modality, ec.samples) if ctx.rank == 0 else []
 
     def sync_shadow(self, model: nn.Module) -> None:
@@ -414,6 +394,7 @@ class Evaluator:
                 )
 
     def __call__(self, model: nn.Module, step: int) -> dict:
+        """eval/loss, eval/accuracy, eval/chance, eval/exact_match; a collective (every rank calls it)."""
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for batch in self.loss_batches:
             loss, n = batch_loss(model, batch, self.ctx.device)
@@ -425,7 +406,8 @@ class Evaluator:
         scores = torch.zeros(3, dtype=torch.float64)
         if self.shadow is not None:
             self.shadow.eval()
-            result = generation_accuracy(self.shadow, self.examples, self.gen_samples, self.cfg.eval.max_new_tokens)
+            max_new = self.cfg.eval.max_new_tokens
+            result = generation_accuracy(self.shadow, self.modality, self.collator, self.gen_samples, max_new)
             scores = torch.tensor([result["eval/accuracy"], result["eval/chance"], result["eval/exact_match"]])
         if world_size() > 1:
             scores = scores.to(self.ctx.device)
@@ -435,140 +417,89 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Entry.
+# Recipes: one per modality, run by train.stage.
+
+
+@dataclass(frozen=True)
+class AdapterModality:
+    """What differs between the adapter stages: the model they train, a sample's media, how samples decode."""
+
+    name: str
+    build_model: Callable[[AdapterModelConfig, torch.device], Llama3MM]
+    media: MediaArgs
+    # MediaSamples decoding options: the processor tiles PIL images as generate() gets them.
+    decode: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, cfg: AdapterJobConfig, ctx: RunContext) -> Stage:
+        """The stage: this modality's Llama3MM with the collator, loss, eval and export every adapter stage shares."""
+        mm = self.build_model(cfg.model, ctx.device)
+        trainable = mm.trainable_parameters()
+        counts = {
+            "trainable_parameters": sum(p.numel() for p in trainable),
+            "frozen_parameters": sum(p.numel() for p in mm.parameters() if not p.requires_grad),
+        }
+        # Rank 0 generates with an unsharded copy that shares the frozen LM (never sharded, so never copied).
+        shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm}) if ctx.rank == 0 else None
+        collator = PromptCollator(mm, cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[self.name]], self.media)
+        frozen = {p for p in mm.parameters() if not p.requires_grad}
+        evaluator = Evaluator(cfg, self, ctx, shadow, collator)
+
+        def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+            loss, n = batch_loss(model, batch, ctx.device)
+            return loss, {"target_tokens": n.float()}
+
+        return Stage(
+            model=mm,
+            blocks=fsdp_blocks(mm),
+            transform=lambda batch: collator(split_samples(batch)),
+            loss_fn=loss_fn,
+            eval_fn=evaluator,
+            export=self.export(cfg, ctx, mm, evaluator, counts),
+            frozen=frozen,
+            decode=self.decode,
+        )
+
+    def export(
+        self, cfg: AdapterJobConfig, ctx: RunContext, mm: nn.Module, evaluator: Evaluator, counts: dict[str, int]
+    ) -> Callable[[list[dict], float], None]:
+        """Writes RUN_DIR/final: the Llama3MM checkpoint (what trained, the LM by path) and eval.json."""
+
+        def export(records: list[dict], seconds: float) -> None:
+            # The composed model for inference: adapters and encoders in small files beside a manifest naming the LM.
+            evaluator.sync_shadow(mm)
+            if ctx.rank != 0:
+                return
+            final = Path(cfg.run.dir) / "final"
+            # The prompt goes with the checkpoint: an adapter on a base LM answers the prompt it was trained with.
+            evaluator.shadow.prompts[MEDIA_KINDS[self.name]] = evaluator.collator.prompt
+            evaluator.shadow.save_pretrained(final)
+            last_eval = next((r for r in reversed(records) if "eval/accuracy" in r), {})
+            summary = {
+                "modality": self.name,
+                "steps": cfg.train.steps,
+                "train_seconds": round(seconds, 1),
+                **counts,
+                "eval_samples": cfg.eval.samples,
+                **{k: v for k, v in last_eval.items() if k.startswith("eval/")},
+            }
+            atomic_write_text(final / "eval.json", json.dumps(summary, indent=2) + "\n")
+            log.info("wrote %s: %s", final, summary)
+
+        return export
+
+
+MODALITY_TABLE = (
+    AdapterModality("vision", vision_model, image_media, {"image_format": "pil"}),
+    AdapterModality("video", video_model, video_media),
+    AdapterModality("speech", speech_model, audio_media),
+)
+RECIPES = {m.name: Recipe(m.name, TASK, m.build) for m in MODALITY_TABLE}
+MODALITIES = tuple(RECIPES)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse, set up the mesh, build the stage's model and data, train, write the Llama3MM checkpoint."""
-    parser = argparse.ArgumentParser(prog="train/adapter.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modality", choices=MODALITIES, required=True)
-    cfg, args = parse_cli(AdapterJobConfig, argv, parser)
-    ctx = init_run(cfg)
-    try:
-        return _run(cfg, args.modality, ctx)
-    finally:
-        destroy_distributed()
-
-
-def _run(cfg: AdapterJobConfig, modality: str, ctx: RunContext) -> list[dict]:
-    from data.media import MediaSamples
-
-    if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.dims.cp > 1:
-        raise ValueError("adapter training is data parallel only: set parallel.tp = pp = cp = 1")
-    ensure_data(cfg, modality, ctx.rank)
-    micro = ctx.micro_batch_size(cfg)
-    mm = build_model(cfg, modality, ctx.device)
-    trainable = mm.trainable_parameters()
-    if not trainable:
-        raise ValueError(f"the {modality} stage has nothing to train")
-    n_frozen = sum(p.numel() for p in mm.parameters() if not p.requires_grad)
-    n_train = sum(p.numel() for p in trainable)
-    # Rank 0 generates with an unsharded copy that shares the frozen LM (never sharded, so never copied).
-    shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm}) if ctx.rank == 0 else None
-    examples = Examples(mm, modality, cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[modality]])
-
-    frozen = {p for p in mm.parameters() if not p.requires_grad}
-    parallelize(
-        mm,
-        ctx.mesh,
-        fsdp_blocks(mm),
-        ac=cfg.train.ac,
-        compile=compile_default(cfg),
-        param_dtype=cfg.parallel.param_dtype,
-        reduce_dtype=cfg.parallel.reduce_dtype,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-        ignored_params=frozen,
-    )
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    for block in fsdp_blocks(mm):
-        if hasattr(block, "media_kv"):
-            # Llama3MM computes each block's media keys/values once, outside its forward: gather for it too.
-            register_fsdp_forward_method(block, "media_kv")
-    if ctx.rank == 0:
-        log.info(
-            "%s adapter training: %.2fM trainable, %.2fM frozen parameters, %d ranks",
-            modality,
-            n_train / 1e6,
-            n_frozen / 1e6,
-            ctx.world_size,
-        )
-
-    samples = MediaSamples(
-        cfg.data.dir,
-        kind=MEDIA_KINDS[modality],
-        split="train",
-        rank=ctx.dp_rank,
-        world_size=ctx.dp_size,
-        seed=cfg.data.seed,
-        on_corrupt=cfg.data.on_corrupt,
-        **_decode(modality),
-    )
-    data = EncoderBatches(samples, micro, lambda batch: examples(_uncollate(batch)))
-    evaluator = Evaluator(cfg, modality, ctx, shadow, examples)
-
-    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, n = batch_loss(model, batch, ctx.device)
-        return loss, {"target_tokens": n.float()}
-
-    def extra_metrics(step: int) -> dict:
-        s = data.stats()
-        return {"data/skipped": s["skipped"], "data/epoch": data.state_dict()["epoch"]}
-
-    optimizer = build_optimizer(mm, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    # Checkpoints hold what trains: the frozen LM is read from model.lm, never copied into every checkpoint.
-    checkpointer = Checkpointer(
-        cfg.checkpoint, cfg.run.dir, mm, optimizer, scheduler, data, seed=cfg.run.seed, trainable_only=True
-    )
-    t0 = time.perf_counter()
-    records = train(
-        cfg,
-        mm,
-        loss_fn,
-        data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        checkpointer=checkpointer,
-        eval_fn=evaluator,
-        extra_metrics=extra_metrics,
-    )
-    seconds = time.perf_counter() - t0
-    # The composed model for inference: adapters and encoders in small files beside a manifest naming the LM.
-    evaluator.sync_shadow(mm)
-    if ctx.rank == 0:
-        final = Path(cfg.run.dir) / "final"
-        # The prompt goes with the checkpoint: an adapter on a base LM answers the prompt it was trained with.
-        shadow.prompts[MEDIA_KINDS[modality]] = examples.prompt
-        shadow.save_pretrained(final)
-        last_eval = next((r for r in reversed(records) if "eval/accuracy" in r), {})
-        summary = {
-            "modality": modality,
-            "steps": cfg.train.steps,
-            "train_seconds": round(seconds, 1),
-            "trainable_parameters": n_train,
-            "frozen_parameters": n_frozen,
-            "eval_samples": cfg.eval.samples,
-            **{k: v for k, v in last_eval.items() if k.startswith("eval/")},
-        }
-        atomic_write_text(final / "eval.json", json.dumps(summary, indent=2) + "\n")
-        log.info("trained in %.1f s; wrote %s: %s", seconds, final, summary)
-    barrier()
-    return records
-
-
-def _uncollate(batch: dict) -> list[dict]:
-    """collate_samples' lists back into per-sample dicts (the processor works sample by sample)."""
-    n = len(batch["text"])
-    out = [{"text": batch["text"][i], "meta": batch["meta"][i]} for i in range(n)]
-    for key in ("image", "video"):
-        if key in batch:
-            for i in range(n):
-                out[i][key] = batch[key][i]
-    if "audio" in batch:
-        for i in range(n):
-            out[i]["audio"] = batch["audio"][i, : int(batch["audio_lengths"][i])]
-    return out
+    return stage.main(argv, AdapterJobConfig, RECIPES, "train/adapter.py", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,11 +33,12 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lm.checkpoint import atomic_write_text  # noqa: E402
+from train import stage  # noqa: E402
 from train.checkpoint import full_state_dict  # noqa: E402
-from train.config import JobConfig, parse_cli  # noqa: E402
-from train.loop import EvalFn, RunContext, compile_default, init_run, train  # noqa: E402
-from train.parallel.fsdp import parallelize  # noqa: E402
-from train.parallel.mesh import barrier, destroy_distributed, world_size  # noqa: E402
+from train.config import JobConfig  # noqa: E402
+from train.loop import EvalFn, RunContext  # noqa: E402
+from train.parallel.mesh import world_size  # noqa: E402
+from train.stage import Recipe, Stage  # noqa: E402
 
 if TYPE_CHECKING:  # the encoders import open_clip, torchvision and torchaudio: loaded only where used
     from encoders.objectives import BestRQ, CLIPModel, TextTowerConfig
@@ -50,9 +49,7 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 
 log = logging.getLogger("train.encoder")
 
-MODALITIES = ("vision", "speech")
-# The media kind (data.media) each training modality reads; train/adapter.py adds video.
-MEDIA_KINDS = {"vision": "image", "video": "video", "speech": "audio"}
+TASK = "encoder pretraining"
 
 
 @dataclass
@@ -113,73 +110,7 @@ class EncoderJobConfig(JobConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data.
-
-
-def ensure_data(cfg: EncoderJobConfig, modality: str, rank: int) -> None:
-    """Make the embedded synthetic shards in ``data.dir`` when missing: rank 0 writes, every rank waits."""
-    from data.media import SUBDIRS, find_shards
-    from data.synthetic import GENERATING_MARKER
-
-    # train/adapter.py shares this check, with video beside vision and speech.
-    kind = MEDIA_KINDS[modality]
-    synth_kind = SUBDIRS[kind]
-
-    try:
-        shards = find_shards(cfg.data.dir, kind, "train")
-        # Shards beside the marker are an interrupted data.synthetic run: generate() starts that kind afresh.
-        present = not (shards[0].parent / GENERATING_MARKER).exists()
-    except FileNotFoundError:
-        present = False
-    if not present and rank == 0:
-        if not cfg.data.generate:
-            raise FileNotFoundError(f"no {kind} shards in {cfg.data.dir} and data.generate is off")
-        from data.synthetic import generate
-
-        log.info("generating the embedded %s data in %s", synth_kind, cfg.data.dir)
-        generate(
-            synth_kind,
-            cfg.data.dir,
-            train=cfg.data.train_count or None,
-            heldout=cfg.data.heldout_count or None,
-            seed=cfg.data.seed,
-        )
-    barrier()
-
-
-class EncoderBatches:
-    """Micro-batches for one rank from a resumable ``MediaSamples`` stream, transformed for the model.
-
-    The state is the sample stream's (global position, valid under any world size); batching reads no sample
-    ahead, so the state between batches is exact.
-    """
-
-    def __init__(self, samples, batch_size: int, transform) -> None:
-        self.samples, self.batch_size, self.transform = samples, batch_size, transform
-        self._it = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Any:
-        from data.media import batches
-
-        if self._it is None:
-            self._it = batches(iter(self.samples), self.batch_size)
-        return self.transform(next(self._it))
-
-    def state_dict(self) -> dict:
-        """The sample stream's position (plus its counters, for the metrics)."""
-        return dict(self.samples.state_dict())
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (taken under any world size)."""
-        self.samples.load_state_dict({"epoch": state["epoch"], "position": state["position"]})
-        self._it = None
-
-    def stats(self) -> dict:
-        """Corrupt / skipped sample counts of this rank's stream."""
-        return self.samples.stats()
+# Batches.
 
 
 def vision_transform(model_cfg: VisionEncoderConfig, tokenize: Tokenize) -> Callable[[dict], dict]:
@@ -326,115 +257,90 @@ def speech_eval(cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module) -> Eva
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Entry.
+# Recipes: one per modality, run by train.stage.
+
+
+def clip_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
+    """CLIP pretraining of the vision encoder with a text tower; exports the vision encoder."""
+    from encoders.objectives import clip_loss
+
+    model, vcfg, tcfg = build_vision(cfg)
+    objective = {"kind": "vision", "vision": vcfg.to_dict(), "text": tcfg.to_dict()}
+    tokenize = model.tokenize
+    # Contrastive loss over the whole data-parallel batch: features all-gathered with gradients.
+    criterion = clip_loss(rank=ctx.dp_rank, world_size=ctx.dp_size, local_loss=False, gather_with_grad=True)
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        img, txt, scale = model(batch["images"].to(ctx.device), batch["tokens"].to(ctx.device))
+        loss = criterion(img.float(), txt.float(), scale.float())
+        with torch.no_grad():
+            acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
+        return loss, {"logit_scale": scale.detach(), "batch_top1": acc}
+
+    return Stage(
+        model=model,
+        # CLIP pretraining runs the ViT trunk only (the Llama 3.2 global layers join in the adapter stage), so the
+        # trunk and text blocks are the units FSDP shards and checkpoints one by one.
+        blocks=list(model.vision.transformer.resblocks) + list(model.text.transformer.resblocks),
+        transform=vision_transform(vcfg, tokenize),
+        loss_fn=loss_fn,
+        eval_fn=vision_eval(cfg, ctx, tokenize, vcfg),
+        export=encoder_export(cfg, ctx, model, "vision.", objective),
+    )
+
+
+def bestrq_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
+    """BEST-RQ pretraining of the speech encoder against a frozen random-projection quantizer."""
+    model, scfg, rq = build_speech(cfg)
+    chance = 1.0 / rq["codebook_size"]
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = model(batch["features"].to(ctx.device), batch["lengths"].to(ctx.device))
+        return out.loss, {"accuracy": out.accuracy, "chance": chance, "masked_steps": float(out.num_masked)}
+
+    return Stage(
+        model=model,
+        blocks=list(model.encoder.layers.values()),
+        transform=speech_transform,
+        loss_fn=loss_fn,
+        # Built before the model moves to its device: the targets' baselines are counted on the host.
+        eval_fn=speech_eval(cfg, ctx, model),
+        export=encoder_export(cfg, ctx, model, "encoder.", {"kind": "speech", "speech": scfg.to_dict(), "bestrq": rq}),
+    )
+
+
+def encoder_export(
+    cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module, prefix: str, objective: dict[str, Any]
+) -> Callable[[list[dict], float], None]:
+    """Writes RUN_DIR/final: the encoder (weights under ``prefix``) and pretraining.json."""
+
+    def export(records: list[dict], seconds: float) -> None:
+        # The encoder's full weights for the adapter stage, in the encoders' own save_pretrained layout
+        # (config.json + model.safetensors: VisionEncoder/SpeechEncoder.from_pretrained(RUN_DIR/final/encoder)
+        # loads it). A collective: every rank takes part, rank 0 writes.
+        final = Path(cfg.run.dir) / "final"
+        state = full_state_dict(model)
+        if ctx.rank == 0:
+            from encoders.vision import save_encoder
+
+            save_encoder(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+                objective[objective["kind"]],
+                final / "encoder",
+            )
+            summary = {"objective": objective, "last": records[-1] if records else {}}
+            atomic_write_text(final / "pretraining.json", json.dumps(summary, indent=2) + "\n")
+
+    return export
+
+
+RECIPES = {"vision": Recipe("vision", TASK, clip_stage), "speech": Recipe("speech", TASK, bestrq_stage)}
+MODALITIES = tuple(RECIPES)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse, set up the mesh, build model/data/loss for the modality, train, export the encoder."""
-    parser = argparse.ArgumentParser(prog="train/encoder.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modality", choices=MODALITIES, required=True)
-    cfg, args = parse_cli(EncoderJobConfig, argv, parser)
-    ctx = init_run(cfg)
-    try:
-        return _run(cfg, args.modality, ctx)
-    finally:
-        destroy_distributed()
-
-
-def _run(cfg: EncoderJobConfig, modality: str, ctx: RunContext) -> list[dict]:
-    from data.media import MediaSamples
-
-    if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.dims.cp > 1:
-        raise ValueError("encoder pretraining is data parallel only: set parallel.tp = pp = cp = 1")
-    ensure_data(cfg, modality, ctx.rank)
-    micro = ctx.micro_batch_size(cfg)
-    kind = MEDIA_KINDS[modality]
-    samples = MediaSamples(
-        cfg.data.dir,
-        kind=kind,
-        split="train",
-        rank=ctx.dp_rank,
-        world_size=ctx.dp_size,
-        seed=cfg.data.seed,
-        on_corrupt=cfg.data.on_corrupt,
-    )
-
-    if modality == "vision":
-        from encoders.objectives import clip_loss
-
-        model, vcfg, tcfg = build_vision(cfg)
-        export_cfg = {"kind": "vision", "vision": vcfg.to_dict(), "text": tcfg.to_dict()}
-        tokenize = model.tokenize
-        # CLIP pretraining runs the ViT trunk only (the Llama 3.2 global layers join in the adapter stage), so the
-        # trunk and text blocks are the units FSDP shards and checkpoints one by one.
-        blocks = list(model.vision.transformer.resblocks) + list(model.text.transformer.resblocks)
-        data = EncoderBatches(samples, micro, vision_transform(vcfg, tokenize))
-        # Contrastive loss over the whole data-parallel batch: features all-gathered with gradients.
-        criterion = clip_loss(rank=ctx.dp_rank, world_size=ctx.dp_size, local_loss=False, gather_with_grad=True)
-
-        def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-            img, txt, scale = model(batch["images"].to(ctx.device), batch["tokens"].to(ctx.device))
-            loss = criterion(img.float(), txt.float(), scale.float())
-            with torch.no_grad():
-                acc = ((img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)).float().mean()
-            return loss, {"logit_scale": scale.detach(), "batch_top1": acc}
-
-        eval_fn = vision_eval(cfg, ctx, tokenize, vcfg)
-        export_prefix = "vision."
-    else:
-        model, scfg, rq = build_speech(cfg)
-        export_cfg = {"kind": "speech", "speech": scfg.to_dict(), "bestrq": rq}
-        blocks = list(model.encoder.layers.values())
-        data = EncoderBatches(samples, micro, speech_transform)
-        chance = 1.0 / rq["codebook_size"]
-
-        def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-            out = model(batch["features"].to(ctx.device), batch["lengths"].to(ctx.device))
-            return out.loss, {"accuracy": out.accuracy, "chance": chance, "masked_steps": float(out.num_masked)}
-
-        eval_fn = speech_eval(cfg, ctx, model)
-        export_prefix = "encoder."
-
-    model.to(ctx.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    parallelize(
-        model,
-        ctx.mesh,
-        blocks,
-        ac=cfg.train.ac,
-        compile=compile_default(cfg),
-        param_dtype=cfg.parallel.param_dtype,
-        reduce_dtype=cfg.parallel.reduce_dtype,
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
-    )
-    if ctx.rank == 0:
-        log.info("%s encoder pretraining: %.2fM parameters, %d ranks", modality, n_params / 1e6, ctx.world_size)
-
-    def extra_metrics(step: int) -> dict:
-        s = data.stats()
-        return {"data/skipped": s["skipped"], "data/epoch": data.state_dict()["epoch"]}
-
-    t0 = time.perf_counter()
-    records = train(cfg, model, loss_fn, data, eval_fn=eval_fn, extra_metrics=extra_metrics)
-    if ctx.rank == 0:
-        log.info("trained in %.1f s", time.perf_counter() - t0)
-    # The encoder's full weights for the adapter stage, in the encoders' own save_pretrained layout
-    # (config.json + model.safetensors: VisionEncoder/SpeechEncoder.from_pretrained(RUN_DIR/final/encoder) loads it).
-    # A collective: every rank takes part, rank 0 writes.
-    final = Path(cfg.run.dir) / "final"
-    state = full_state_dict(model)
-    if ctx.rank == 0:
-        from encoders.vision import save_encoder
-
-        save_encoder(
-            {k[len(export_prefix) :]: v for k, v in state.items() if k.startswith(export_prefix)},
-            export_cfg[modality],
-            final / "encoder",
-        )
-        summary = {"objective": export_cfg, "last": records[-1] if records else {}}
-        atomic_write_text(final / "pretraining.json", json.dumps(summary, indent=2) + "\n")
-    barrier()
-    return records
+    return stage.main(argv, EncoderJobConfig, RECIPES, "train/encoder.py", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

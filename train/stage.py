@@ -1,0 +1,156 @@
+"""One runner for the media training stages (train/encoder.py, train/adapter.py) over per-modality recipes.
+
+A recipe builds a ``Stage`` (the model, the blocks FSDP shards, the batch transform, the loss, the eval and the
+export of RUN_DIR/final); the runner does what every stage shares: the data-parallel-only check, the embedded
+data, FSDP, the resumable sample stream, optimizer and checkpoints, the training loop, and the export at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch.nn as nn
+
+from train.checkpoint import Checkpointer
+from train.config import JobConfig, parse_cli
+from train.loop import EvalFn, LossFn, RunContext, compile_default, init_run, train
+from train.media import MediaBatches, ensure_data, train_samples
+from train.optim import build_optimizer, build_scheduler
+from train.parallel.fsdp import parallelize
+from train.parallel.mesh import barrier, destroy_distributed
+
+log = logging.getLogger("train.stage")
+
+C = TypeVar("C", bound=JobConfig)
+
+
+@dataclass
+class Stage:
+    """What a recipe builds for one run: the model and how it is batched, trained, evaluated and exported."""
+
+    model: nn.Module
+    # The repeated blocks FSDP shards (and activation checkpointing wraps) one by one.
+    blocks: list[nn.Module]
+    # A batch of samples (data.media.collate_samples) -> the model's micro-batch (a transform or a collator).
+    transform: Callable[[dict], Any]
+    loss_fn: LossFn
+    eval_fn: EvalFn
+    # Writes RUN_DIR/final from the trained model, given the logged records and the training seconds. Every rank
+    # calls it (it may gather the sharded weights).
+    export: Callable[[list[dict], float], None]
+    # Parameters kept out of FSDP and out of the checkpoints (the frozen LM); None: the whole model trains.
+    frozen: set[nn.Parameter] | None = None
+    # MediaSamples decoding options of the training stream.
+    decode: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one modality trains: the builder of its Stage (model, blocks, batch transform, loss, eval, export)."""
+
+    modality: str
+    # What the stage is, for messages: "encoder pretraining", "adapter training".
+    task: str
+    build: Callable[[Any, RunContext], Stage]
+
+
+def main(
+    argv: list[str] | None, config_cls: type[C], recipes: Mapping[str, Recipe], prog: str, description: str
+) -> list[dict]:
+    """An entry script's CLI: parse ``--modality`` and the config, set up the mesh, run the modality's recipe."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--modality", choices=tuple(recipes), required=True)
+    cfg, args = parse_cli(config_cls, argv, parser)
+    ctx = init_run(cfg)
+    try:
+        return run(cfg, recipes[args.modality], ctx)
+    finally:
+        destroy_distributed()
+
+
+def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:
+    """Build the recipe's stage, shard it, train it on the modality's shards and export it; returns the records."""
+    if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.dims.cp > 1:
+        raise ValueError(f"{recipe.task} is data parallel only: set parallel.tp = pp = cp = 1")
+    ensure_data(cfg, recipe.modality, ctx.rank)
+    micro = ctx.micro_batch_size(cfg)
+    stage = recipe.build(cfg, ctx)
+    model = stage.model.to(ctx.device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if not n_train:
+        raise ValueError(f"the {recipe.modality} stage has nothing to train")
+    shard(cfg, ctx, stage)
+    if ctx.rank == 0:
+        log.info(
+            "%s %s: %.2fM trainable, %.2fM frozen parameters, %d ranks",
+            recipe.modality,
+            recipe.task,
+            n_train / 1e6,
+            n_frozen / 1e6,
+            ctx.world_size,
+        )
+
+    data = MediaBatches(train_samples(cfg, recipe.modality, ctx, stage.decode), micro, stage.transform)
+
+    def extra_metrics(step: int) -> dict:
+        s = data.stats()
+        return {"data/skipped": s["skipped"], "data/epoch": data.state_dict()["epoch"]}
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    # Checkpoints hold what trains: frozen parameters are read from their own files, never copied into each one.
+    checkpointer = Checkpointer(
+        cfg.checkpoint,
+        cfg.run.dir,
+        model,
+        optimizer,
+        scheduler,
+        data,
+        seed=cfg.run.seed,
+        trainable_only=stage.frozen is not None,
+    )
+    t0 = time.perf_counter()
+    records = train(
+        cfg,
+        model,
+        stage.loss_fn,
+        data,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        checkpointer=checkpointer,
+        eval_fn=stage.eval_fn,
+        extra_metrics=extra_metrics,
+    )
+    seconds = time.perf_counter() - t0
+    if ctx.rank == 0:
+        log.info("trained in %.1f s", seconds)
+    stage.export(records, seconds)
+    barrier()
+    return records
+
+
+def shard(cfg: JobConfig, ctx: RunContext, stage: Stage) -> None:
+    """FSDP over the stage's blocks, frozen parameters left out (replicated on every rank)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    parallelize(
+        stage.model,
+        ctx.mesh,
+        stage.blocks,
+        ac=cfg.train.ac,
+        compile=compile_default(cfg),
+        param_dtype=cfg.parallel.param_dtype,
+        reduce_dtype=cfg.parallel.reduce_dtype,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+        ignored_params=stage.frozen,
+    )
+    for block in stage.blocks:
+        if hasattr(block, "media_kv"):
+            # Llama3MM computes each block's media keys/values once, outside its forward: gather for it too.
+            register_fsdp_forward_method(block, "media_kv")
