@@ -24,6 +24,8 @@ from torch import nn
 from adapters.speech import encode_audio, scatter_audio_embeddings
 from adapters.video import encode_frames
 from adapters.vision import MediaAttentionMask, VisionAdapter, cross_attention_mask
+from llama3mm import checkpoint, mllama
+from llama3mm.parts import Llama3MMParts
 from lm.model import Transformer
 
 # Llama 3.2 Vision's learnable table: 8 ids past the text vocabulary, <|image|> the first (HF Mllama, Meta).
@@ -397,9 +399,16 @@ class Llama3MM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Adapters, encoders and the extra embeddings as small files + llama3mm.json naming the LM (path and
         sha256). An LM without a known path (e.g. imported from Mllama) is written to `directory/lm`."""
-        from llama3mm.checkpoint import save
+        return checkpoint.save(self, directory)
 
-        return save(self, directory)
+    @classmethod
+    def from_parts(cls, parts: Llama3MMParts) -> Llama3MM:
+        """The model of what a checkpoint reader or importer returned."""
+        mm = cls(parts.lm, lm_path=parts.lm_path, prompts=parts.prompts, **parts.modules, **_extra_rows(parts))
+        if parts.extra_embeddings is not None:
+            with torch.no_grad():
+                mm.extra_embeddings.copy_(parts.extra_embeddings)
+        return mm
 
     @classmethod
     def from_pretrained(
@@ -413,9 +422,17 @@ class Llama3MM(nn.Module):
         """Load a save_pretrained directory, a Llama 3.2 Vision checkpoint (HF Mllama or Meta layout, imported by
         from_mllama / from_meta) or a bare LM checkpoint. A saved model's LM (the recorded path, or `lm_path`)
         must hash to the recorded sha256. On CUDA the default dtype is bf16, fp32 elsewhere."""
-        from llama3mm.checkpoint import load
-
-        return load(directory, lm_path=lm_path, device=device, dtype=dtype)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        layout = checkpoint.checkpoint_layout(directory)
+        if layout == "mllama":
+            mm = cls.from_mllama(directory)
+        elif layout == "meta-vision":
+            mm = cls.from_meta(directory)
+        else:
+            mm = cls.from_parts(checkpoint.read(directory, lm_path=lm_path))
+        return mm.to(device=device, dtype=dtype)
 
     @classmethod
     def from_mllama(
@@ -431,18 +448,23 @@ class Llama3MM(nn.Module):
         intermediate_layer_input: Meta's meaning of the encoder's intermediate layer indices (the released
         weights were trained with it); False reproduces transformers 5.x bit for bit (see encoders.vision).
         """
-        from llama3mm.mllama import from_mllama
-
-        return from_mllama(source, hf_config, intermediate_layer_input=intermediate_layer_input)
+        parts = mllama.mllama_parts(source, hf_config, intermediate_layer_input=intermediate_layer_input)
+        return cls.from_parts(parts).to(parts.lm.output.weight.dtype)  # the encoder and adapter were built in fp32
 
     @classmethod
     def from_meta(cls, source: str | Path | dict, params: dict | None = None) -> Llama3MM:
         """Import Llama 3.2 Vision weights in Meta's layout (llama_models): a directory (params.json +
         consolidated.00.pth) or a state dict with its params. Without `vision_model.vision_encoder.*` tensors
         the model has no encoder (media tokens can still be given through `MediaState`)."""
-        from llama3mm.mllama import from_meta
+        parts = mllama.meta_parts(source, params)
+        return cls.from_parts(parts).to(parts.lm.output.weight.dtype)
 
-        return from_meta(source, params)
+
+def _extra_rows(parts: Llama3MMParts) -> dict[str, int]:
+    """`num_extra_tokens` of the recorded table; none (the default count) when the table is to be drawn fresh."""
+    if parts.extra_embeddings is None:
+        return {}
+    return {"num_extra_tokens": parts.extra_embeddings.shape[0]}
 
 
 class _WithMedia(nn.Module):
