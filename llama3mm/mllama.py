@@ -27,7 +27,7 @@ from adapters.vision import (
 )
 from encoders.vision import VisionEncoder
 from llama3mm.parts import Llama3MMParts
-from lm.checkpoint import _HF_TO_META, _rename, check_state_dict, hf_to_meta_rotary
+from lm.checkpoint import check_state_dict, hf_to_meta_name, hf_to_meta_rotary
 from lm.config import LMConfig
 from lm.model import Transformer
 
@@ -72,7 +72,7 @@ def mllama_lm_to_ours(state_dict: dict, text_config: dict) -> tuple[dict, torch.
         for key, tensor in state_dict.items():
             if not key.startswith(layer_prefix):
                 continue
-            name = _rename(f"model.layers.{ours}.{key[len(layer_prefix) :]}", _HF_TO_META)
+            name = hf_to_meta_name(f"model.layers.{ours}.{key[len(layer_prefix) :]}")
             if name is None:
                 raise KeyError(f"unexpected Mllama self-attention weight {key}")
             if name.endswith("attention.wq.weight"):

@@ -510,9 +510,9 @@ def _image_inputs(
 
 def _decode_stream(tokenizer: Any, ids: Iterator[int]) -> Iterator[str]:
     """Text pieces of a token stream, never splitting a multi-byte character."""
-    from lm.generate import _IncrementalDecoder
+    from lm.generate import IncrementalDecoder
 
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     for token in ids:
         piece = decoder.push(token)
         if piece:

@@ -83,15 +83,15 @@ def _sample(
                 break
             k = min(k * 8, vocab)
     else:
-        return _draw(torch.softmax(logits, dim=-1), generator)
+        return draw_index(torch.softmax(logits, dim=-1), generator)
     if use_top_p:
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays), as Meta does.
         cumulative = probs.cumsum(dim=-1)
         probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
-    return indices.gather(-1, _draw(probs, generator)[:, None]).squeeze(-1)
+    return indices.gather(-1, draw_index(probs, generator)[:, None]).squeeze(-1)
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw_index(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of weights [B, N] (not necessarily normalized), with probability ~ weight."""
     # Inverse CDF with one uniform per row: torch.multinomial draws one exponential per entry
     # instead, which costs milliseconds on a 128K vocabulary.
@@ -319,7 +319,7 @@ def stream_generate(
 # ---- command line ---------------------------------------------------------------------------------
 
 
-class _IncrementalDecoder:
+class IncrementalDecoder:
     """Turns token ids into text pieces without splitting multi-byte UTF-8 characters across tokens."""
 
     def __init__(self, tokenizer: Tokenizer):
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
 
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     start = time.perf_counter()
     first = None
     count = 0
@@ -405,4 +405,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["generate", "main", "stream_generate"]
+__all__ = ["IncrementalDecoder", "draw_index", "generate", "main", "stream_generate", "vocab_projection"]
