@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.atomic import commit_directory
 from data.shards import DataError, ShardSink, write_manifest
 
 __all__ = ["DataError", "iter_documents", "prepare_text", "resolve_inputs"]
@@ -252,10 +253,8 @@ def prepare_text(
             {"path": _relative(path, root), "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()
         ],
     )
-    if output.exists():
-        shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, output)
+    commit_directory(staging, output)
     manifest["seconds"] = time.perf_counter() - started
     return manifest
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import atomic_write_text
 from encoders.vision import load_encoder, save_encoder
 from llama3mm.parts import Llama3MMParts
-from lm.checkpoint import atomic_write_text, detect_format, load_pretrained, save_pretrained
+from lm.checkpoint import detect_format, load_pretrained, save_pretrained
 
 MANIFEST = "llama3mm.json"
 PARTS = ("vision_encoder", "vision_adapter", "video_adapter", "speech_encoder", "speech_adapter")
