@@ -26,6 +26,7 @@ from adapters.video import encode_frames
 from adapters.vision import MediaAttentionMask, VisionAdapter, cross_attention_mask
 from llama3mm import checkpoint, mllama
 from llama3mm.parts import Llama3MMParts
+from lm.generate import IncrementalDecoder, SamplingConfig, stream_generate
 from lm.model import Transformer
 
 # Llama 3.2 Vision's learnable table: 8 ids past the text vocabulary, <|image|> the first (HF Mllama, Meta).
@@ -318,35 +319,21 @@ class Llama3MM(nn.Module):
         video: Any = None,
         audio: Any = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.6,
-        top_p: float | None = 0.9,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop_tokens: Sequence[int] | None = None,
+        sampling: SamplingConfig | None = None,
+        **settings: Any,
     ) -> Iterator[int]:
-        """Yield new token ids for one prompt (text, token ids or chat messages) with its media.
+        """Yield new token ids for one prompt (text, token ids or chat messages) with its media; `settings` are
+        SamplingConfig's fields over `sampling` (stop_tokens default: the tokenizer's).
 
         The media's cross-attention keys/values are computed once; the text KV cache and sampling are lm's.
         """
-        from lm.generate import stream_generate
-
+        sampling = SamplingConfig.of(sampling, **settings)
         inputs = self.processor.prompt_inputs(prompt, images=images, video=video, audio=audio)
         tokens = inputs.pop("tokens")
         state = self.encode_media(tokens, **inputs)
-        if stop_tokens is None:
-            stop_tokens = self.tokenizer.stop_tokens
-        yield from stream_generate(
-            _WithMedia(self, state),
-            None,
-            tokens[0].tolist(),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_tokens=stop_tokens,
-        )
+        if sampling.stop_tokens is None:
+            sampling = SamplingConfig.of(sampling, stop_tokens=self.tokenizer.stop_tokens)
+        yield from stream_generate(_WithMedia(self, state), None, tokens[0].tolist(), sampling=sampling)
 
     def generate(
         self,
@@ -355,30 +342,17 @@ class Llama3MM(nn.Module):
         video: Any = None,
         audio: Any = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.6,
-        top_p: float | None = 0.9,
-        top_k: int | None = None,
-        seed: int | None = None,
+        sampling: SamplingConfig | None = None,
         stream: bool = False,
+        **settings: Any,
     ) -> str | Iterator[str]:
         """The text generated for a prompt (text with optional "<|image|>" markers, token ids, or chat messages)
         and its media (PIL images or uint8 [3, H, W] tensors); stream=True yields text pieces as they come.
+        `settings` are SamplingConfig's fields (max_new_tokens, temperature, top_p, top_k, seed) over `sampling`.
 
         A text prompt without "<|image|>" gets one image token per image after <|begin_of_text|>.
         """
-        ids = self.generate_tokens(
-            prompt,
-            images,
-            video,
-            audio,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_tokens=self.tokenizer.stop_tokens,
-        )
+        ids = self.generate_tokens(prompt, images, video, audio, sampling=SamplingConfig.of(sampling, **settings))
         pieces = _decode_stream(self.tokenizer, ids)
         return pieces if stream else "".join(pieces)
 
@@ -388,10 +362,10 @@ class Llama3MM(nn.Module):
         images: Sequence[Any] | None = None,
         video: Any = None,
         audio: Any = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> str | Iterator[str]:
         """The assistant's reply to a dialog; `{"type": "image"}` content items take `images` in order
-        (an item may also carry its own `"image"`)."""
+        (an item may also carry its own `"image"`). `kwargs` are `generate`'s (sampling settings, stream)."""
         return self.generate(list(messages), images, video, audio, **kwargs)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -510,8 +484,6 @@ def _image_inputs(
 
 def _decode_stream(tokenizer: Any, ids: Iterator[int]) -> Iterator[str]:
     """Text pieces of a token stream, never splitting a multi-byte character."""
-    from lm.generate import IncrementalDecoder
-
     decoder = IncrementalDecoder(tokenizer)
     for token in ids:
         piece = decoder.push(token)
