@@ -5,7 +5,7 @@ One step = zero_grad, forward, loss, backward, AdamW step, on the CPU bench conf
 (ours saved in HF's layout and loaded by HF). Both predict the same next tokens: inputs x = 256 tokens, and
 target i = x[i + 1], the last position of a row counting for nothing (HF shifts `labels=x` that way inside;
 ours gets the shifted targets with -100 at the end). Ours computes the loss as train/lm.py does:
-`linear_cross_entropy(model(x, skip_output=True).flatten(0, 1), model.output.weight, targets.flatten())`;
+`linear_cross_entropy(model(x, output="hidden").flatten(0, 1), model.output.weight, targets.flatten())`;
 HF takes `model(input_ids=x, labels=x).loss` (its default SDPA attention). Both use torch.optim.AdamW with
 the same hyperparameters and implementation flag.
 
@@ -56,7 +56,7 @@ def _timed(fn) -> float:
 
 def _ours_step(model: Transformer, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor) -> float:
     optimizer.zero_grad(set_to_none=True)
-    hidden = model(x, skip_output=True)
+    hidden = model(x, output="hidden")
     loss = linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
     loss.backward()
     optimizer.step()

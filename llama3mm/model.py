@@ -266,7 +266,7 @@ class Llama3MM(nn.Module):
         **lm_kwargs,
     ) -> torch.Tensor:
         """Logits [B, S, vocab] of `tokens` [B, S] with their media; `lm_kwargs` go to `lm.Transformer.forward`
-        (e.g. `output_fn` for a fused loss, `skip_output`).
+        (e.g. `output=` a fused loss, or "hidden").
 
         images [B, I, T, 3, S, S] (or [B, T, 3, S, S]: one image per row), aspect_ratio_ids [B, I] (or [B]),
         tile_mask [B, I, T] (derived from the ids when absent). The k-th <|image|> of a row is its image k.
@@ -293,7 +293,8 @@ class Llama3MM(nn.Module):
             h = state.embed(tokens, h)
         hook = None
         if state.cross:
-            start = lm_kwargs.get("start_pos") or 0
+            attention = lm_kwargs.get("attention")
+            start = (attention.start_pos if attention is not None else lm_kwargs.get("start_pos")) or 0
             length = tokens.shape[1]
             layers = [(inputs, inputs.mask.rows_at(start, length)) for inputs in state.cross]
 

@@ -319,8 +319,6 @@ def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[d
         yield shard
 
 
-
-
 __all__ = [
     "atomic_write",
     "atomic_write_text",

@@ -10,19 +10,22 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import functools
 import math
 import numbers
 import os
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from lm.attention import attention_inputs
 
 if TYPE_CHECKING:
     from lm.model import Transformer
@@ -165,14 +168,32 @@ def _left_pad(rows: list[list[int]], total_len: int, device: torch.device) -> _P
     return _PaddedBatch(tokens, (columns[None, :] - pad[:, None]).clamp(min=0), columns[None, :] >= pad[:, None])
 
 
-def _step(model: Transformer, tokens: torch.Tensor, batch: _PaddedBatch, start_pos: int, **output) -> torch.Tensor:
-    """The model over `tokens` [B, S] written to the KV cache at [start_pos, start_pos + S); `output` chooses
-    what it returns (Transformer.forward's keywords)."""
+def _forward_at(
+    model: Transformer,
+    tokens: torch.Tensor,
+    start_pos: int,
+    key_valid: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    output: str,
+) -> torch.Tensor:
+    """The model over `tokens` [B, S] written to the KV cache at [start_pos, start_pos + S); left-padded rows bring
+    their padding's `key_valid` and RoPE `positions`."""
+    if positions is None:
+        return model(tokens, start_pos=start_pos, output=output)
+    attention = attention_inputs(
+        model.config, *tokens.shape, tokens.device, start_pos=start_pos, key_valid=key_valid, positions=positions
+    )
+    return model(tokens, attention=attention, output=output)
+
+
+def _step(
+    forward: Callable[..., torch.Tensor], tokens: torch.Tensor, batch: _PaddedBatch, start_pos: int, output: str
+) -> torch.Tensor:
+    """`forward` (`_forward_at` of a model, or its compiled graph) at `start_pos`, with the batch's padding."""
     if batch.positions is None:
-        return model(tokens, start_pos=start_pos, **output)
+        return forward(tokens, start_pos, None, None, output)
     end = start_pos + tokens.shape[1]
-    key_valid, positions = batch.key_valid[:, :end], batch.positions[:, start_pos:end]
-    return model(tokens, start_pos=start_pos, key_valid=key_valid, positions=positions, **output)
+    return forward(tokens, start_pos, batch.key_valid[:, :end], batch.positions[:, start_pos:end], output)
 
 
 def _decode_logits(
@@ -181,8 +202,9 @@ def _decode_logits(
     """Logits [B, V] of one decode step."""
     if compile:
         # The compiled graph fuses the vocabulary projection too, beating the eager BLAS path.
-        return _step(_compiled(model), tokens, batch, start_pos)[:, -1]
-    return vocab_projection(_step(model, tokens, batch, start_pos, skip_output=True)[:, -1], model.output.weight)
+        return _step(_compiled(model), tokens, batch, start_pos, "logits")[:, -1]
+    hidden = _step(functools.partial(_forward_at, model), tokens, batch, start_pos, "hidden")[:, -1]
+    return vocab_projection(hidden, model.output.weight)
 
 
 def _stream_rows(
@@ -209,8 +231,9 @@ def _stream_rows(
     # The last sampled token is never fed back, so the cache needs one column less than the sequence.
     model.setup_cache(len(rows), total_len - 1)
     try:
-        hidden = _step(model, batch.tokens, batch, 0, last_only=True, skip_output=True)[:, -1]
-        logits = vocab_projection(hidden, output_weight)
+        # The norm is per position, so the last one's hidden state is the same as normalising it alone.
+        hidden = _step(functools.partial(_forward_at, model), batch.tokens, batch, 0, "hidden")[:, -1]
+        logits = vocab_projection(hidden.contiguous(), output_weight)
         done = [False] * len(rows)
         for cur in range(prompt_len, total_len):
             next_token = _sample(logits, sampling, generator)
@@ -257,10 +280,10 @@ def _mv_into(matrix: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> N
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compiled(model: Transformer):
-    """The model's forward compiled once for decode steps (dynamic shapes: one graph for every position)."""
+def _compiled(model: Transformer) -> Callable[..., torch.Tensor]:
+    """`_forward_at` of the model compiled once for decode steps (dynamic shapes: one graph for every position)."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True)
+        _COMPILED[model] = torch.compile(functools.partial(_forward_at, model), dynamic=True)
     return _COMPILED[model]
 
 
