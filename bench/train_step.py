@@ -84,6 +84,45 @@ def _profile(model: Transformer, optimizer: torch.optim.Optimizer, x: torch.Tens
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def _report(times: dict[str, list[float]], step1_losses: tuple[float, float], args: argparse.Namespace) -> None:
+    """Print the table of median step times (and write it to --json)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    tokens = BATCH * SEQ
+    roof = 2 * GEMM_N**3 / med["gemm"]
+    flops_per_token = CONFIG.flops_per_token(SEQ)
+    result = {
+        "ours_tokens_per_s": tokens / med["ours"],
+        "hf_tokens_per_s": tokens / med["hf"],
+        "ours_over_hf": med["hf"] / med["ours"],
+        "roof_gflops": roof / 1e9,
+        "ours_roof_fraction": flops_per_token * tokens / med["ours"] / roof,
+        "hf_roof_fraction": flops_per_token * tokens / med["hf"] / roof,
+        "ours_step_s": times["ours"],
+        "hf_step_s": times["hf"],
+        "step1_loss": {"ours": step1_losses[0], "hf": step1_losses[1]},
+        "threads": args.threads,
+        "optimizer": args.optimizer,
+        "load_average": os.getloadavg()[0],
+    }
+    print(
+        f"median of {args.steps} interleaved steps each; GEMM roof {result['roof_gflops']:.1f} GFLOP/s; "
+        f"{flops_per_token / 1e6:.1f} MFLOP per token"
+    )
+    header = f"{'':<6} {'tok/s':>8} {'step s':>8} {'% of roof':>10}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for name in ("ours", "hf"):
+        print(
+            f"{name:<6} {result[f'{name}_tokens_per_s']:>8.1f} {med[name]:>8.2f} "
+            f"{100 * result[f'{name}_roof_fraction']:>9.0f}%"
+        )
+    print(f"\nours / HF: {result['ours_over_hf']:.2f}x   (load average at the end {result['load_average']:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,41 +179,7 @@ def main() -> None:
         times["ours"].append(_timed(lambda: _ours_step(ours, ours_opt, x, targets)))
         times["hf"].append(_timed(lambda: _hf_step(hf, hf_opt, x)))
         times["gemm"].append(_gemm(gemm_a, gemm_b, gemm_out))
-    med = {k: statistics.median(v) for k, v in times.items()}
-
-    tokens = BATCH * SEQ
-    roof = 2 * GEMM_N**3 / med["gemm"]
-    flops_per_token = CONFIG.flops_per_token(SEQ)
-    result = {
-        "ours_tokens_per_s": tokens / med["ours"],
-        "hf_tokens_per_s": tokens / med["hf"],
-        "ours_over_hf": med["hf"] / med["ours"],
-        "roof_gflops": roof / 1e9,
-        "ours_roof_fraction": flops_per_token * tokens / med["ours"] / roof,
-        "hf_roof_fraction": flops_per_token * tokens / med["hf"] / roof,
-        "ours_step_s": times["ours"],
-        "hf_step_s": times["hf"],
-        "step1_loss": {"ours": ours_loss, "hf": hf_loss},
-        "threads": args.threads,
-        "optimizer": args.optimizer,
-        "load_average": os.getloadavg()[0],
-    }
-    print(
-        f"median of {args.steps} interleaved steps each; GEMM roof {result['roof_gflops']:.1f} GFLOP/s; "
-        f"{flops_per_token / 1e6:.1f} MFLOP per token"
-    )
-    header = f"{'':<6} {'tok/s':>8} {'step s':>8} {'% of roof':>10}"
-    print()
-    print(header)
-    print("-" * len(header))
-    for name in ("ours", "hf"):
-        print(
-            f"{name:<6} {result[f'{name}_tokens_per_s']:>8.1f} {med[name]:>8.2f} "
-            f"{100 * result[f'{name}_roof_fraction']:>9.0f}%"
-        )
-    print(f"\nours / HF: {result['ours_over_hf']:.2f}x   (load average at the end {result['load_average']:.2f})")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _report(times, (ours_loss, hf_loss), args)
 
 
 if __name__ == "__main__":
