@@ -5,7 +5,7 @@ One step = zero_grad, forward, loss, backward, AdamW step, on the CPU bench conf
 (ours saved in HF's layout and loaded by HF). Both predict the same next tokens: inputs x = 256 tokens, and
 target i = x[i + 1], the last position of a row counting for nothing (HF shifts `labels=x` that way inside;
 ours gets the shifted targets with -100 at the end). Ours computes the loss as train/lm.py does:
-`linear_cross_entropy(model(x, skip_output=True).flatten(0, 1), model.output.weight, targets.flatten())`;
+`linear_cross_entropy(model(x, output="hidden").flatten(0, 1), model.output.weight, targets.flatten())`;
 HF takes `model(input_ids=x, labels=x).loss` (its default SDPA attention). Both use torch.optim.AdamW with
 the same hyperparameters and implementation flag.
 
@@ -56,7 +56,7 @@ def _timed(fn) -> float:
 
 def _ours_step(model: Transformer, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor) -> float:
     optimizer.zero_grad(set_to_none=True)
-    hidden = model(x, skip_output=True)
+    hidden = model(x, output="hidden")
     loss = linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
     loss.backward()
     optimizer.step()
@@ -82,6 +82,45 @@ def _profile(model: Transformer, optimizer: torch.optim.Optimizer, x: torch.Tens
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _ours_step(model, optimizer, x, targets)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def _report(times: dict[str, list[float]], step1_losses: tuple[float, float], args: argparse.Namespace) -> None:
+    """Print the table of median step times (and write it to --json)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    tokens = BATCH * SEQ
+    roof = 2 * GEMM_N**3 / med["gemm"]
+    flops_per_token = CONFIG.flops_per_token(SEQ)
+    result = {
+        "ours_tokens_per_s": tokens / med["ours"],
+        "hf_tokens_per_s": tokens / med["hf"],
+        "ours_over_hf": med["hf"] / med["ours"],
+        "roof_gflops": roof / 1e9,
+        "ours_roof_fraction": flops_per_token * tokens / med["ours"] / roof,
+        "hf_roof_fraction": flops_per_token * tokens / med["hf"] / roof,
+        "ours_step_s": times["ours"],
+        "hf_step_s": times["hf"],
+        "step1_loss": {"ours": step1_losses[0], "hf": step1_losses[1]},
+        "threads": args.threads,
+        "optimizer": args.optimizer,
+        "load_average": os.getloadavg()[0],
+    }
+    print(
+        f"median of {args.steps} interleaved steps each; GEMM roof {result['roof_gflops']:.1f} GFLOP/s; "
+        f"{flops_per_token / 1e6:.1f} MFLOP per token"
+    )
+    header = f"{'':<6} {'tok/s':>8} {'step s':>8} {'% of roof':>10}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for name in ("ours", "hf"):
+        print(
+            f"{name:<6} {result[f'{name}_tokens_per_s']:>8.1f} {med[name]:>8.2f} "
+            f"{100 * result[f'{name}_roof_fraction']:>9.0f}%"
+        )
+    print(f"\nours / HF: {result['ours_over_hf']:.2f}x   (load average at the end {result['load_average']:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -140,41 +179,7 @@ def main() -> None:
         times["ours"].append(_timed(lambda: _ours_step(ours, ours_opt, x, targets)))
         times["hf"].append(_timed(lambda: _hf_step(hf, hf_opt, x)))
         times["gemm"].append(_gemm(gemm_a, gemm_b, gemm_out))
-    med = {k: statistics.median(v) for k, v in times.items()}
-
-    tokens = BATCH * SEQ
-    roof = 2 * GEMM_N**3 / med["gemm"]
-    flops_per_token = CONFIG.flops_per_token(SEQ)
-    result = {
-        "ours_tokens_per_s": tokens / med["ours"],
-        "hf_tokens_per_s": tokens / med["hf"],
-        "ours_over_hf": med["hf"] / med["ours"],
-        "roof_gflops": roof / 1e9,
-        "ours_roof_fraction": flops_per_token * tokens / med["ours"] / roof,
-        "hf_roof_fraction": flops_per_token * tokens / med["hf"] / roof,
-        "ours_step_s": times["ours"],
-        "hf_step_s": times["hf"],
-        "step1_loss": {"ours": ours_loss, "hf": hf_loss},
-        "threads": args.threads,
-        "optimizer": args.optimizer,
-        "load_average": os.getloadavg()[0],
-    }
-    print(
-        f"median of {args.steps} interleaved steps each; GEMM roof {result['roof_gflops']:.1f} GFLOP/s; "
-        f"{flops_per_token / 1e6:.1f} MFLOP per token"
-    )
-    header = f"{'':<6} {'tok/s':>8} {'step s':>8} {'% of roof':>10}"
-    print()
-    print(header)
-    print("-" * len(header))
-    for name in ("ours", "hf"):
-        print(
-            f"{name:<6} {result[f'{name}_tokens_per_s']:>8.1f} {med[name]:>8.2f} "
-            f"{100 * result[f'{name}_roof_fraction']:>9.0f}%"
-        )
-    print(f"\nours / HF: {result['ours_over_hf']:.2f}x   (load average at the end {result['load_average']:.2f})")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    _report(times, (ours_loss, hf_loss), args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.atomic import commit_directory
 from data import scenes
 from data.mixture import Mixture
 from data.prepare import prepare_text
@@ -262,9 +263,7 @@ def build_default_corpus(
             "python": sys.version.split()[0],
         }
         (staging / MIXTURE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
+        commit_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

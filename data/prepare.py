@@ -23,11 +23,16 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
+from common.atomic import commit_directory
 from data.shards import DataError, ShardSink, write_manifest
+
+if TYPE_CHECKING:
+    from lm.tokenizer import Tokenizer
 
 __all__ = ["DataError", "iter_documents", "prepare_text", "resolve_inputs"]
 
@@ -175,7 +180,6 @@ def prepare_text(
     progress: bool = True,
 ) -> dict:
     """Tokenize `inputs` into token shards and a manifest under `output`; returns the manifest."""
-    global _worker_tokenizer
     from lm.tokenizer import Tokenizer
 
     files = resolve_inputs(inputs)
@@ -189,8 +193,30 @@ def prepare_text(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     counts: dict[str, list[int]] = {}
-    sink: ShardSink | None = None
     started = time.perf_counter()
+    try:
+        shards = _tokenize_into(staging, files, counts, tokenizer, shard_tokens, workers, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = _write_text_manifest(staging, shards, tokenizer, counts)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    commit_directory(staging, output)
+    manifest["seconds"] = time.perf_counter() - started
+    return manifest
+
+
+def _tokenize_into(
+    staging: Path,
+    files: list[Path],
+    counts: dict[str, list[int]],
+    tokenizer: Tokenizer,
+    shard_tokens: int,
+    workers: int,
+    progress: bool,
+) -> list[dict]:
+    """Tokenize `files` in order into shards under `staging`, tallying each file's documents in `counts`."""
+    global _worker_tokenizer
     pool = None
     try:
         chunks = _chunks(files, counts)
@@ -204,36 +230,51 @@ def prepare_text(
             encoded = _bounded_imap(pool, chunks, 4 * workers)
         else:
             encoded = map(_encode_chunk, chunks)
-        bar = tqdm(total=len(files), unit="file", desc="tokenize", disable=not progress, dynamic_ncols=True)
-        seen_files = 0
-        for docs in encoded:
-            for data in docs:
-                if sink is None:
-                    sink = ShardSink(staging, shard_tokens)
-                sink.write(np.frombuffer(data, dtype="<u4"))
-            # Files are consumed in order, so the tally dict's size is the number of files begun.
-            bar.update(len(counts) - seen_files)
-            seen_files = len(counts)
-        bar.update(len(files) - seen_files)
-        bar.close()
-        if sink is None:
-            raise DataError(
-                f"empty input: no non-empty document in {', '.join(str(f) for f in files[:5])}"
-                + (" ..." if len(files) > 5 else "")
-            )
-        shards = sink.close()
-        sink = None
+        shards = _write_shards(encoded, staging, shard_tokens, files, counts, progress)
     except BaseException:
         if pool is not None:
             pool.terminate()
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     if pool is not None:
         pool.close()
         pool.join()
+    return shards
 
+
+def _write_shards(
+    encoded: Iterator[list[bytes]],
+    staging: Path,
+    shard_tokens: int,
+    files: list[Path],
+    counts: dict[str, list[int]],
+    progress: bool,
+) -> list[dict]:
+    """Write the encoded documents as shards under `staging`, with a progress bar over the files."""
+    sink: ShardSink | None = None
+    bar = tqdm(total=len(files), unit="file", desc="tokenize", disable=not progress, dynamic_ncols=True)
+    seen_files = 0
+    for docs in encoded:
+        for data in docs:
+            if sink is None:
+                sink = ShardSink(staging, shard_tokens)
+            sink.write(np.frombuffer(data, dtype="<u4"))
+        # Files are consumed in order, so the tally dict's size is the number of files begun.
+        bar.update(len(counts) - seen_files)
+        seen_files = len(counts)
+    bar.update(len(files) - seen_files)
+    bar.close()
+    if sink is None:
+        raise DataError(
+            f"empty input: no non-empty document in {', '.join(str(f) for f in files[:5])}"
+            + (" ..." if len(files) > 5 else "")
+        )
+    return sink.close()
+
+
+def _write_text_manifest(staging: Path, shards: list, tokenizer: Tokenizer, counts: dict[str, list[int]]) -> dict:
+    """The manifest of a prepared text corpus, written into `staging`."""
     root = Path(os.path.commonpath([str(Path(f).resolve().parent) for f in counts]))
-    manifest = write_manifest(
+    return write_manifest(
         staging,
         shards,
         tokenizer={
@@ -252,12 +293,6 @@ def prepare_text(
             {"path": _relative(path, root), "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()
         ],
     )
-    if output.exists():
-        shutil.rmtree(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, output)
-    manifest["seconds"] = time.perf_counter() - started
-    return manifest
 
 
 def _relative(path: str, root: Path) -> str:

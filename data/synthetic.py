@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.atomic import atomic_write_text, commit_file
 from data.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -365,7 +366,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             name = self.shards[-1]
-            os.replace(self.directory / (name + ".tmp"), self.directory / name)
+            commit_file(self.directory / (name + ".tmp"), self.directory / name)
             self._tar = None
 
     def __enter__(self) -> ShardWriter:
@@ -470,9 +471,7 @@ def generate(
     manifest = {"kind": kind, "args": args, "splits": splits}
     if kind == "speech":
         manifest["sample_rate"] = SAMPLE_RATE
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     in_progress.unlink()
     return manifest
 

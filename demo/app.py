@@ -34,6 +34,7 @@ from PIL import Image
 
 from llama3mm import Llama3MM
 from llama3mm.processor import DEFAULT_PROMPTS
+from lm.generate import SamplingConfig
 
 log = logging.getLogger("demo")
 
@@ -66,12 +67,16 @@ class Media:
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings of one turn."""
+    """Generation settings of one turn: what the page's sliders set, and the prompt format."""
 
     temperature: float = 0.6
     top_p: float = 0.9
     max_new_tokens: int = 64
     prompt_format: str = "chat"
+
+    def sampling(self, max_new_tokens: int) -> SamplingConfig:
+        """These settings as lm's SamplingConfig, drawing at most `max_new_tokens` (what the context leaves)."""
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p)
 
 
 # ---- uploads --------------------------------------------------------------------------------------------------
@@ -356,14 +361,7 @@ class DemoChat:
         except InputError as e:
             yield ERROR_PREFIX + str(e)
             return
-        pieces = self.mm.generate(
-            ids,
-            **media,
-            max_new_tokens=max_new_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p if settings.top_p < 1 else None,
-            stream=True,
-        )
+        pieces = self.mm.generate(ids, **media, sampling=settings.sampling(max_new_tokens), stream=True)
         answer = ""
         for piece in pieces:
             answer += piece

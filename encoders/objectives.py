@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.speech import SpeechEncoder, SpeechEncoderConfig, lengths_to_mask
-from encoders.vision import VisionEncoder, VisionEncoderConfig, _read_state_dict
+from encoders.vision import VisionEncoder, VisionEncoderConfig, read_weight_file
 
 # ---------------------------------------------------------------- CLIP
 
@@ -86,7 +86,7 @@ class CLIPModel(nn.Module):
         A checkpoint of the visual tower alone leaves the text tower fresh; a text tower whose shapes differ from
         this model's is an error naming the keys, never a silent partial load.
         """
-        sd = _read_state_dict(source) if not isinstance(source, dict) else source
+        sd = read_weight_file(source) if not isinstance(source, dict) else source
         # Checkpoints saved from DistributedDataParallel carry a `module.` prefix (open_clip strips it too).
         if sd and all(k.startswith("module.") for k in sd):
             sd = {k[len("module.") :]: v for k, v in sd.items()}

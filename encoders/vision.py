@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.atomic import atomic_write, atomic_write_text
 from encoders.tiling import num_tiles_for_ids, supported_aspect_ratios
 
 
@@ -333,7 +333,7 @@ class VisionEncoder(nn.Module):
         The positional embedding is resized (bilinear, align_corners, as Meta's loader) when the checkpoint's
         grid differs, e.g. a 224 px ViT-H-14 into 448 px tiles. Any trunk key missing or unexpected is an error.
         """
-        sd = _read_state_dict(source) if not isinstance(source, dict) else source
+        sd = read_weight_file(source) if not isinstance(source, dict) else source
         if any(k.startswith("visual.") for k in sd):
             sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
         pos = sd.get("positional_embedding")
@@ -390,16 +390,8 @@ def save_encoder(weights: nn.Module | dict[str, torch.Tensor], config: dict, dir
     directory.mkdir(parents=True, exist_ok=True)
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    for name, write in (
-        ("model.safetensors", lambda tmp: save_file(tensors, str(tmp))),
-        ("config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2))),
-    ):
-        tmp = directory / f".{name}.tmp-{os.getpid()}"
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
 
 
 def load_encoder(directory: str | Path) -> tuple[dict, dict]:
@@ -420,7 +412,8 @@ def resize_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)])
 
 
-def _read_state_dict(path: str | Path) -> dict:
+def read_weight_file(path: str | Path) -> dict:
+    """Every tensor of a .safetensors file or a torch.save checkpoint (a {"state_dict": ...} wrapper unwrapped)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")

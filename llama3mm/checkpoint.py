@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import atomic_write_text
 from encoders.vision import load_encoder, save_encoder
-from lm.checkpoint import atomic_write_text, detect_format, load_pretrained, save_pretrained
+from llama3mm.parts import Llama3MMParts
+from lm.checkpoint import detect_format, load_pretrained, save_pretrained
 
 MANIFEST = "llama3mm.json"
 PARTS = ("vision_encoder", "vision_adapter", "video_adapter", "speech_encoder", "speech_adapter")
@@ -70,8 +72,8 @@ def _file_sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def save(mm, directory: str | Path) -> Path:
-    """Write `mm`'s parts and manifest to directory (the LM too when it has no path)."""
+def save(mm: torch.nn.Module, directory: str | Path) -> Path:
+    """Write a Llama3MM's parts and manifest to directory (the LM too when it has no path)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if mm.lm_path is None:
@@ -99,29 +101,27 @@ def save(mm, directory: str | Path) -> Path:
     return directory
 
 
-def load(
-    directory: str | Path,
-    *,
-    lm_path: str | Path | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-):
-    """Read what `save` wrote (or a bare LM checkpoint directory) into a Llama3MM."""
-    from llama3mm.model import Llama3MM
-
+def checkpoint_layout(directory: str | Path) -> str:
+    """What a directory holds: "llama3mm" (a `save` manifest), "mllama" (HF Llama 3.2 Vision), "meta-vision"
+    (Meta's Llama 3.2 Vision) or "lm" (anything else, read as a bare LM checkpoint)."""
     directory = Path(directory)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if (directory / MANIFEST).is_file():
+        return "llama3mm"
+    config, params = directory / "config.json", directory / "params.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "mllama":
+        return "mllama"
+    if params.is_file() and "vision_chunk_size" in json.loads(params.read_text()):
+        return "meta-vision"
+    return "lm"
+
+
+def read(directory: str | Path, *, lm_path: str | Path | None = None) -> Llama3MMParts:
+    """The parts of what `save` wrote, its LM checked against the recorded sha256, or a bare LM checkpoint."""
+    directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        vision = _llama32_vision_layout(directory)
-        if vision == "hf":
-            return Llama3MM.from_mllama(directory).to(device=device, dtype=dtype)
-        if vision == "meta":
-            return Llama3MM.from_meta(directory).to(device=device, dtype=dtype)
         detect_format(directory)  # a clear error when it is neither a Llama3MM nor an LM checkpoint
-        return Llama3MM(load_pretrained(directory), lm_path=directory).to(device=device, dtype=dtype)
+        return Llama3MMParts(load_pretrained(directory), lm_path=directory)
     manifest, parts, extra = load_parts(directory)
     recorded = manifest["lm"]
     lm_dir = Path(lm_path) if lm_path is not None else Path(recorded["path"])
@@ -138,16 +138,13 @@ def load(
             f"{recorded['path']} with sha256 {recorded['sha256']}: refusing to attach them to a different LM"
         )
     lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir
-    mm = Llama3MM(
+    return Llama3MMParts(
         load_pretrained(lm_dir),
-        num_extra_tokens=extra.shape[0],
+        modules=parts,
+        extra_embeddings=extra,
         lm_path=lm_ref,
-        prompts=manifest.get("prompts"),
-        **parts,
+        prompts=dict(manifest.get("prompts") or {}),
     )
-    with torch.no_grad():
-        mm.extra_embeddings.copy_(extra)
-    return mm.to(device=device, dtype=dtype)
 
 
 def load_parts(directory: str | Path) -> tuple[dict, dict[str, torch.nn.Module], torch.Tensor]:
@@ -170,16 +167,6 @@ def load_parts(directory: str | Path) -> tuple[dict, dict[str, torch.nn.Module],
     return manifest, parts, extra["weight"]
 
 
-def _llama32_vision_layout(directory: Path) -> str | None:
-    """'hf' for an HF MllamaForConditionalGeneration directory, 'meta' for Meta's Llama 3.2 Vision, else None."""
-    config, params = directory / "config.json", directory / "params.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "mllama":
-        return "hf"
-    if params.is_file() and "vision_chunk_size" in json.loads(params.read_text()):
-        return "meta"
-    return None
-
-
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -195,4 +182,4 @@ def _resolve(name: str) -> type:
     return obj
 
 
-__all__ = ["MANIFEST", "PARTS", "lm_sha256", "load", "load_parts", "save"]
+__all__ = ["MANIFEST", "PARTS", "checkpoint_layout", "lm_sha256", "load_parts", "read", "save"]

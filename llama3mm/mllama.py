@@ -26,7 +26,8 @@ from adapters.vision import (
     mllama_cross_attention_layers,
 )
 from encoders.vision import VisionEncoder
-from lm.checkpoint import _HF_TO_META, _rename, check_state_dict, hf_to_meta_rotary
+from llama3mm.parts import Llama3MMParts
+from lm.checkpoint import check_state_dict, hf_to_meta_name, hf_to_meta_rotary
 from lm.config import LMConfig
 from lm.model import Transformer
 
@@ -71,7 +72,7 @@ def mllama_lm_to_ours(state_dict: dict, text_config: dict) -> tuple[dict, torch.
         for key, tensor in state_dict.items():
             if not key.startswith(layer_prefix):
                 continue
-            name = _rename(f"model.layers.{ours}.{key[len(layer_prefix) :]}", _HF_TO_META)
+            name = hf_to_meta_name(f"model.layers.{ours}.{key[len(layer_prefix) :]}")
             if name is None:
                 raise KeyError(f"unexpected Mllama self-attention weight {key}")
             if name.endswith("attention.wq.weight"):
@@ -82,12 +83,11 @@ def mllama_lm_to_ours(state_dict: dict, text_config: dict) -> tuple[dict, torch.
     return out, embed[config.vocab_size :]
 
 
-def from_mllama(
+def mllama_parts(
     source: str | Path | dict, hf_config: dict | Any | None = None, *, intermediate_layer_input: bool = True
-):
-    """A Llama3MM with the LM, vision encoder, adapter and extra embeddings of an HF Mllama checkpoint."""
-    from llama3mm.model import Llama3MM
-
+) -> Llama3MMParts:
+    """The LM, vision encoder, adapter and extra embeddings of an HF Mllama checkpoint (a directory, or a state
+    dict with its MllamaConfig)."""
     if isinstance(source, dict):
         if hf_config is None:
             raise ValueError("a state dict needs its MllamaConfig (hf_config)")
@@ -125,10 +125,7 @@ def from_mllama(
     adapter = VisionAdapter(adapter_cfg)
     adapter.load_state_dict(mllama_adapter_to_ours(state, cross), strict=True)
 
-    mm = Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, num_extra_tokens=extra.shape[0])
-    with torch.no_grad():
-        mm.extra_embeddings.copy_(extra)
-    return mm.to(lm.output.weight.dtype)  # the encoder and adapter were built in fp32
+    return Llama3MMParts(lm, modules={"vision_encoder": encoder, "vision_adapter": adapter}, extra_embeddings=extra)
 
 
 def meta_to_ours(state_dict: dict, params: dict) -> dict[str, Any]:
@@ -156,11 +153,10 @@ def meta_to_ours(state_dict: dict, params: dict) -> dict[str, Any]:
     }
 
 
-def from_meta(source: str | Path | dict, params: dict | None = None):
-    """A Llama3MM from Meta's Llama 3.2 Vision layout: a directory (params.json + one consolidated.00.pth) or a
+def meta_parts(source: str | Path | dict, params: dict | None = None) -> Llama3MMParts:
+    """The parts of Meta's Llama 3.2 Vision layout: a directory (params.json + one consolidated.00.pth) or a
     state dict with its params. The encoder is Meta's ViT-H/14 at `vision_chunk_size` pixels per tile."""
     from encoders.vision import VisionEncoderConfig, load_converted, meta_vision_to_ours
-    from llama3mm.model import Llama3MM
 
     if isinstance(source, dict):
         if params is None:
@@ -190,10 +186,8 @@ def from_meta(source: str | Path | dict, params: dict | None = None):
         )
         encoder = VisionEncoder(cfg)
         load_converted(encoder, meta_vision_to_ours(parts["vision"], cfg))
-    mm = Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, num_extra_tokens=parts["extra"].shape[0])
-    with torch.no_grad():
-        mm.extra_embeddings.copy_(parts["extra"])
-    return mm.to(lm.output.weight.dtype)
+    modules = {"vision_encoder": encoder, "vision_adapter": adapter}
+    return Llama3MMParts(lm, modules=modules, extra_embeddings=parts["extra"])
 
 
 def _prefix_of(state_dict: dict, suffix: str) -> str:
@@ -203,4 +197,4 @@ def _prefix_of(state_dict: dict, suffix: str) -> str:
     raise KeyError(f"no key ending in {suffix!r}: not an HF MllamaForConditionalGeneration checkpoint")
 
 
-__all__ = ["from_meta", "from_mllama", "meta_to_ours", "mllama_lm_config", "mllama_lm_to_ours", "read_mllama"]
+__all__ = ["meta_parts", "meta_to_ours", "mllama_lm_config", "mllama_lm_to_ours", "mllama_parts", "read_mllama"]

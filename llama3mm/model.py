@@ -24,6 +24,9 @@ from torch import nn
 from adapters.speech import encode_audio, scatter_audio_embeddings
 from adapters.video import encode_frames
 from adapters.vision import MediaAttentionMask, VisionAdapter, cross_attention_mask
+from llama3mm import checkpoint, mllama
+from llama3mm.parts import Llama3MMParts
+from lm.generate import IncrementalDecoder, SamplingConfig, stream_generate
 from lm.model import Transformer
 
 # Llama 3.2 Vision's learnable table: 8 ids past the text vocabulary, <|image|> the first (HF Mllama, Meta).
@@ -263,7 +266,7 @@ class Llama3MM(nn.Module):
         **lm_kwargs,
     ) -> torch.Tensor:
         """Logits [B, S, vocab] of `tokens` [B, S] with their media; `lm_kwargs` go to `lm.Transformer.forward`
-        (e.g. `output_fn` for a fused loss, `skip_output`).
+        (e.g. `output=` a fused loss, or "hidden").
 
         images [B, I, T, 3, S, S] (or [B, T, 3, S, S]: one image per row), aspect_ratio_ids [B, I] (or [B]),
         tile_mask [B, I, T] (derived from the ids when absent). The k-th <|image|> of a row is its image k.
@@ -290,7 +293,8 @@ class Llama3MM(nn.Module):
             h = state.embed(tokens, h)
         hook = None
         if state.cross:
-            start = lm_kwargs.get("start_pos") or 0
+            attention = lm_kwargs.get("attention")
+            start = (attention.start_pos if attention is not None else lm_kwargs.get("start_pos")) or 0
             length = tokens.shape[1]
             layers = [(inputs, inputs.mask.rows_at(start, length)) for inputs in state.cross]
 
@@ -316,35 +320,21 @@ class Llama3MM(nn.Module):
         video: Any = None,
         audio: Any = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.6,
-        top_p: float | None = 0.9,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop_tokens: Sequence[int] | None = None,
+        sampling: SamplingConfig | None = None,
+        **settings: Any,
     ) -> Iterator[int]:
-        """Yield new token ids for one prompt (text, token ids or chat messages) with its media.
+        """Yield new token ids for one prompt (text, token ids or chat messages) with its media; `settings` are
+        SamplingConfig's fields over `sampling` (stop_tokens default: the tokenizer's).
 
         The media's cross-attention keys/values are computed once; the text KV cache and sampling are lm's.
         """
-        from lm.generate import stream_generate
-
+        sampling = SamplingConfig.of(sampling, **settings)
         inputs = self.processor.prompt_inputs(prompt, images=images, video=video, audio=audio)
         tokens = inputs.pop("tokens")
         state = self.encode_media(tokens, **inputs)
-        if stop_tokens is None:
-            stop_tokens = self.tokenizer.stop_tokens
-        yield from stream_generate(
-            _WithMedia(self, state),
-            None,
-            tokens[0].tolist(),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_tokens=stop_tokens,
-        )
+        if sampling.stop_tokens is None:
+            sampling = SamplingConfig.of(sampling, stop_tokens=self.tokenizer.stop_tokens)
+        yield from stream_generate(_WithMedia(self, state), None, tokens[0].tolist(), sampling=sampling)
 
     def generate(
         self,
@@ -353,30 +343,17 @@ class Llama3MM(nn.Module):
         video: Any = None,
         audio: Any = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.6,
-        top_p: float | None = 0.9,
-        top_k: int | None = None,
-        seed: int | None = None,
+        sampling: SamplingConfig | None = None,
         stream: bool = False,
+        **settings: Any,
     ) -> str | Iterator[str]:
         """The text generated for a prompt (text with optional "<|image|>" markers, token ids, or chat messages)
         and its media (PIL images or uint8 [3, H, W] tensors); stream=True yields text pieces as they come.
+        `settings` are SamplingConfig's fields (max_new_tokens, temperature, top_p, top_k, seed) over `sampling`.
 
         A text prompt without "<|image|>" gets one image token per image after <|begin_of_text|>.
         """
-        ids = self.generate_tokens(
-            prompt,
-            images,
-            video,
-            audio,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop_tokens=self.tokenizer.stop_tokens,
-        )
+        ids = self.generate_tokens(prompt, images, video, audio, sampling=SamplingConfig.of(sampling, **settings))
         pieces = _decode_stream(self.tokenizer, ids)
         return pieces if stream else "".join(pieces)
 
@@ -386,10 +363,10 @@ class Llama3MM(nn.Module):
         images: Sequence[Any] | None = None,
         video: Any = None,
         audio: Any = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> str | Iterator[str]:
         """The assistant's reply to a dialog; `{"type": "image"}` content items take `images` in order
-        (an item may also carry its own `"image"`)."""
+        (an item may also carry its own `"image"`). `kwargs` are `generate`'s (sampling settings, stream)."""
         return self.generate(list(messages), images, video, audio, **kwargs)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -397,9 +374,16 @@ class Llama3MM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Adapters, encoders and the extra embeddings as small files + llama3mm.json naming the LM (path and
         sha256). An LM without a known path (e.g. imported from Mllama) is written to `directory/lm`."""
-        from llama3mm.checkpoint import save
+        return checkpoint.save(self, directory)
 
-        return save(self, directory)
+    @classmethod
+    def from_parts(cls, parts: Llama3MMParts) -> Llama3MM:
+        """The model of what a checkpoint reader or importer returned."""
+        mm = cls(parts.lm, lm_path=parts.lm_path, prompts=parts.prompts, **parts.modules, **_extra_rows(parts))
+        if parts.extra_embeddings is not None:
+            with torch.no_grad():
+                mm.extra_embeddings.copy_(parts.extra_embeddings)
+        return mm
 
     @classmethod
     def from_pretrained(
@@ -413,9 +397,17 @@ class Llama3MM(nn.Module):
         """Load a save_pretrained directory, a Llama 3.2 Vision checkpoint (HF Mllama or Meta layout, imported by
         from_mllama / from_meta) or a bare LM checkpoint. A saved model's LM (the recorded path, or `lm_path`)
         must hash to the recorded sha256. On CUDA the default dtype is bf16, fp32 elsewhere."""
-        from llama3mm.checkpoint import load
-
-        return load(directory, lm_path=lm_path, device=device, dtype=dtype)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        layout = checkpoint.checkpoint_layout(directory)
+        if layout == "mllama":
+            mm = cls.from_mllama(directory)
+        elif layout == "meta-vision":
+            mm = cls.from_meta(directory)
+        else:
+            mm = cls.from_parts(checkpoint.read(directory, lm_path=lm_path))
+        return mm.to(device=device, dtype=dtype)
 
     @classmethod
     def from_mllama(
@@ -431,18 +423,23 @@ class Llama3MM(nn.Module):
         intermediate_layer_input: Meta's meaning of the encoder's intermediate layer indices (the released
         weights were trained with it); False reproduces transformers 5.x bit for bit (see encoders.vision).
         """
-        from llama3mm.mllama import from_mllama
-
-        return from_mllama(source, hf_config, intermediate_layer_input=intermediate_layer_input)
+        parts = mllama.mllama_parts(source, hf_config, intermediate_layer_input=intermediate_layer_input)
+        return cls.from_parts(parts).to(parts.lm.output.weight.dtype)  # the encoder and adapter were built in fp32
 
     @classmethod
     def from_meta(cls, source: str | Path | dict, params: dict | None = None) -> Llama3MM:
         """Import Llama 3.2 Vision weights in Meta's layout (llama_models): a directory (params.json +
         consolidated.00.pth) or a state dict with its params. Without `vision_model.vision_encoder.*` tensors
         the model has no encoder (media tokens can still be given through `MediaState`)."""
-        from llama3mm.mllama import from_meta
+        parts = mllama.meta_parts(source, params)
+        return cls.from_parts(parts).to(parts.lm.output.weight.dtype)
 
-        return from_meta(source, params)
+
+def _extra_rows(parts: Llama3MMParts) -> dict[str, int]:
+    """`num_extra_tokens` of the recorded table; none (the default count) when the table is to be drawn fresh."""
+    if parts.extra_embeddings is None:
+        return {}
+    return {"num_extra_tokens": parts.extra_embeddings.shape[0]}
 
 
 class _WithMedia(nn.Module):
@@ -488,9 +485,7 @@ def _image_inputs(
 
 def _decode_stream(tokenizer: Any, ids: Iterator[int]) -> Iterator[str]:
     """Text pieces of a token stream, never splitting a multi-byte character."""
-    from lm.generate import _IncrementalDecoder
-
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     for token in ids:
         piece = decoder.push(token)
         if piece:

@@ -7,7 +7,7 @@ import warnings
 
 from lm.checkpoint import load_pretrained, save_pretrained
 from lm.config import PRESETS, LMConfig, RopeScaling
-from lm.generate import generate, stream_generate
+from lm.generate import SamplingConfig, generate, stream_generate
 from lm.model import Transformer
 from lm.tokenizer import ChatFormat, Tokenizer
 
@@ -20,6 +20,7 @@ __all__ = [
     "ChatFormat",
     "LMConfig",
     "RopeScaling",
+    "SamplingConfig",
     "Tokenizer",
     "Transformer",
     "generate",

@@ -1,8 +1,9 @@
 """Attention behind one function, with three backends: PyTorch SDPA, flex_attention, xformers.
 
-A mask is built once per forward (`build_mask`) and shared by every layer, so the per-layer cost is the
-kernel alone. Queries are [B, n_heads, S, head_dim]; keys and values are [B, n_kv_heads, T, head_dim]
-(grouped-query attention: each KV head serves n_heads // n_kv_heads query heads).
+RoPE positions and the mask are built once per forward (`attention_inputs`, the one place that builds them) and
+shared by every layer, so the per-layer cost is the kernel alone. Queries are [B, n_heads, S, head_dim]; keys and
+values are [B, n_kv_heads, T, head_dim] (grouped-query attention: each KV head serves n_heads // n_kv_heads query
+heads).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lm.config import ATTENTION_BACKENDS
+from lm.config import ATTENTION_BACKENDS, LMConfig
 
 
 @dataclass
@@ -28,6 +29,51 @@ class AttentionMask:
     block_mask: Any = None  # flex_attention BlockMask
     xformers_bias: Any = None  # xformers AttentionBias; inputs are flattened to one row when set
     document_ids: torch.Tensor | None = None  # [B, S], kept for backends that rebuild per shape
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer of one forward shares: RoPE positions ([S] or [B, S]), the mask, and where the KV cache
+    is written (None: no cache). Built by `attention_inputs`, or by context parallel for its local queries."""
+
+    positions: torch.Tensor
+    mask: AttentionMask
+    start_pos: int | None = None
+
+
+def attention_inputs(
+    config: LMConfig,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    *,
+    document_ids: torch.Tensor | None = None,
+    start_pos: int | None = None,
+    key_valid: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> AttentionInputs:
+    """Positions and mask of `seq` queries per row: causal, within documents, against a KV cache.
+
+    document_ids [B, S]: packed rows; no attention across documents, positions restart at each document.
+    start_pos: the queries are written to the KV cache at [start_pos, start_pos + S) and see everything before.
+    key_valid [B, start_pos + S]: False at the left padding of a batch of prompts (inference).
+    positions [B, S]: explicit RoPE positions (left-padded rows); derived from the above otherwise.
+    """
+    if positions is None:
+        if document_ids is not None:
+            positions = document_positions(document_ids)
+        else:
+            positions = torch.arange(start_pos or 0, (start_pos or 0) + seq, device=device)
+    mask = build_mask(
+        config.attn_backend,
+        batch=batch,
+        q_len=seq,
+        kv_len=(start_pos or 0) + seq,
+        device=device,
+        document_ids=document_ids,
+        key_valid=key_valid,
+    )
+    return AttentionInputs(positions, mask, start_pos)
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+# Re-exported: callers outside lm/ that still import them from here keep working.
+from common.atomic import atomic_write, atomic_write_text
 from lm.config import LMConfig
 from lm.model import Transformer
 
@@ -46,6 +48,16 @@ def _rename(name: str, table: dict[str, str]) -> str | None:
     if target is None:
         return None
     return target.format(layer.group(1)) if layer else target
+
+
+def hf_to_meta_name(hf_name: str) -> str | None:
+    """Our (Meta) name of an HF Llama weight name such as `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    return _rename(hf_name, _HF_TO_META)
+
+
+def meta_to_hf_name(name: str) -> str | None:
+    """The HF Llama name of one of our (Meta) weight names such as `layers.3.attention.wq.weight`; None if unknown."""
+    return _rename(name, _META_TO_HF)
 
 
 def meta_to_hf_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -205,7 +217,7 @@ def _read_hf(path: Path, config: LMConfig) -> dict[str, torch.Tensor]:
             for hf_name in handle.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
-                name = _rename(hf_name, _HF_TO_META)
+                name = hf_to_meta_name(hf_name)
                 if name is None:
                     raise KeyError(f"{file}: unexpected weight {hf_name} for a Llama model")
                 tensor = handle.get_tensor(hf_name)
@@ -253,7 +265,7 @@ def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_s
             tensor = meta_to_hf_rotary(tensor, config.n_heads)
         elif name.endswith("attention.wk.weight"):
             tensor = meta_to_hf_rotary(tensor, config.n_kv_heads)
-        hf_state[_rename(name, _META_TO_HF)] = tensor.contiguous()
+        hf_state[meta_to_hf_name(name)] = tensor.contiguous()
     shards = list(_split_by_size(hf_state, max_shard_bytes))
     dtype = next(iter(hf_state.values())).dtype
     weight_map = {}
@@ -307,30 +319,17 @@ def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[d
         yield shard
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through `write(tmp)` then rename over `path`, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write` for a text file."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 __all__ = [
+    "atomic_write",
+    "atomic_write_text",
     "check_state_dict",
     "detect_format",
+    "hf_to_meta_name",
     "hf_to_meta_rotary",
     "load_config",
     "load_pretrained",
     "read_state_dict",
+    "meta_to_hf_name",
     "meta_to_hf_rotary",
     "save_pretrained",
 ]

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
+import functools
+import math
+import numbers
 import os
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from lm.attention import attention_inputs
 
 if TYPE_CHECKING:
     from lm.model import Transformer
@@ -54,14 +61,41 @@ def _is_prompt(x) -> bool:
     return isinstance(x, (str, Sequence, torch.Tensor))
 
 
-def _sample(
-    logits: torch.Tensor,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How new tokens are drawn, checked once: temperature 0 is greedy; top_p None (or 1) and top_k None (or 0)
+    leave the distribution whole; stop_tokens None means the tokenizer's."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.6
+    top_p: float | None = 0.9
+    top_k: int | None = None
+    seed: int | None = None
+    stop_tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        positive = isinstance(self.max_new_tokens, numbers.Integral) and self.max_new_tokens >= 1
+        if isinstance(self.max_new_tokens, bool) or not positive:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        temperature = self.temperature
+        if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, numbers.Real) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0 (or None), got {self.top_k!r}")
+        if self.stop_tokens is not None:
+            object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig | None = None, **settings: Any) -> SamplingConfig:
+        """`sampling` (default: the defaults) with the given keyword settings replacing its fields."""
+        return dataclasses.replace(sampling or cls(), **settings)
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Pick the next token of each row from logits [B, V]; temperature 0 is greedy (argmax)."""
+    temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
     if temperature <= 0 or top_k == 1:
         # max() returns the first maximal index like argmax, but argmax is ~4x slower on bf16 CPU tensors.
         return logits.max(dim=-1).indices
@@ -72,26 +106,33 @@ def _sample(
         values, indices = torch.topk(logits, top_k, dim=-1)  # sorted, as top-p needs
         probs = torch.softmax(values, dim=-1)
     elif use_top_p:
-        # Sorting a 128K vocabulary costs tens of ms on a CPU. The nucleus is almost always small, so
-        # take the top k by probability, growing k until the k hold more than top_p of the mass: then
-        # every token outside them falls outside the nucleus, and the result equals a full sort's.
-        full = torch.softmax(logits, dim=-1)
-        k = min(256, vocab)
-        while True:
-            probs, indices = torch.topk(full, k, dim=-1)
-            if k == vocab or bool((probs.sum(dim=-1) > top_p).all()):
-                break
-            k = min(k * 8, vocab)
+        probs, indices = _nucleus_candidates(torch.softmax(logits, dim=-1), top_p)
     else:
-        return _draw(torch.softmax(logits, dim=-1), generator)
+        return draw_index(torch.softmax(logits, dim=-1), generator)
     if use_top_p:
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays), as Meta does.
         cumulative = probs.cumsum(dim=-1)
         probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
-    return indices.gather(-1, _draw(probs, generator)[:, None]).squeeze(-1)
+    return indices.gather(-1, draw_index(probs, generator)[:, None]).squeeze(-1)
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable tokens of each row (probabilities, indices; sorted), k large enough to hold the nucleus.
+
+    Sorting a 128K vocabulary costs tens of ms on a CPU. The nucleus is almost always small, so take the top k,
+    growing k until the k hold more than top_p of the mass: then every token outside them falls outside the
+    nucleus, and the result equals a full sort's.
+    """
+    vocab = probs.shape[-1]
+    k = min(256, vocab)
+    while True:
+        top, indices = torch.topk(probs, k, dim=-1)
+        if k == vocab or bool((top.sum(dim=-1) > top_p).all()):
+            return top, indices
+        k = min(k * 8, vocab)
+
+
+def draw_index(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of weights [B, N] (not necessarily normalized), with probability ~ weight."""
     # Inverse CDF with one uniform per row: torch.multinomial draws one exponential per entry
     # instead, which costs milliseconds on a 128K vocabulary.
@@ -102,97 +143,107 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return index.clamp_(max=weights.shape[-1] - 1).squeeze(-1)
 
 
+@dataclass
+class _PaddedBatch:
+    """A left-padded prompt batch [B, prompt_len]; for ragged rows, each cache column's RoPE position and whether
+    it holds a real token (None when no row is padded: the model derives both and takes its mask-free path)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor | None
+    key_valid: torch.Tensor | None
+
+
+def _left_pad(rows: list[list[int]], total_len: int, device: torch.device) -> _PaddedBatch:
+    """Left-pad `rows` to the longest; cache column c holds row b's token at RoPE position c - pad[b]."""
+    lengths = [len(r) for r in rows]
+    prompt_len = max(lengths)
+    tokens = torch.zeros(len(rows), prompt_len, dtype=torch.long)
+    for b, row in enumerate(rows):
+        tokens[b, prompt_len - len(row) :] = torch.tensor(row)
+    tokens = tokens.to(device)
+    if all(n == prompt_len for n in lengths):
+        return _PaddedBatch(tokens, None, None)
+    pad = torch.tensor([prompt_len - n for n in lengths], device=device)
+    columns = torch.arange(total_len, device=device)
+    return _PaddedBatch(tokens, (columns[None, :] - pad[:, None]).clamp(min=0), columns[None, :] >= pad[:, None])
+
+
+def _forward_at(
+    model: Transformer,
+    tokens: torch.Tensor,
+    start_pos: int,
+    key_valid: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    output: str,
+) -> torch.Tensor:
+    """The model over `tokens` [B, S] written to the KV cache at [start_pos, start_pos + S); left-padded rows bring
+    their padding's `key_valid` and RoPE `positions`."""
+    if positions is None:
+        return model(tokens, start_pos=start_pos, output=output)
+    attention = attention_inputs(
+        model.config, *tokens.shape, tokens.device, start_pos=start_pos, key_valid=key_valid, positions=positions
+    )
+    return model(tokens, attention=attention, output=output)
+
+
+def _step(
+    forward: Callable[..., torch.Tensor], tokens: torch.Tensor, batch: _PaddedBatch, start_pos: int, output: str
+) -> torch.Tensor:
+    """`forward` (`_forward_at` of a model, or its compiled graph) at `start_pos`, with the batch's padding."""
+    if batch.positions is None:
+        return forward(tokens, start_pos, None, None, output)
+    end = start_pos + tokens.shape[1]
+    return forward(tokens, start_pos, batch.key_valid[:, :end], batch.positions[:, start_pos:end], output)
+
+
+def _decode_logits(
+    model: Transformer, tokens: torch.Tensor, batch: _PaddedBatch, start_pos: int, compile: bool
+) -> torch.Tensor:
+    """Logits [B, V] of one decode step."""
+    if compile:
+        # The compiled graph fuses the vocabulary projection too, beating the eager BLAS path.
+        return _step(_compiled(model), tokens, batch, start_pos, "logits")[:, -1]
+    hidden = _step(functools.partial(_forward_at, model), tokens, batch, start_pos, "hidden")[:, -1]
+    return vocab_projection(hidden, model.output.weight)
+
+
 def _stream_rows(
     model: Transformer,
     rows: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
+    sampling: SamplingConfig,
     stop_tokens: Iterable[int],
-    seed: int | None,
     compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per decode step, each row's new token, or None once that row has finished."""
     max_seq_len = model.config.max_seq_len
-    batch = len(rows)
-    lengths = [len(r) for r in rows]
-    prompt_len = max(lengths)
+    prompt_len = max(len(r) for r in rows)
     if prompt_len >= max_seq_len:
         raise ValueError(f"prompt of {prompt_len} tokens leaves no room under max_seq_len={max_seq_len}")
-    total_len = min(max_seq_len, prompt_len + max_new_tokens)
-    if total_len <= prompt_len:
-        return
+    total_len = min(max_seq_len, prompt_len + sampling.max_new_tokens)
     output_weight = model.output.weight
     device = output_weight.device
     stops = frozenset(int(t) for t in stop_tokens)
-
-    tokens = torch.zeros(batch, prompt_len, dtype=torch.long)
-    for b, row in enumerate(rows):
-        tokens[b, prompt_len - len(row) :] = torch.tensor(row)
-    tokens = tokens.to(device)
-    padded = any(n != prompt_len for n in lengths)
-    if padded:
-        # Cache column c holds row b's token at RoPE position c - pad[b]; pad columns are masked out.
-        pad = torch.tensor([prompt_len - n for n in lengths], device=device)
-        columns = torch.arange(total_len, device=device)
-        key_valid = columns[None, :] >= pad[:, None]
-        positions = (columns[None, :] - pad[:, None]).clamp(min=0)
-    else:
-        # Unpadded: let the model derive positions and take its mask-free single-token path.
-        key_valid = positions = None
-
+    batch = _left_pad(rows, total_len, device)
     generator = None
-    if seed is not None:
+    if sampling.seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-
-    if compile:
-        compiled = _compiled(model)  # fuses the vocabulary projection too, beating the eager BLAS path
-
-        def step_logits(tokens: torch.Tensor, **kwargs) -> torch.Tensor:
-            return compiled(tokens, **kwargs)[:, -1]
-    else:
-
-        def step_logits(tokens: torch.Tensor, **kwargs) -> torch.Tensor:
-            return vocab_projection(model(tokens, skip_output=True, **kwargs)[:, -1], output_weight)
-
+        generator.manual_seed(sampling.seed)
     # The last sampled token is never fed back, so the cache needs one column less than the sequence.
-    model.setup_cache(batch, total_len - 1)
+    model.setup_cache(len(rows), total_len - 1)
     try:
-        logits = vocab_projection(
-            model(
-                tokens,
-                start_pos=0,
-                key_valid=None if key_valid is None else key_valid[:, :prompt_len],
-                positions=None if positions is None else positions[:, :prompt_len],
-                last_only=True,
-                skip_output=True,
-            )[:, -1],
-            output_weight,
-        )
-        done = [False] * batch
+        # The norm is per position, so the last one's hidden state is the same as normalising it alone.
+        hidden = _step(functools.partial(_forward_at, model), batch.tokens, batch, 0, "hidden")[:, -1]
+        logits = vocab_projection(hidden.contiguous(), output_weight)
+        done = [False] * len(rows)
         for cur in range(prompt_len, total_len):
-            next_token = _sample(logits, temperature, top_p, top_k, generator)
+            next_token = _sample(logits, sampling, generator)
             # One host sync per step: the ids are needed for stop checks (and streaming) anyway.
             ids = next_token.tolist()
-            out: list[int | None] = []
-            for b, t in enumerate(ids):
-                if done[b] or t in stops:
-                    done[b] = True
-                    out.append(None)
-                else:
-                    out.append(t)
-            yield out
+            done = [finished or t in stops for finished, t in zip(done, ids, strict=True)]
+            yield [None if finished else t for finished, t in zip(done, ids, strict=True)]
             if all(done) or cur + 1 == total_len:
                 break
-            logits = step_logits(
-                next_token[:, None],
-                start_pos=cur,
-                key_valid=None if key_valid is None else key_valid[:, : cur + 1],
-                positions=None if positions is None else positions[:, cur : cur + 1],
-            )
+            logits = _decode_logits(model, next_token[:, None], batch, cur, compile)
     finally:
         model.clear_cache()
 
@@ -229,11 +280,18 @@ def _mv_into(matrix: torch.Tensor, vector: torch.Tensor, out: torch.Tensor) -> N
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compiled(model: Transformer):
-    """The model's forward compiled once for decode steps (dynamic shapes: one graph for every position)."""
+def _compiled(model: Transformer) -> Callable[..., torch.Tensor]:
+    """`_forward_at` of the model compiled once for decode steps (dynamic shapes: one graph for every position)."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True)
+        _COMPILED[model] = torch.compile(functools.partial(_forward_at, model), dynamic=True)
     return _COMPILED[model]
+
+
+def _stop_tokens(sampling: SamplingConfig, tokenizer: Tokenizer | None) -> Iterable[int]:
+    """The ids that end a row: the sampling's own, else the tokenizer's, else none."""
+    if sampling.stop_tokens is not None:
+        return sampling.stop_tokens
+    return tokenizer.stop_tokens if tokenizer is not None else ()
 
 
 @torch.inference_mode()
@@ -242,35 +300,21 @@ def generate(
     tokenizer: Tokenizer | None,
     prompt: Prompt | Sequence[Prompt],
     *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.6,
-    top_p: float | None = 0.9,
-    top_k: int | None = None,
-    stop_tokens: Iterable[int] | None = None,
-    seed: int | None = None,
+    sampling: SamplingConfig | None = None,
     echo: bool = False,
     compile: bool = False,
+    **settings: Any,
 ) -> list[int] | list[list[int]]:
     """New token ids (stop token excluded) for one prompt, or a list of them for a batch of prompts.
 
-    compile=True runs decode steps through torch.compile: a one-time compile (tens of seconds on a CPU)
-    buys fused kernels and far less per-token overhead, worth it for long or repeated generation.
+    `settings` are SamplingConfig's fields (max_new_tokens, temperature, top_p, top_k, seed, stop_tokens), over
+    `sampling` when both are given. compile=True runs decode steps through torch.compile: a one-time compile (tens
+    of seconds on a CPU) buys fused kernels and far less per-token overhead, worth it for long or repeated runs.
     """
+    sampling = SamplingConfig.of(sampling, **settings)
     rows, batched = _encode_prompts(tokenizer, prompt)
-    if stop_tokens is None:
-        stop_tokens = tokenizer.stop_tokens if tokenizer is not None else ()
     outputs: list[list[int]] = [list(r) if echo else [] for r in rows]
-    for step in _stream_rows(
-        model,
-        rows,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop_tokens=stop_tokens,
-        seed=seed,
-        compile=compile,
-    ):
+    for step in _stream_rows(model, rows, sampling, _stop_tokens(sampling, tokenizer), compile=compile):
         for out, t in zip(outputs, step, strict=True):
             if t is not None:
                 out.append(t)
@@ -283,34 +327,19 @@ def stream_generate(
     tokenizer: Tokenizer | None,
     prompt: Prompt,
     *,
-    max_new_tokens: int = 256,
-    temperature: float = 0.6,
-    top_p: float | None = 0.9,
-    top_k: int | None = None,
-    stop_tokens: Iterable[int] | None = None,
-    seed: int | None = None,
+    sampling: SamplingConfig | None = None,
     echo: bool = False,
     compile: bool = False,
+    **settings: Any,
 ) -> Iterator[int]:
-    """Yield the new token ids of one prompt as they are sampled (stop token excluded)."""
+    """Yield the new token ids of one prompt as they are sampled (stop token excluded); arguments as `generate`."""
+    sampling = SamplingConfig.of(sampling, **settings)
     rows, batched = _encode_prompts(tokenizer, prompt)
     if batched:
         raise ValueError("stream_generate takes a single prompt; use generate for a batch")
-    if stop_tokens is None:
-        stop_tokens = tokenizer.stop_tokens if tokenizer is not None else ()
     if echo:
         yield from rows[0]
-    for (t,) in _stream_rows(
-        model,
-        rows,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop_tokens=stop_tokens,
-        seed=seed,
-        compile=compile,
-    ):
+    for (t,) in _stream_rows(model, rows, sampling, _stop_tokens(sampling, tokenizer), compile=compile):
         if t is None:
             return
         yield t
@@ -319,7 +348,7 @@ def stream_generate(
 # ---- command line ---------------------------------------------------------------------------------
 
 
-class _IncrementalDecoder:
+class IncrementalDecoder:
     """Turns token ids into text pieces without splitting multi-byte UTF-8 characters across tokens."""
 
     def __init__(self, tokenizer: Tokenizer):
@@ -368,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt = tokenizer.encode(args.prompt, bos=True, eos=False)
 
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     start = time.perf_counter()
     first = None
     count = 0
@@ -405,4 +434,12 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["generate", "main", "stream_generate"]
+__all__ = [
+    "IncrementalDecoder",
+    "SamplingConfig",
+    "draw_index",
+    "generate",
+    "main",
+    "stream_generate",
+    "vocab_projection",
+]

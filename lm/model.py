@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.attention import AttentionMask, attend, build_mask, check_backend, document_positions
+from lm.attention import AttentionInputs, AttentionMask, attend, attention_inputs, check_backend
 from lm.config import LMConfig, RopeScaling
+
+# What Transformer.forward can return besides a function of the final hidden states (its `output`).
+OUTPUTS = ("logits", "last", "hidden")
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -229,67 +232,55 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         *,
         document_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
         start_pos: int | None = None,
         key_valid: torch.Tensor | None = None,
-        last_only: bool = False,
-        skip_output: bool = False,
-        output_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        mask: AttentionMask | None = None,
+        attention: AttentionInputs | None = None,
+        output: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "logits",
         embeddings: torch.Tensor | None = None,
         layer_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, S] (or hidden states [B, S, dim] on a pipeline stage without embeddings).
 
-        document_ids [B, S]: packed training rows; no attention across documents, positions restart.
-        start_pos: decode with the KV cache, writing these tokens at [start_pos, start_pos + S).
-        key_valid [B, start_pos + S]: False at left padding of a batch of prompts (inference).
-        positions [B, S]: explicit RoPE positions (left-padded batches); derived otherwise.
-        last_only: compute logits for the last position only (generation prefill).
-        skip_output: return the final-normed hidden states instead of logits (the caller projects them).
-        output_fn: return `output_fn(hidden, self.output.weight)` instead of the logits: a chunked loss over the
-            vocabulary. Called inside forward, where a sharding wrapper has the full weight gathered.
-        mask: a prebuilt mask used as it is, with explicit positions (context parallel: local queries against the
-            keys of the whole row); built from document_ids / start_pos / key_valid otherwise.
+        document_ids, start_pos, key_valid: what `lm.attention.attention_inputs` builds this forward's positions and
+            mask from (packed documents, KV-cache decoding, left padding).
+        attention: prebuilt positions and mask used as they are (left-padded decoding with explicit positions;
+            context parallel: local queries against the keys of the whole row), instead of the three above.
+        output: "logits" [B, S, vocab]; "last": the last position's logits [B, 1, vocab] (generation prefill);
+            "hidden": the final-normed hidden states [B, S, dim] (the caller projects them); or a function
+            `output(hidden, self.output.weight)`, e.g. a chunked loss over the vocabulary, called inside forward
+            where a sharding wrapper has the full weight gathered.
         embeddings [B, S, dim]: input embeddings used instead of looking up `tokens` (adapters that add tokens).
         layer_hook: `h = layer_hook(name, h)` before each layer (adapters' cross-attention blocks); the frozen
             layers themselves run unchanged.
         """
+        if not callable(output) and output not in OUTPUTS:
+            raise ValueError(f"output={output!r}: expected one of {OUTPUTS} or a function (hidden, weight)")
         if embeddings is not None:
             h = embeddings
         else:
             h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        # From the input, not h: under sequence parallel the embedding's output holds a slice of the sequence, and a
-        # later pipeline stage's input is that slice; the document ids of packed rows always span the sequence.
-        batch, seq = (document_ids if document_ids is not None else tokens).shape[:2]
-        if positions is None:
-            if document_ids is not None:
-                positions = document_positions(document_ids)
-            else:
-                positions = torch.arange(start_pos or 0, (start_pos or 0) + seq, device=h.device)
-        if mask is None:
-            mask = build_mask(
-                self.config.attn_backend,
-                batch=batch,
-                q_len=seq,
-                kv_len=(start_pos or 0) + seq,
-                device=h.device,
-                document_ids=document_ids,
-                key_valid=key_valid,
+        if attention is None:
+            # From the input, not h: under sequence parallel the embedding's output holds a slice of the sequence,
+            # and a later pipeline stage's input is that slice; the document ids of packed rows span the sequence.
+            batch, seq = (document_ids if document_ids is not None else tokens).shape[:2]
+            attention = attention_inputs(
+                self.config, batch, seq, h.device, document_ids=document_ids, start_pos=start_pos, key_valid=key_valid
             )
-        rope = self.rope(positions)
+        elif document_ids is not None or start_pos is not None or key_valid is not None:
+            raise ValueError("pass either attention= or document_ids / start_pos / key_valid, not both")
+        rope = self.rope(attention.positions)
         for name, layer in self.layers.items():
             if layer_hook is not None:
                 h = layer_hook(name, h)
-            h = layer(h, rope, mask, start_pos)
+            h = layer(h, rope, attention.mask, attention.start_pos)
         if self.norm is None:
             return h
-        if last_only:
+        if output == "last":
             h = h[:, -1:]
         h = self.norm(h)
-        if self.output is None or skip_output:
+        if self.output is None or output == "hidden":
             return h
-        return self.output(h) if output_fn is None else output_fn(h, self.output.weight)
+        return output(h, self.output.weight) if callable(output) else self.output(h)
 
 
 __all__ = ["Attention", "FeedForward", "KVCache", "RMSNorm", "RotaryEmbedding", "Transformer", "TransformerBlock"]

@@ -13,7 +13,7 @@ import transformers
 from conftest import tiny_config
 
 from lm.checkpoint import save_pretrained
-from lm.generate import _draw, _IncrementalDecoder, generate, main, stream_generate
+from lm.generate import IncrementalDecoder, draw_index, generate, main, stream_generate
 from lm.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_top_k_and_top_p_restrict_the_candidates(models):
 def test_draw_follows_the_weights():
     weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([_draw(weights, generator) for _ in range(4000)])
+    draws = torch.stack([draw_index(weights, generator) for _ in range(4000)])
     assert (draws[:, 1] == 5).all()
     freq = torch.bincount(draws[:, 0], minlength=6).float() / len(draws)
     assert torch.allclose(freq, weights[0] / weights[0].sum(), atol=0.03)
@@ -194,7 +194,7 @@ def test_incremental_decoder_keeps_multibyte_characters():
     tokenizer = Tokenizer()
     text = "héllo 日本語 🎉 ok"
     ids = tokenizer.encode(text, bos=False, eos=False)
-    decoder = _IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer)
     pieces = [decoder.push(t) for t in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lm.attention import check_backend, document_positions, xformers_available
+from lm.attention import attention_inputs, check_backend, document_positions, xformers_available
 from lm.config import PRESETS, LMConfig
 from lm.model import Transformer, rope_frequencies
 
@@ -139,7 +139,10 @@ def test_left_padded_batch_equals_unpadded_rows(model):
     positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
     with torch.no_grad():
         model.setup_cache(batch=3, max_len=32)
-        batched = model(tokens, start_pos=0, key_valid=valid, positions=positions)
+        attention = attention_inputs(
+            model.config, 3, width, tokens.device, start_pos=0, key_valid=valid, positions=positions
+        )
+        batched = model(tokens, attention=attention)
         model.clear_cache()
         for row, prompt in enumerate(prompts):
             alone = model(prompt[None])

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lm.checkpoint import atomic_write_text
+from common.atomic import atomic_write_text, commit_directory
 from train.config import CheckpointConfig
 from train.parallel.mesh import barrier as _barrier
 from train.parallel.mesh import rank as _rank
@@ -130,19 +130,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
             return path
         warnings.warn(f"skipping incomplete checkpoint {path} (no .metadata or {META})", stacklevel=2)
     return None
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -251,14 +238,8 @@ class Checkpointer:
             if os.environ.get(CRASH_BEFORE_COMMIT_ENV) == str(step):
                 log.error("fault injection: exiting before committing %s", tmp)
                 os._exit(17)
-            # Re-saving a step (after resuming from an older checkpoint): the old copy goes only once the new one
-            # is in place, so some complete checkpoint exists at every instant.
-            old = final + ".old"
-            if os.path.exists(final):
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            shutil.rmtree(old, ignore_errors=True)
+            # Re-saving a step (after resuming from an older checkpoint) keeps the old copy until the new one is in.
+            commit_directory(tmp, final)
             self._prune()
             log.info("checkpoint saved: %s", final)
         _barrier()  # nobody runs ahead of the commit

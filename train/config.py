@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from common.atomic import atomic_write_text
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -384,9 +386,6 @@ def to_toml(cfg: Any) -> str:
 
 def save_config(cfg: Any, run_dir: str | os.PathLike) -> None:
     """Write the resolved config as ``config.toml`` and ``config.json`` in the run dir (atomically)."""
-    # Imported here: loading a config needs no torch, writing one shares the LM checkpoint's atomic write.
-    from lm.checkpoint import atomic_write_text
-
     os.makedirs(run_dir, exist_ok=True)
     for name, text in (("config.toml", to_toml(cfg)), ("config.json", json.dumps(to_dict(cfg), indent=2))):
         atomic_write_text(Path(run_dir, name), text + "\n")

@@ -21,8 +21,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from common.atomic import atomic_write_text
 from lm import LMConfig, Transformer, save_pretrained
-from lm.checkpoint import atomic_write_text
 from train.checkpoint import META, CheckpointError, is_complete, latest_checkpoint, list_checkpoints
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

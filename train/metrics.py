@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lm.checkpoint import atomic_write_text
+from common.atomic import atomic_write_text
 
 CONTRACT_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb")
 
