@@ -162,12 +162,21 @@ def _open_shard(plan: _SourcePlan, index: int) -> Shard:
 class _Stream:
     """One reader's token stream of one source: its units' documents end to end, epochs rolling over."""
 
-    def __init__(self, plan: _SourcePlan, units: np.ndarray, position: np.ndarray, seed: int, on_corrupt: str):
+    def __init__(
+        self,
+        plan: _SourcePlan,
+        units: np.ndarray,
+        position: np.ndarray,
+        seed: int,
+        on_corrupt: str,
+        vocab_size: int | None = None,
+    ):
         self.plan = plan
         self.units = units
         self.position = position  # int64 [U, 3]: epoch, next document offset in the unit, token offset; shared
         self.seed = seed
         self.on_corrupt = on_corrupt
+        self.vocab_size = vocab_size
         self.queue: list[int] = []
         self.touched: set[int] = set()
         self.corrupt_skipped = 0
@@ -210,6 +219,19 @@ class _Stream:
             self._shard_index = index
         return self._shard
 
+    def _check_ids(self, chunk: np.ndarray, shard: Shard, document: int, offset: int) -> None:
+        """Raise DataError naming the shard and document when `chunk` (tokens from `offset` on) holds an id
+        outside the vocabulary."""
+        # Under either on_corrupt policy: a shard that passed its checksum holds the id as written (another
+        # tokenizer), and on a GPU the embedding lookup would fail as a device-side assert far from this cause.
+        worst = int(chunk.argmax())
+        if chunk[worst] >= self.vocab_size:
+            raise DataError(
+                f"shard {shard.path}: document {document} (key {shard.key(document)}) holds token id "
+                f"{int(chunk[worst])} at token {offset + worst}, outside the vocabulary of {self.vocab_size} ids; "
+                "were the shards tokenized with another tokenizer?"
+            )
+
     def take(self, n: int, out: np.ndarray, starts: list[int]) -> None:
         """Fill `out[:n]` with the next n tokens; append the offsets where a document begins to `starts`."""
         filled = 0
@@ -233,6 +255,8 @@ class _Stream:
                     starts.append(filled)
                 k = min(len(tokens) - tok, n - filled)
                 out[filled : filled + k] = tokens[tok : tok + k]
+                if self.vocab_size is not None and k:
+                    self._check_ids(out[filled : filled + k], shard, lo + doc, tok)
                 filled += k
                 tok += k
                 if tok >= len(tokens):
@@ -258,6 +282,7 @@ class _Config:
     seed: int
     on_corrupt: str
     anneal_start: int | None
+    vocab_size: int | None = None
 
     def annealing(self, step: int) -> bool:
         """True when the rows of `step` are drawn from the annealing mixture."""
@@ -270,7 +295,7 @@ class _Reader:
     def __init__(self, cfg: _Config, reader: int, readers: int, positions: list[np.ndarray]):
         self.cfg = cfg
         self.streams = [
-            _Stream(plan, plan.owned(reader, readers), positions[i].copy(), cfg.seed, cfg.on_corrupt)
+            _Stream(plan, plan.owned(reader, readers), positions[i].copy(), cfg.seed, cfg.on_corrupt, cfg.vocab_size)
             for i, plan in enumerate(cfg.plans)
         ]
 
@@ -351,14 +376,21 @@ class PackedLoader:
         verify: bool = True,
         timeout: float = 600.0,
         multiprocessing_context: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
-        """`batch_size` is per rank; `total_steps` places the annealing phase (a step is one batch)."""
+        """`batch_size` is per rank; `total_steps` places the annealing phase (a step is one batch).
+
+        `vocab_size`: token ids must lie below it (a DataError names the shard and document of one that does not);
+        None reads them unchecked.
+        """
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if seq_len < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError("seq_len and batch_size must be positive, num_workers non-negative")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive (or None: unchecked), got {vocab_size}")
         if not isinstance(sources, Mixture):
             path = Path(sources)
             sources = Mixture({path.name or "data": path}, {path.name or "data": 1.0})
@@ -387,6 +419,7 @@ class PackedLoader:
             seed,
             on_corrupt,
             sources.anneal_start(total_steps),
+            vocab_size,
         )
         workers = max(1, num_workers)
         # A rank owns the units of its workers' readers, rank * workers ... (rank + 1) * workers - 1.

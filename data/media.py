@@ -38,6 +38,9 @@ EXTENSIONS = {
 }
 # Where `python -m data.synthetic` puts each kind under its --out directory.
 SUBDIRS = {"image": "images", "audio": "speech", "video": "video"}
+# Corrupt samples in a row after which on_corrupt="skip" gives up. A shuffled stream meets that many only when
+# most of the data is bad; a decode fails in milliseconds, so a hopeless stream stops within seconds.
+MAX_CONSECUTIVE_CORRUPT = 1000
 
 
 class CorruptSampleError(RuntimeError):
@@ -222,6 +225,9 @@ class MediaSamples:
         shuffle: False keeps shard order (for evaluation).
         epochs: stop after this many passes (None: forever, as training wants).
         on_corrupt: "skip" warns once per shard and counts, "fail" raises CorruptSampleError naming shard and key.
+        max_consecutive_corrupt: with "skip", this many corrupt samples in a row, or every sample of the index
+            failing since the last one that decoded, raise CorruptSampleError naming their shards: a stream where
+            nothing decodes must not spin forever.
         image_format: "tensor" (float [3, H, W] in [0, 1]) or "pil".
         sample_rate: audio is resampled to this rate.
         video_frames: keep this many frames per clip, picked uniformly (None: all).
@@ -245,6 +251,7 @@ class MediaSamples:
         shuffle: bool = True,
         epochs: int | None = None,
         on_corrupt: str = "skip",
+        max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT,
         image_format: str = "tensor",
         sample_rate: int = 16000,
         video_frames: int | None = None,
@@ -253,12 +260,15 @@ class MediaSamples:
             raise ValueError(f"unknown kind {kind!r}; have {KINDS}")
         if on_corrupt not in ("skip", "fail"):
             raise ValueError(f"on_corrupt must be 'skip' or 'fail', not {on_corrupt!r}")
+        if max_consecutive_corrupt < 1:
+            raise ValueError(f"max_consecutive_corrupt must be at least 1, not {max_consecutive_corrupt}")
         if image_format not in ("tensor", "pil"):
             raise ValueError(f"image_format must be 'tensor' or 'pil', not {image_format!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.kind, self.split, self.rank, self.world_size = kind, split, rank, world_size
         self.seed, self.shuffle, self.epochs, self.on_corrupt = seed, shuffle, epochs, on_corrupt
+        self.max_consecutive_corrupt = max_consecutive_corrupt
         self.image_format, self.sample_rate, self.video_frames = image_format, sample_rate, video_frames
         self.shards = find_shards(urls_or_dir, kind, split)
         self._stats = {"skipped": 0, "corrupt_shards": 0, "without_media": 0, "yielded": 0}
@@ -309,12 +319,15 @@ class MediaSamples:
 
     def __iter__(self) -> Iterator[dict]:
         n = len(self._entries)
+        failed: set[int] = set()  # entries that failed since the last sample decoded
+        consecutive = 0
         while True:
             position = self._global + self.rank
             epoch, offset = divmod(position, n)
             if self.epochs is not None and epoch >= self.epochs:
                 return
-            entry = self._entries[self._order(epoch)[offset]]
+            index = int(self._order(epoch)[offset])
+            entry = self._entries[index]
             # Advance before decoding, so a sample that raises (on_corrupt="fail") is not retried forever.
             self._global += self.world_size
             try:
@@ -322,9 +335,27 @@ class MediaSamples:
             except ValueError as error:
                 self._stats["skipped"] += 1
                 self._corrupt(entry.shard, entry.key, str(error))
+                failed.add(index)
+                consecutive += 1
+                self._check_progress(failed, consecutive, str(error))
                 continue
+            failed.clear()
+            consecutive = 0
             self._stats["yielded"] += 1
             yield sample
+
+    def _check_progress(self, failed: set[int], consecutive: int, last_error: str) -> None:
+        """Raise CorruptSampleError naming the shards when skipping can no longer be expected to find a sample."""
+        if len(failed) < len(self._entries) and consecutive < self.max_consecutive_corrupt:
+            return
+        if len(failed) == len(self._entries):
+            what = f"none of the {len(failed)} {self.kind} samples decodes"
+        else:
+            what = f"{consecutive} {self.kind} samples in a row failed to decode (max_consecutive_corrupt)"
+        shards = sorted({self._entries[i].shard for i in failed})
+        named = ", ".join(str(self.shards[s]) for s in shards[:5])
+        more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+        raise CorruptSampleError(f"{what}, in shard(s) {named}{more}; the last: {last_error}")
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:

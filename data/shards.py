@@ -213,6 +213,14 @@ class Shard:
         """Token ids of document `index`, a read-only uint32 view into the mapped file."""
         return np.frombuffer(self._map, dtype="<u4", count=int(self.lengths[index]), offset=int(self.offsets[index]))
 
+    def key(self, index: int) -> str:
+        """The webdataset key of document `index`: its member name without the extension, for error messages."""
+        # Read back from the member's tar header, just before its data: the index keeps no names, since only
+        # errors need them.
+        header = int(self.offsets[index]) - _BLOCK
+        name = bytes(self._map[header : header + 100]).rstrip(b"\0").decode(errors="replace")
+        return name.rsplit(".", 1)[0]
+
 
 def _index_tar(data: mmap.mmap | bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Offsets and token counts of the `.u32` members of a tar written by ShardSink."""

@@ -1,8 +1,11 @@
-"""Run configs: nested dataclasses loaded from TOML with dotted command-line overrides, validated by type.
+"""Run configs: nested dataclasses loaded from TOML with dotted command-line overrides, validated by type and range.
 
 An entry script subclasses :class:`JobConfig` (adding its own ``model`` / ``data`` / ... sections) and calls
 :func:`parse_cli`. Every section is a dataclass; every key has a type hint that values are checked against, so
 a typo or a wrong type fails before any work with a message naming the key (and the file it came from).
+A numeric key declares its allowed values in the hint, ``Annotated[int, Range(min=1)]`` or one of the aliases
+(``PositiveInt``, ``NonNegativeInt``, ``PositiveFloat``, ``NonNegativeFloat``, ``Fraction``), also inside
+``| None``, lists and table values; ``Literal[...]`` keys accept only the values listed.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from common.atomic import atomic_write_text
 
@@ -32,6 +36,61 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's dataclasses."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows, as type-hint metadata: ``Annotated[int, Range(min=1)]``.
+
+    A value must be finite and lie within ``min`` / ``max`` (``<`` / ``>`` with the exclusive flags), or be one of
+    ``also``: sentinels outside the range with a meaning of their own, such as -1 = auto.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    also: tuple[float, ...] = ()
+
+    def admits(self, value: float) -> bool:
+        """True when ``value`` is allowed."""
+        if value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.min is not None and (value < self.min or (self.min_exclusive and value == self.min)):
+            return False
+        return self.max is None or not (value > self.max or (self.max_exclusive and value == self.max))
+
+    def describe(self, noun: str = "a value") -> str:
+        """The allowed values in words, e.g. ``a value >= 1 or -1`` or ``a finite value in [0, 1)``."""
+        if self.min is not None and self.max is not None:
+            left, right = "(["[not self.min_exclusive], ")]"[not self.max_exclusive]
+            bounds = f"in {left}{self.min}, {self.max}{right}"
+        elif self.min is not None:
+            bounds = f"{'>' if self.min_exclusive else '>='} {self.min}"
+        elif self.max is not None:
+            bounds = f"{'<' if self.max_exclusive else '<='} {self.max}"
+        else:
+            bounds = ""
+        return f"{noun} {bounds}".rstrip() + "".join(f" or {v}" for v in self.also)
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise ConfigError naming ``where``, the value and the allowed range when ``value`` is outside it."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: a Range applies to numbers, got {value!r}")
+        if not self.admits(value):
+            # NaN and infinities fail every range: say "finite", since "nan is not >= 0" reads like a riddle.
+            noun = "a finite value" if isinstance(value, float) else "a value"
+            raise ConfigError(f"{where}: expected {self.describe(noun)}, got {value!r}")
+
+
+# Hints for the common ranges; a key with a sentinel spells it out, e.g. Annotated[int, Range(min=1, also=(-1,))].
+PositiveInt = Annotated[int, Range(min=1)]
+NonNegativeInt = Annotated[int, Range(min=0)]
+PositiveFloat = Annotated[float, Range(min=0, min_exclusive=True)]
+NonNegativeFloat = Annotated[float, Range(min=0)]
+Fraction = Annotated[float, Range(min=0, max=1)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The sections every entry shares.
 
@@ -44,21 +103,23 @@ class RunConfig:
     name: str = ""
     seed: int = 0
     # Seconds a collective may wait before the process group gives up: a dead peer must not hang the others.
-    timeout_s: float = 600.0
+    timeout_s: PositiveFloat = 600.0
 
 
 @dataclass
 class TrainConfig:
     """Loop bounds, batch sizes and failure policy."""
 
-    steps: int = 100
+    steps: PositiveInt = 100
     # Global batch: samples (sequences) per optimizer step across all data-parallel ranks.
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    # Global gradient-norm clipping; 0 = no clipping (the norm is still measured and logged).
+    max_grad_norm: NonNegativeFloat = 1.0
     # Skip an optimizer step whose loss or gradient norm is NaN/Inf instead of stopping the run.
     skip_nonfinite: bool = False
-    eval_interval: int = 0
+    # Evaluate every this many steps and at the last; 0 = at the last step only.
+    eval_interval: NonNegativeInt = 0
     # Activation checkpointing of each block: none, selective (save matmul outputs, recompute the rest) or full.
     ac: Literal["none", "selective", "full"] = "none"
     # torch.compile each block; None = on for CUDA, off on CPU.
@@ -71,33 +132,35 @@ class TrainConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: NonNegativeFloat = 3e-4
+    weight_decay: NonNegativeFloat = 0.1
+    beta1: Annotated[float, Range(min=0, max=1, max_exclusive=True)] = 0.9
+    beta2: Annotated[float, Range(min=0, max=1, max_exclusive=True)] = 0.95
+    # Positive: with eps = 0 a parameter whose gradients are all zero would step by 0 / 0.
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegativeInt = 0
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     # The LR floor as a fraction of the peak.
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Fraction = 0.1
     # Steps the schedule spans; 0 = train.steps.
-    schedule_steps: int = 0
+    schedule_steps: NonNegativeInt = 0
     # The fused AdamW kernel (CPU and CUDA); false = torch's foreach implementation.
     fused: bool = True
     # LR multipliers by parameter-name prefix, e.g. {vision_encoder = 0.1}: a pretrained part that trains on
     # beside fresh ones takes smaller steps than they do.
-    lr_scale: dict[str, float] = field(default_factory=dict)
+    lr_scale: dict[str, NonNegativeFloat] = field(default_factory=dict)
 
 
 @dataclass
 class ParallelConfig:
     """Degrees of the device mesh [dp_replicate, dp_shard, pp, cp, tp], outermost to innermost."""
 
-    dp_replicate: int = 1
-    dp_shard: int = -1
-    pp: int = 1
-    cp: int = 1
-    tp: int = 1
+    dp_replicate: PositiveInt = 1
+    # -1 = what the world size leaves after the other degrees.
+    dp_shard: Annotated[int, Range(min=1, also=(-1,))] = -1
+    pp: PositiveInt = 1
+    cp: PositiveInt = 1
+    tp: PositiveInt = 1
     # Keep parameters gathered after forward (faster, more memory); False = reshard (ZeRO-3).
     reshard_after_forward: bool = True
     # FSDP mixed precision: parameter dtype in compute and gradient-reduction dtype (CUDA only; CPU stays fp32).
@@ -108,8 +171,8 @@ class ParallelConfig:
     # of stages; stages per rank (1 for 1F1B / GPipe, >= 2 for the interleaved ones, 2 for ZBV); first and last
     # stage one layer fewer (they also hold the embeddings / the output and loss).
     pp_schedule: str = "1F1B"
-    pp_microbatches: int = 0
-    pp_virtual_stages: int = 1
+    pp_microbatches: NonNegativeInt = 0
+    pp_virtual_stages: PositiveInt = 1
     pp_lighter_ends: bool = False
 
 
@@ -118,8 +181,10 @@ class CheckpointConfig:
     """DCP checkpoints under RUN_DIR/checkpoints."""
 
     enable: bool = True
-    interval: int = 500
-    keep: int = 3
+    # Save every this many steps and at the last; 0 = at the last step only.
+    interval: NonNegativeInt = 500
+    # Complete checkpoints kept on disk, the newest; 0 = all.
+    keep: NonNegativeInt = 3
     # A checkpoint directory to resume from; empty = the newest complete checkpoint in run.dir, if any.
     resume: str = ""
     # False: start fresh even when run.dir holds checkpoints.
@@ -132,10 +197,10 @@ class CheckpointConfig:
 class MetricsConfig:
     """metrics.jsonl, the progress line and TensorBoard."""
 
-    log_interval: int = 1
+    log_interval: PositiveInt = 1
     tensorboard: bool = False
     # Peak FLOP/s of one device for MFU; 0 = look the device up in the built-in table.
-    peak_tflops: float = 0.0
+    peak_tflops: NonNegativeFloat = 0.0
 
 
 @dataclass
@@ -155,7 +220,8 @@ class JobConfig:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    # include_extras keeps the Annotated[..., Range(...)] metadata that get_type_hints strips by default.
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _type_name(tp: Any) -> str:
@@ -167,21 +233,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        base, *metadata = typing.get_args(tp)
+        value = _coerce(value, base, where)
+        for extra in metadata:
+            if isinstance(extra, Range) and value is not None:
+                extra.check(value, where)
+        return value
     if origin is typing.Union or origin is types.UnionType:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(value, tp, where)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        # Compared with the type too: True == 1, but a bool is no answer to Literal[0, 1].
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if origin in (list, tuple):
@@ -191,10 +254,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """``A | B | None``: the first member that accepts ``value``; ``X | None`` keeps X's own message (its range)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    options = [arg for arg in args if arg is not type(None)]
+    if len(options) == 1:
+        return _coerce(value, options[0], where)
+    for arg in options:
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """bool, int, float (ints widen) and str values."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected bool, got {value!r}")
@@ -211,10 +300,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected str, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _build(tp, value, where)
     raise ConfigError(f"{where}: unsupported config type {tp!r}")
 
 
@@ -265,6 +350,8 @@ def _field_type(cls: type, dotted: str) -> Any:
 
 
 def _str_like(tp: Any) -> bool:
+    if typing.get_origin(tp) is Annotated:
+        return _str_like(typing.get_args(tp)[0])
     if tp is str:
         return True
     if typing.get_origin(tp) is Literal:
