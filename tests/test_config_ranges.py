@@ -151,3 +151,21 @@ def test_range_describes_itself():
     assert not Range().admits(float("nan")) and Range().admits(-3)
     with pytest.raises(ConfigError, match="a Range applies to numbers"):
         Range(min=0).check("x", "k")
+
+
+@pytest.mark.parametrize(
+    "entry, override, message",
+    [
+        ("train.encoder:EncoderJobConfig", "eval.group_size=1", "eval.group_size: expected a value >= 2, got 1"),
+        ("train.encoder:EncoderJobConfig", "data.on_corrupt=ignore", "data.on_corrupt"),
+        ("train.adapter:AdapterJobConfig", "eval.samples=0", "eval.samples: expected a value >= 1, got 0"),
+        ("train.adapter:AdapterJobConfig", "data.train_count=-5", "data.train_count: expected a value >= 0, got -5"),
+    ],
+)
+def test_entry_sections_are_range_checked(entry, override, message):
+    """The encoder and adapter entries' own sections use the same ranges as the shared ones."""
+    import importlib
+
+    module, name = entry.split(":")
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(getattr(importlib.import_module(module), name), overrides=[f"--{override}"])

@@ -39,17 +39,17 @@ import logging  # noqa: E402
 from collections.abc import Callable, Mapping  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
+from typing import TYPE_CHECKING, Any, Literal  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from common.atomic import atomic_write_text  # noqa: E402
 from data.grading import accepted_keys, is_correct, majority_rate, normalize_text  # noqa: E402
 from llama3mm.processor import DEFAULT_PROMPTS  # noqa: E402
-from lm.checkpoint import atomic_write_text  # noqa: E402
 from train import stage  # noqa: E402
-from train.config import JobConfig  # noqa: E402
+from train.config import JobConfig, NonNegativeInt, PositiveInt  # noqa: E402
 from train.loop import RunContext  # noqa: E402
 from train.media import MEDIA_KINDS  # noqa: E402
 from train.parallel.mesh import world_size  # noqa: E402
@@ -78,7 +78,7 @@ class AdapterModelConfig:
     # Train the encoder with the adapter (vision: the paper does; speech: the Conformer learns with its adapter).
     train_encoder: bool = True
     # Cross-attention blocks of the image adapter (0 = one per 4 LM layers, Meta's schedule).
-    vision_layers: int = 0
+    vision_layers: NonNegativeInt = 0
     # Keyword overrides of VideoAdapterConfig.from_vision (every, num_latents, ...) and SpeechAdapterConfig fields.
     video_adapter: dict[str, Any] = field(default_factory=dict)
     speech_adapter: dict[str, Any] = field(default_factory=dict)
@@ -91,10 +91,10 @@ class AdapterDataConfig:
     dir: str = "runs/data/media"
     generate: bool = True
     # Sizes of the generated sets (train, held-out); 0 = data.synthetic's defaults.
-    train_count: int = 0
-    heldout_count: int = 0
-    seed: int = 0
-    on_corrupt: str = "skip"
+    train_count: NonNegativeInt = 0
+    heldout_count: NonNegativeInt = 0
+    seed: NonNegativeInt = 0
+    on_corrupt: Literal["skip", "fail"] = "skip"
     # The text before the target; empty = the media kind's default (llama3mm.processor.DEFAULT_PROMPTS).
     prompt: str = ""
 
@@ -104,11 +104,11 @@ class AdapterEvalConfig:
     """Held-out evaluation: generation accuracy on rank 0 and the teacher-forced loss on every rank."""
 
     # Held-out samples rank 0 generates for (greedy).
-    samples: int = 100
-    max_new_tokens: int = 24
+    samples: PositiveInt = 100
+    max_new_tokens: PositiveInt = 24
     # Held-out samples per rank for the teacher-forced loss.
-    loss_samples: int = 32
-    batch_size: int = 16
+    loss_samples: PositiveInt = 32
+    batch_size: PositiveInt = 16
 
 
 @dataclass
@@ -321,7 +321,7 @@ def batch_loss(mm: nn.Module, batch: dict[str, Any], device: torch.device) -> tu
         # Only the target positions are projected onto the vocabulary: most of a row is prompt and media.
         return linear_cross_entropy(hidden[scored], weight, labels[scored])
 
-    return mm(tokens, **batch, output_fn=output_fn), scored.sum()
+    return mm(tokens, **batch, output=output_fn), scored.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,17 +25,17 @@ import logging  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
+from typing import TYPE_CHECKING, Annotated, Any, Literal  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lm.checkpoint import atomic_write_text  # noqa: E402
+from common.atomic import atomic_write_text  # noqa: E402
 from train import stage  # noqa: E402
 from train.checkpoint import full_state_dict  # noqa: E402
-from train.config import JobConfig  # noqa: E402
+from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: E402
 from train.loop import EvalFn, RunContext  # noqa: E402
 from train.parallel.mesh import world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
@@ -75,20 +75,20 @@ class EncoderDataConfig:
     # Generate the embedded default data when ``dir`` lacks shards (rank 0 builds, the others wait).
     generate: bool = True
     # Sizes of the generated sets (train, held-out); 0 = data.synthetic's defaults.
-    train_count: int = 0
-    heldout_count: int = 0
-    seed: int = 0
-    on_corrupt: str = "skip"
+    train_count: NonNegativeInt = 0
+    heldout_count: NonNegativeInt = 0
+    seed: NonNegativeInt = 0
+    on_corrupt: Literal["skip", "fail"] = "skip"
 
 
 @dataclass
 class EncoderEvalConfig:
     """Held-out evaluation: retrieval among groups (vision) or masked-prediction accuracy (speech)."""
 
-    group_size: int = 20
+    group_size: Annotated[int, Range(min=2)] = 20
     # Held-out groups (vision) or batches (speech) evaluated each time.
-    batches: int = 10
-    batch_size: int = 20
+    batches: PositiveInt = 10
+    batch_size: PositiveInt = 20
 
 
 @dataclass
