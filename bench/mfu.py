@@ -1,11 +1,11 @@
 """Training throughput and MFU of the real trainer on one device, beside that device's own matmul roof.
 
-Runs ``train/lm.py``'s model build (meta device -> activation checkpointing -> compile -> FSDP2 -> init) and
-training loop on one process with random tokens (no tokenizer or shards needed: the GPU hosts have torch alone),
-on the Llama 3 8B shape with its layers cut to fit one device. Prints tokens/s, model TFLOP/s (FLOPs of
-``LMConfig.flops_per_token``, attention included), MFU against the datasheet peak (``train.metrics``), and the
-same FLOP/s as a fraction of a large matmul timed in the same run (the device's practical roof: the peer every
-kernel competes with).
+Runs ``train/lm.py``'s model build (``train.parallel.llama``: meta device -> activation checkpointing -> compile
+-> FSDP2 -> init) and training loop on one process with random tokens (no tokenizer or shards needed: the GPU
+hosts have torch alone), on the Llama 3 8B shape with its layers cut to fit one device. Prints tokens/s, model
+TFLOP/s (FLOPs of ``LMConfig.flops_per_token``, attention included), MFU against the datasheet peak
+(``train.metrics``), and the same FLOP/s as a fraction of a large matmul timed in the same run (the device's
+practical roof: the peer every kernel competes with).
 
     python bench/mfu.py                                   # CUDA: 8B shape, 8 layers, seq 8192, bf16, compiled
     python bench/mfu.py --preset debug --layers 2 --seq 256 --steps 4 --no-compile   # CPU smoke run
@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from train.config import load_config  # noqa: E402
-from train.lm import LMJobConfig, build_lm_config, build_model, make_loss  # noqa: E402
+from train.lm import LMJobConfig, build_lm_config  # noqa: E402
 from train.loop import init_run, train  # noqa: E402
+from train.losses import make_loss  # noqa: E402
 from train.metrics import peak_flops  # noqa: E402
+from train.parallel.llama import parallelize_llama  # noqa: E402
 from train.parallel.mesh import destroy_distributed  # noqa: E402
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     lm_config = build_lm_config(cfg.model)
     ctx = init_run(cfg)
     try:
-        model = build_model(cfg, lm_config, ctx)
+        model = parallelize_llama(cfg, lm_config, ctx)
         data = RandomTokens(args.batch, args.seq, lm_config.vocab_size)
         records = train(
             cfg,

@@ -2,10 +2,11 @@
 
     python train/lm.py --config configs/lm/llama3_405b.toml --dry-run --world-size 16384 [--dry-run-rank R]
 
-The real model is built on the meta device and parallelized by the real code (``train.lm.build_model``: pipeline
-stage split, TP/SP plan, context parallel, activation checkpointing, FSDP) on a fake process group of the given
-world size (``FakeStore`` + backend ``"fake"``: collectives do nothing), with the mesh from
-``train.parallel.mesh.build_mesh``. Parameter, gradient and optimizer bytes are read off the sharded parameters of
+The real model is built on the meta device and parallelized by the real code
+(``train.parallel.llama.parallelize_llama``: pipeline stage split, TP/SP plan, context parallel, activation
+checkpointing, FSDP) on a fake process group of the given world size (``FakeStore`` + backend ``"fake"``:
+collectives do nothing), with the mesh from ``train.parallel.mesh.build_mesh``. Parameter, gradient and optimizer
+bytes are read off the sharded parameters of
 that model; activations, pipeline bubble and communication come from the formulas below, which follow what this
 code saves and sends (see :func:`activation_bytes_per_layer` and :func:`communication_bytes`). The estimate is for
 a CUDA run in ``parallel.param_dtype`` compute (bf16) with fp32 sharded parameters, gradients and AdamW states.
@@ -317,14 +318,14 @@ def _rank_stages(plan, pp_rank: int) -> list[int]:
 
 
 def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> nn.Module:
-    """``train.lm.build_model`` for ``rank`` of ``dims.world_size`` on the meta device and a fake process group.
+    """``parallelize_llama`` for ``rank`` of ``dims.world_size`` on the meta device and a fake process group.
 
     Returns the parallelized (meta) model; the caller destroys the process group when done.
     """
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from train.lm import build_model
     from train.loop import RunContext
+    from train.parallel.llama import parallelize_llama
     from train.parallel.mesh import build_mesh, dp_rank_and_size
 
     if dist.is_initialized():
@@ -335,7 +336,7 @@ def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> nn.Module:
     ctx = RunContext(dims, mesh, rank, dims.world_size, dp_rank, dp_size, torch.device("meta"))
     # The dry run reads no weights: the model's shape is already in lm_config.
     planned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=""))
-    return build_model(planned, lm_config, ctx)
+    return parallelize_llama(planned, lm_config, ctx)
 
 
 def _coords_rank(dims, pp_rank: int) -> int:

@@ -137,7 +137,7 @@ def parallelize(
     reshard_after_forward: bool = True,
     ignored_params: set[nn.Parameter] | None = None,
 ) -> nn.Module:
-    """AC, compile and FSDP in torchtitan's order for a data-parallel-only model (encoders, the LM without TP)."""
+    """AC, compile and FSDP in torchtitan's order (per model, or per pipeline stage after its TP/CP plans)."""
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     apply_ac(blocks, ac)
     if compile:
