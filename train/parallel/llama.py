@@ -52,6 +52,7 @@ def parallelize_llama(cfg: JobConfig, lm_config: LMConfig, ctx: RunContext) -> n
             # A pipeline stage runs the forwards of several micro-batches before their backwards: keep its
             # parameters gathered rather than all-gather them again for each (torchtitan does the same).
             reshard_after_forward=cfg.parallel.reshard_after_forward and ctx.dims.pp == 1,
+            mixed_precision_on_cpu=cfg.parallel.mixed_precision_on_cpu,
         )
     model.to_empty(device=ctx.device)
     if cfg.model.init_from:
