@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lm.config import LMConfig  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.lm import LMJobConfig, build_lm_config  # noqa: E402
 from train.loop import init_run, train  # noqa: E402
@@ -87,6 +88,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-dir", default=str(ROOT / "runs/bench/mfu"), help="where metrics.jsonl goes")
     args = parser.parse_args(argv)
 
+    cfg = load_config(LMJobConfig, args.config, _overrides(args))
+    lm_config = build_lm_config(cfg.model)
+    ctx = init_run(cfg)
+    try:
+        model = parallelize_llama(cfg, lm_config, ctx)
+        data = RandomTokens(args.batch, args.seq, lm_config.vocab_size)
+        records = train(
+            cfg,
+            model,
+            make_loss(cfg, ctx),
+            data,
+            tokens_per_sample=args.seq,
+            flops_per_sample=lm_config.flops_per_token(args.seq) * args.seq,
+        )
+    finally:
+        destroy_distributed()
+
+    return _report(args, cfg, lm_config, ctx.device, records)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides of one device, one pipeline-free layout, no checkpoints, a record every step."""
     overrides = [
         f"--model.preset={args.preset}",
         f"--model.n_layers={args.layers}",
@@ -111,29 +134,19 @@ def main(argv: list[str] | None = None) -> dict:
         overrides.append(f"--model.dim={args.dim}")
     if args.compile is not None:
         overrides.append(f"--train.compile={str(args.compile).lower()}")
-    cfg = load_config(LMJobConfig, args.config, overrides)
-    lm_config = build_lm_config(cfg.model)
-    ctx = init_run(cfg)
-    try:
-        model = parallelize_llama(cfg, lm_config, ctx)
-        data = RandomTokens(args.batch, args.seq, lm_config.vocab_size)
-        records = train(
-            cfg,
-            model,
-            make_loss(cfg, ctx),
-            data,
-            tokens_per_sample=args.seq,
-            flops_per_sample=lm_config.flops_per_token(args.seq) * args.seq,
-        )
-    finally:
-        destroy_distributed()
+    return overrides
 
+
+def _report(
+    args: argparse.Namespace, cfg: LMJobConfig, lm_config: LMConfig, device: torch.device, records: list[dict]
+) -> dict:
+    """Median tokens/s after the warm-up third, as model FLOP/s against the matmul roof and the datasheet peak."""
     timed = records[len(records) // 3 :] or records
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
     flops = lm_config.flops_per_token(args.seq) * tokens_per_s
-    cuda = ctx.device.type == "cuda"
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    roof = matmul_roof(ctx.device, dtype, 8192 if cuda else 2048)
+    roof = matmul_roof(device, dtype, 8192 if cuda else 2048)
     peak = peak_flops() if cuda else None
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     result = {
