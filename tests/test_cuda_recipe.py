@@ -5,12 +5,12 @@ It must run, learn, and stay close to the fp32 run of the same steps (the shared
 fp32 layout reproduces to 1e-5): same corpus, same init checkpoint, same global batches. gloo all-gathers the bf16
 parameters and reduce-scatters the fp32 gradients, and inductor compiles the bf16 blocks, all on CPU.
 
-Selective checkpointing cannot join them (``test_selective_checkpointing_under_mixed_precision_fails``): the
-composable ``checkpoint`` recomputes a block by calling it again, FSDP's pre-forward hook included, and under a
+Selective checkpointing cannot join them (``test_selective_checkpointing_under_mixed_precision_still_fails``):
+the composable ``checkpoint`` recomputes a block by calling it again, FSDP's pre-forward hook included, and under a
 mixed-precision policy that hook casts the inputs inside ``torch.profiler.record_function``, an op the selective
 policy's recompute mode meets without having cached it in forward (where FSDP's hook, prepended, ran before the
-checkpoint's). Nothing of it is CPU-specific, so the CUDA recipe with ``--train.ac=selective`` fails the same way
-(torch 2.14.1); full checkpointing stands in for it here.
+checkpoint's). None of that code is CPU-specific, so the CUDA recipe with ``--train.ac=selective`` should fail the
+same way (torch 2.14.1; not yet run on a GPU); full checkpointing stands in for it here.
 """
 
 from __future__ import annotations
