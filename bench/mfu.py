@@ -1,11 +1,11 @@
 """Training throughput and MFU of the real trainer on one device, beside that device's own matmul roof.
 
-Runs ``train/lm.py``'s model build (meta device -> activation checkpointing -> compile -> FSDP2 -> init) and
-training loop on one process with random tokens (no tokenizer or shards needed: the GPU hosts have torch alone),
-on the Llama 3 8B shape with its layers cut to fit one device. Prints tokens/s, model TFLOP/s (FLOPs of
-``LMConfig.flops_per_token``, attention included), MFU against the datasheet peak (``train.metrics``), and the
-same FLOP/s as a fraction of a large matmul timed in the same run (the device's practical roof: the peer every
-kernel competes with).
+Runs ``train/lm.py``'s model build (``train.parallel.llama``: meta device -> activation checkpointing -> compile
+-> FSDP2 -> init) and training loop on one process with random tokens (no tokenizer or shards needed: the GPU
+hosts have torch alone), on the Llama 3 8B shape with its layers cut to fit one device. Prints tokens/s, model
+TFLOP/s (FLOPs of ``LMConfig.flops_per_token``, attention included), MFU against the datasheet peak
+(``train.metrics``), and the same FLOP/s as a fraction of a large matmul timed in the same run (the device's
+practical roof: the peer every kernel competes with).
 
     python bench/mfu.py                                   # CUDA: 8B shape, 8 layers, seq 8192, bf16, compiled
     python bench/mfu.py --preset debug --layers 2 --seq 256 --steps 4 --no-compile   # CPU smoke run
@@ -25,10 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lm.config import LMConfig  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.lm import LMJobConfig, build_lm_config, build_model, make_loss  # noqa: E402
+from train.lm import LMJobConfig, build_lm_config  # noqa: E402
 from train.loop import init_run, train  # noqa: E402
+from train.losses import make_loss  # noqa: E402
 from train.metrics import peak_flops  # noqa: E402
+from train.parallel.llama import parallelize_llama  # noqa: E402
 from train.parallel.mesh import destroy_distributed  # noqa: E402
 
 
@@ -85,6 +88,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-dir", default=str(ROOT / "runs/bench/mfu"), help="where metrics.jsonl goes")
     args = parser.parse_args(argv)
 
+    cfg = load_config(LMJobConfig, args.config, _overrides(args))
+    lm_config = build_lm_config(cfg.model)
+    ctx = init_run(cfg)
+    try:
+        model = parallelize_llama(cfg, lm_config, ctx)
+        data = RandomTokens(args.batch, args.seq, lm_config.vocab_size)
+        records = train(
+            cfg,
+            model,
+            make_loss(cfg, ctx),
+            data,
+            tokens_per_sample=args.seq,
+            flops_per_sample=lm_config.flops_per_token(args.seq) * args.seq,
+        )
+    finally:
+        destroy_distributed()
+
+    return _report(args, cfg, lm_config, ctx.device, records)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides of one device, one pipeline-free layout, no checkpoints, a record every step."""
     overrides = [
         f"--model.preset={args.preset}",
         f"--model.n_layers={args.layers}",
@@ -109,29 +134,19 @@ def main(argv: list[str] | None = None) -> dict:
         overrides.append(f"--model.dim={args.dim}")
     if args.compile is not None:
         overrides.append(f"--train.compile={str(args.compile).lower()}")
-    cfg = load_config(LMJobConfig, args.config, overrides)
-    lm_config = build_lm_config(cfg.model)
-    ctx = init_run(cfg)
-    try:
-        model = build_model(cfg, lm_config, ctx)
-        data = RandomTokens(args.batch, args.seq, lm_config.vocab_size)
-        records = train(
-            cfg,
-            model,
-            make_loss(cfg, ctx),
-            data,
-            tokens_per_sample=args.seq,
-            flops_per_sample=lm_config.flops_per_token(args.seq) * args.seq,
-        )
-    finally:
-        destroy_distributed()
+    return overrides
 
+
+def _report(
+    args: argparse.Namespace, cfg: LMJobConfig, lm_config: LMConfig, device: torch.device, records: list[dict]
+) -> dict:
+    """Median tokens/s after the warm-up third, as model FLOP/s against the matmul roof and the datasheet peak."""
     timed = records[len(records) // 3 :] or records
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
     flops = lm_config.flops_per_token(args.seq) * tokens_per_s
-    cuda = ctx.device.type == "cuda"
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    roof = matmul_roof(ctx.device, dtype, 8192 if cuda else 2048)
+    roof = matmul_roof(device, dtype, 8192 if cuda else 2048)
     peak = peak_flops() if cuda else None
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     result = {

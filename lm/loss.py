@@ -1,4 +1,5 @@
-"""Cross-entropy of the output projection without the full logits: `linear_cross_entropy`.
+"""Cross-entropy of the output projection without the full logits (`linear_cross_entropy`), and the LM's
+next-token losses built on it (`fused_loss_output_fn`) or on whole logits (`token_cross_entropy`).
 
 With a 128K vocabulary the logits of a training batch are its largest tensor (1024 tokens: 525 MB in
 fp32), and autograd keeps them, their log-softmax and their gradient alive at once. Here the tokens are
@@ -11,8 +12,11 @@ only scales them by the incoming gradient. At most one chunk of logits exists at
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 # Tokens per chunk. On CPU the three matmuls run at full speed from ~1K rows, and a larger chunk means
 # fewer read-modify-write passes over the [vocab, dim] weight gradient; the chunk's fp32 logits cost
@@ -155,3 +159,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy"]
+
+
+def fused_loss_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's ``output_fn`` for the chunked loss: linear + cross-entropy without whole logits."""
+    flat_targets = targets.flatten()
+    return lambda hidden, weight: linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` [B, S, V] (vocabulary-sharded under TP) and ``targets`` [B, S]."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    if isinstance(loss, DTensor):  # vocabulary-parallel: a replicated scalar, made plain (differentiably)
+        loss = loss.full_tensor()
+    return loss

@@ -2,7 +2,8 @@
 autograd keeps, and the paper's Table 4 layouts of the 405B fit in 80 GiB while a too-small one is reported.
 
 Run as ``torchrun --nproc-per-node N tests/test_dryrun.py --config ... --run.dir DIR`` it is the real side: it builds
-the model through ``train.lm.build_model``, takes one AdamW step and writes each rank's bytes to RUN_DIR.
+the model through ``train.parallel.llama.parallelize_llama``, takes one AdamW step and writes each rank's bytes
+to RUN_DIR.
 """
 
 from __future__ import annotations
@@ -45,16 +46,17 @@ def real_rank_bytes(argv: list[str]) -> None:
     """The real side (under torchrun): build, one optimizer step, write this rank's shard and AdamW bytes."""
     from train.config import parse_cli
     from train.dryrun import optimizer_state_bytes, shard_bytes
-    from train.lm import build_model, validate
+    from train.lm import validate
     from train.loop import init_run
     from train.optim import build_optimizer
+    from train.parallel.llama import parallelize_llama
     from train.parallel.mesh import destroy_distributed
 
     cfg, _ = parse_cli(LMJobConfig, argv)
     lm_config = validate(cfg)
     ctx = init_run(cfg)
     try:
-        model = build_model(cfg, lm_config, ctx)
+        model = parallelize_llama(cfg, lm_config, ctx)
         optimizer = build_optimizer(model, cfg.optim)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

@@ -139,7 +139,8 @@ def test_rank_stages():
 def test_405b_pipeline_is_the_papers(world):
     """Both Table 4 rows: 16 ranks x 2 interleaved stages, 3 layers on the first and last stage, 4 elsewhere."""
     from train.config import load_config
-    from train.lm import LMJobConfig, build_lm_config, pipeline_plan
+    from train.lm import LMJobConfig, build_lm_config
+    from train.parallel.llama import pipeline_plan
     from train.parallel.mesh import ParallelDims
 
     cfg = load_config(LMJobConfig, "configs/lm/llama3_405b.toml")

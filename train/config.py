@@ -163,9 +163,13 @@ class ParallelConfig:
     tp: PositiveInt = 1
     # Keep parameters gathered after forward (faster, more memory); False = reshard (ZeRO-3).
     reshard_after_forward: bool = True
-    # FSDP mixed precision: parameter dtype in compute and gradient-reduction dtype (CUDA only; CPU stays fp32).
+    # FSDP mixed precision: parameter dtype in compute and gradient-reduction dtype (CUDA only; CPU stays fp32
+    # unless mixed_precision_on_cpu).
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     reduce_dtype: Literal["bfloat16", "float32"] = "float32"
+    # Apply param_dtype / reduce_dtype on CPU too, so that CPU tests on gloo exercise the CUDA recipe's numerics.
+    # Off by default: CPU runs stay fp32, where every layout reproduces one rank's losses to 1e-5.
+    mixed_precision_on_cpu: bool = False
     # Pipeline parallel (pp > 1): a torch.distributed.pipelining schedule (1F1B, GPipe, Interleaved1F1B,
     # InterleavedZeroBubble, ZBVZeroBubble); micro-batches per optimizer step (0 = pp), independent of the number
     # of stages; stages per rank (1 for 1F1B / GPipe, >= 2 for the interleaved ones, 2 for ZBV); first and last

@@ -2,10 +2,11 @@
 
     python train/lm.py --config configs/lm/llama3_405b.toml --dry-run --world-size 16384 [--dry-run-rank R]
 
-The real model is built on the meta device and parallelized by the real code (``train.lm.build_model``: pipeline
-stage split, TP/SP plan, context parallel, activation checkpointing, FSDP) on a fake process group of the given
-world size (``FakeStore`` + backend ``"fake"``: collectives do nothing), with the mesh from
-``train.parallel.mesh.build_mesh``. Parameter, gradient and optimizer bytes are read off the sharded parameters of
+The real model is built on the meta device and parallelized by the real code
+(``train.parallel.llama.parallelize_llama``: pipeline stage split, TP/SP plan, context parallel, activation
+checkpointing, FSDP) on a fake process group of the given world size (``FakeStore`` + backend ``"fake"``:
+collectives do nothing), with the mesh from ``train.parallel.mesh.build_mesh``. Parameter, gradient and optimizer
+bytes are read off the sharded parameters of
 that model; activations, pipeline bubble and communication come from the formulas below, which follow what this
 code saves and sends (see :func:`activation_bytes_per_layer` and :func:`communication_bytes`). The estimate is for
 a CUDA run in ``parallel.param_dtype`` compute (bf16) with fp32 sharded parameters, gradients and AdamW states.
@@ -317,14 +318,14 @@ def _rank_stages(plan, pp_rank: int) -> list[int]:
 
 
 def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> nn.Module:
-    """``train.lm.build_model`` for ``rank`` of ``dims.world_size`` on the meta device and a fake process group.
+    """``parallelize_llama`` for ``rank`` of ``dims.world_size`` on the meta device and a fake process group.
 
     Returns the parallelized (meta) model; the caller destroys the process group when done.
     """
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from train.lm import build_model
     from train.loop import RunContext
+    from train.parallel.llama import parallelize_llama
     from train.parallel.mesh import build_mesh, dp_rank_and_size
 
     if dist.is_initialized():
@@ -335,7 +336,7 @@ def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> nn.Module:
     ctx = RunContext(dims, mesh, rank, dims.world_size, dp_rank, dp_size, torch.device("meta"))
     # The dry run reads no weights: the model's shape is already in lm_config.
     planned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=""))
-    return build_model(planned, lm_config, ctx)
+    return parallelize_llama(planned, lm_config, ctx)
 
 
 def _coords_rank(dims, pp_rank: int) -> int:
@@ -347,6 +348,26 @@ def _pp_rank_of(dims, rank: int) -> int:
     return (rank // (dims.cp * dims.tp)) % dims.pp
 
 
+@dataclass(frozen=True)
+class _PipelineLayout:
+    """What :func:`_pipeline` reads off the config: the schedule and which layers each stage holds."""
+
+    schedule: str
+    microbatches: int
+    virtual_stages: int
+    stage_layers: list[list[int]]
+    plan: Any  # train.parallel.pp.PipelinePlan, or None without pipeline parallel
+
+    def stages(self, pp_rank: int) -> list[int]:
+        """The stages ``pp_rank`` runs."""
+        return _rank_stages(self.plan, pp_rank)
+
+    def signature(self, pp_rank: int) -> tuple:
+        """Equal for pipeline ranks whose stages have the same shapes (they share one fake build)."""
+        last = len(self.stage_layers) - 1
+        return tuple((len(self.stage_layers[s]), s == 0, s == last) for s in self.stages(pp_rank))
+
+
 def plan(cfg, lm_config: LMConfig, world_size: int, *, rank: int | None = None, device_gb: float = 80.0) -> dict:
     """The dry-run report (a JSON-able dict) of ``cfg`` on ``world_size`` ranks: every PP rank, or ``rank`` alone."""
     from train.parallel.mesh import MeshError, ParallelDims
@@ -354,17 +375,33 @@ def plan(cfg, lm_config: LMConfig, world_size: int, *, rank: int | None = None, 
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     if rank is not None and not 0 <= rank < world_size:
         raise MeshError(f"--dry-run-rank={rank} is outside the world of {world_size} ranks")
-    schedule, microbatches, virtual, stage_layers, pipeline = _pipeline(cfg, lm_config, dims)
-    rows = cfg.train.batch_size // dims.dp
-    micro_batch = rows // microbatches
+    pipeline = _PipelineLayout(*_pipeline(cfg, lm_config, dims))
+    shape, layout = _shape_and_layout(cfg, lm_config, dims, pipeline.microbatches)
+    pp_ranks = [_pp_rank_of(dims, rank)] if rank is not None else list(range(dims.pp))
+    built: dict[tuple, tuple[int, dict[str, int]]] = {}
+    reports: list[RankReport] = []
+    for pp_rank in pp_ranks:
+        this_rank = rank if rank is not None else _coords_rank(dims, pp_rank)
+        sig = pipeline.signature(pp_rank)
+        if sig not in built:
+            built[sig] = (this_rank, _fake_rank_sizes(cfg, lm_config, dims, this_rank))
+        source_rank, sizes = built[sig]
+        report = _rank_report(cfg, lm_config, dims, shape, layout, pipeline, this_rank, pp_rank, sizes, device_gb)
+        if source_rank != this_rank:
+            report.same_as = [source_rank]
+        reports.append(report)
+    return _summary(cfg, lm_config, dims, shape, pipeline, reports, world_size, device_gb)
+
+
+def _shape_and_layout(cfg, lm_config: LMConfig, dims, microbatches: int) -> tuple[Shape, Layout]:
+    """The formulas' view of one micro-batch on one rank, and of the layout's degrees and dtypes."""
     compute_bytes = _DTYPE_BYTES[cfg.parallel.param_dtype]
-    reduce_bytes = _DTYPE_BYTES[cfg.parallel.reduce_dtype]
     shape = Shape(
         dim=lm_config.dim,
         kv_dim=lm_config.n_kv_heads * lm_config.head_dim,
         ffn_dim=lm_config.ffn_hidden_dim,
         vocab_size=lm_config.vocab_size,
-        micro_batch=micro_batch,
+        micro_batch=cfg.train.batch_size // dims.dp // microbatches,
         seq_len=cfg.data.seq_len,
         tp=dims.tp,
         cp=dims.cp,
@@ -379,80 +416,92 @@ def plan(cfg, lm_config: LMConfig, world_size: int, *, rank: int | None = None, 
         microbatches=microbatches,
         ac=cfg.train.ac,
         param_bytes=compute_bytes,
-        reduce_bytes=reduce_bytes,
+        reduce_bytes=_DTYPE_BYTES[cfg.parallel.reduce_dtype],
         reshard_after_forward=cfg.parallel.reshard_after_forward,
     )
-    num_stages = len(stage_layers)
-    pp_ranks = [_pp_rank_of(dims, rank)] if rank is not None else list(range(dims.pp))
+    return shape, layout
 
-    def signature(pp_rank: int) -> tuple:
-        return tuple((len(stage_layers[s]), s == 0, s == num_stages - 1) for s in _rank_stages(pipeline, pp_rank))
 
-    built: dict[tuple, tuple[int, dict[str, int]]] = {}
-    reports: list[RankReport] = []
-    for pp_rank in pp_ranks:
-        sig = signature(pp_rank)
-        if sig not in built:
-            global_rank = rank if rank is not None else _coords_rank(dims, pp_rank)
-            try:
-                model = build_fake_rank(cfg, lm_config, dims, global_rank)
-                sizes = shard_bytes(model)
-                sizes["unsharded"] = _unsharded_params(model, dims.dp_shard * dims.cp)
-                sizes["largest_group"] = _largest_fsdp_group(model, dims.dp_shard * dims.cp)
-                del model
-            finally:
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-            built[sig] = (global_rank, sizes)
-        source_rank, sizes = built[sig]
-        stages = _rank_stages(pipeline, pp_rank)
-        layers = sum(len(stage_layers[s]) for s in stages)
-        first, last = 0 in stages, num_stages - 1 in stages
-        in_flight = layers_in_flight(schedule, dims.pp, pp_rank, microbatches, virtual)
-        per_layer = activation_bytes_per_layer(shape, cfg.train.ac, lm_config.attn_backend)
-        activations = int(in_flight * layers * per_layer)
-        if cfg.train.ac != "none":  # backward recomputes one layer's full set at a time
-            activations += activation_bytes_per_layer(shape, "none")
-        if last:
-            activations += output_activation_bytes(shape, vocab_parallel=dims.tp > 1)
-        buffers = _buffer_bytes(sizes, dims.pp, compute_bytes, reduce_bytes)
-        param_bytes = sizes["param_bytes"]
-        optimizer = ADAM_STATES * MASTER_BYTES * sizes["params"]
-        total = param_bytes * 2 + optimizer + activations + buffers
-        sends = sum(1 for s in stages if s < num_stages - 1)
-        receives = sum(1 for s in stages if s > 0)
-        comm = communication_bytes(
-            shape,
-            layout,
-            layers=layers,
-            first=first,
-            last=last,
-            sends=sends,
-            receives=receives,
-            params=sizes["unsharded"],
-        )
-        this_rank = rank if rank is not None else _coords_rank(dims, pp_rank)
-        report = RankReport(
-            rank=this_rank,
-            pp_rank=pp_rank,
-            stages=stages,
-            layers=layers,
-            first=first,
-            last=last,
-            params=sizes["params"],
-            param_bytes=param_bytes,
-            grad_bytes=param_bytes,
-            optimizer_bytes=optimizer,
-            activation_bytes=activations,
-            buffer_bytes=buffers,
-            total_bytes=total,
-            device_bytes=int(device_gb * GIB),
-            comm_bytes=comm,
-        )
-        if source_rank != this_rank:
-            report.same_as = [source_rank]
-        reports.append(report)
+def _fake_rank_sizes(cfg, lm_config: LMConfig, dims, rank: int) -> dict[str, int]:
+    """Build ``rank`` on a fake process group and read off its shard bytes, unsharded and largest-unit sizes."""
+    try:
+        model = build_fake_rank(cfg, lm_config, dims, rank)
+        sizes = shard_bytes(model)
+        sizes["unsharded"] = _unsharded_params(model, dims.dp_shard * dims.cp)
+        sizes["largest_group"] = _largest_fsdp_group(model, dims.dp_shard * dims.cp)
+        del model
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return sizes
 
+
+def _rank_report(
+    cfg,
+    lm_config: LMConfig,
+    dims,
+    shape: Shape,
+    layout: Layout,
+    pipeline: _PipelineLayout,
+    rank: int,
+    pp_rank: int,
+    sizes: dict[str, int],
+    device_gb: float,
+) -> RankReport:
+    """``rank``'s memory and communication, from its pipeline rank's stages and its (fake-built) sizes."""
+    stages = pipeline.stages(pp_rank)
+    num_stages = len(pipeline.stage_layers)
+    layers = sum(len(pipeline.stage_layers[s]) for s in stages)
+    first, last = 0 in stages, num_stages - 1 in stages
+    in_flight = layers_in_flight(pipeline.schedule, dims.pp, pp_rank, pipeline.microbatches, pipeline.virtual_stages)
+    activations = int(in_flight * layers * activation_bytes_per_layer(shape, cfg.train.ac, lm_config.attn_backend))
+    if cfg.train.ac != "none":  # backward recomputes one layer's full set at a time
+        activations += activation_bytes_per_layer(shape, "none")
+    if last:
+        activations += output_activation_bytes(shape, vocab_parallel=dims.tp > 1)
+    buffers = _buffer_bytes(sizes, dims.pp, layout.param_bytes, layout.reduce_bytes)
+    param_bytes = sizes["param_bytes"]
+    optimizer = ADAM_STATES * MASTER_BYTES * sizes["params"]
+    comm = communication_bytes(
+        shape,
+        layout,
+        layers=layers,
+        first=first,
+        last=last,
+        sends=sum(1 for s in stages if s < num_stages - 1),
+        receives=sum(1 for s in stages if s > 0),
+        params=sizes["unsharded"],
+    )
+    return RankReport(
+        rank=rank,
+        pp_rank=pp_rank,
+        stages=stages,
+        layers=layers,
+        first=first,
+        last=last,
+        params=sizes["params"],
+        param_bytes=param_bytes,
+        grad_bytes=param_bytes,
+        optimizer_bytes=optimizer,
+        activation_bytes=activations,
+        buffer_bytes=buffers,
+        total_bytes=param_bytes * 2 + optimizer + activations + buffers,
+        device_bytes=int(device_gb * GIB),
+        comm_bytes=comm,
+    )
+
+
+def _summary(
+    cfg,
+    lm_config: LMConfig,
+    dims,
+    shape: Shape,
+    pipeline: _PipelineLayout,
+    reports: list[RankReport],
+    world_size: int,
+    device_gb: float,
+) -> dict:
+    """The JSON-able report: the layout, the step's shape, the verdict and every reported rank."""
     worst = max(reports, key=lambda r: r.total_bytes)
     return {
         "world_size": world_size,
@@ -467,13 +516,13 @@ def plan(cfg, lm_config: LMConfig, world_size: int, *, rank: int | None = None, 
         "seq_len": cfg.data.seq_len,
         "batch_size": cfg.train.batch_size,
         "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
-        "micro_batch": micro_batch,
-        "microbatches": microbatches,
-        "schedule": schedule,
-        "virtual_stages": virtual,
+        "micro_batch": shape.micro_batch,
+        "microbatches": pipeline.microbatches,
+        "schedule": pipeline.schedule,
+        "virtual_stages": pipeline.virtual_stages,
         "ac": cfg.train.ac,
         "attn_backend": lm_config.attn_backend,
-        "bubble_fraction": bubble_fraction(schedule, dims.pp, microbatches, virtual),
+        "bubble_fraction": bubble_fraction(pipeline.schedule, dims.pp, pipeline.microbatches, pipeline.virtual_stages),
         "device_gb": device_gb,
         "fits": all(r.fits for r in reports),
         "worst_rank": worst.rank,

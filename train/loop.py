@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -137,119 +137,209 @@ def train(
     backward itself and returns the SUM of micro-batch losses and of each metric (see :func:`accumulate`).
     ``pp_group``: under pipeline parallel ``model`` holds this rank's stages only; the gradient norm spans the group.
     """
-    rank, world = process_rank(), world_size()
-    tc = cfg.train
+    rank = process_rank()
     optimizer = optimizer or build_optimizer(model, cfg.optim)
-    scheduler = scheduler or build_scheduler(optimizer, cfg.optim, tc.steps)
+    scheduler = scheduler or build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     checkpointer = checkpointer or Checkpointer(
         cfg.checkpoint, cfg.run.dir, model, optimizer, scheduler, data, seed=cfg.run.seed
     )
-    metrics = MetricsLogger(cfg.run.dir, rank, total_steps=tc.steps, tensorboard=cfg.metrics.tensorboard)
+    metrics = MetricsLogger(cfg.run.dir, rank, total_steps=cfg.train.steps, tensorboard=cfg.metrics.tensorboard)
     # Per-rank streams for dropout / masking; a resume restores the saved ones over these.
     seed_everything(cfg.run.seed + 7919 * (rank + 1))
     start = checkpointer.maybe_resume()
     metrics.truncate_after(start)
-    iterator: Iterator = data if hasattr(data, "__next__") else iter(data)
-    peak = cfg.metrics.peak_tflops * 1e12 if cfg.metrics.peak_tflops > 0 else peak_flops()
     device = next(model.parameters()).device
     if forward_backward is None:
 
         def forward_backward(model: nn.Module, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return accumulate(model, loss_fn, batches, device)
 
-    records: list[dict[str, Any]] = []
-    window_t, window_steps = time.perf_counter(), 0
-
+    run = _Run(
+        cfg=cfg,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        checkpointer=checkpointer,
+        metrics=metrics,
+        forward_backward=forward_backward,
+        pp_group=pp_group,
+        device=device,
+        start=start,
+        throughput=_Throughput(cfg.train.batch_size, tokens_per_sample, flops_per_sample, _device_peak_flops(cfg)),
+        iterator=data if hasattr(data, "__next__") else iter(data),
+        eval_fn=eval_fn,
+        extra_metrics=extra_metrics,
+    )
     try:
-        for step in range(start + 1, tc.steps + 1):
-            # Fetch all micro-batches first, then agree: no rank may enter a collective the others skip.
-            batches, exhausted = [], 0.0
-            for _ in range(tc.grad_accum):
-                try:
-                    batches.append(next(iterator))
-                except StopIteration:
-                    exhausted = 1.0
-                    break
-            if world > 1:
-                flag = torch.tensor([exhausted], device=device)
-                dist.all_reduce(flag)
-                exhausted = flag.item()
-            if exhausted:
-                raise DataExhaustedError(f"step {step}: a rank's data ran out before train.steps={tc.steps}")
-
-            model.train()
-            loss_sum, extra_sums = forward_backward(model, batches)
-            # One all-reduce for the loss and every extra metric: global means, identical on all ranks.
-            keys = sorted(extra_sums)
-            packed = torch.stack([loss_sum.float()] + [extra_sums[k].float().to(device) for k in keys]) / tc.grad_accum
-            if world > 1:
-                dist.all_reduce(packed)
-                packed /= world
-            values = packed.tolist()
-            loss_val, extra_vals = values[0], dict(zip(keys, values[1:], strict=True))
-
-            grad_norm = clip_grad_norm(model.parameters(), tc.max_grad_norm, pp_group).item()
-            lr = optimizer.param_groups[0]["lr"]
-            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                what = f"loss {loss_val}" if not math.isfinite(loss_val) else f"gradient norm {grad_norm}"
-                if not tc.skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"non-finite {what} at step {step}; stopping (set train.skip_nonfinite=true to skip such steps)"
-                    )
-                log.warning("step %d: non-finite %s, skipping the optimizer step", step, what)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                skipped = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "skipped": True}
-                metrics.log(skipped)
-                records.append(skipped)
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_steps += 1
-
-            last = step == tc.steps
-            do_log = step % max(1, cfg.metrics.log_interval) == 0 or last or step == start + 1
-            do_eval = eval_fn is not None and ((tc.eval_interval > 0 and step % tc.eval_interval == 0) or last)
-            record: dict[str, Any] | None = None
-            if do_log or do_eval:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - window_t) / max(1, window_steps)
-                samples_per_s = tc.batch_size / dt
-                record = {
-                    "step": step,
-                    "loss": loss_val,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": samples_per_s * tokens_per_sample if tokens_per_sample else None,
-                    "samples_per_s": samples_per_s,
-                    "step_time_s": dt,
-                    "mfu": None,
-                    "mem_gb": mem_gb(),
-                }
-                if flops_per_sample:
-                    flops = flops_per_sample * samples_per_s / world
-                    record["tflops"] = flops / 1e12
-                    record["mfu"] = flops / peak if peak else None
-                record.update(extra_vals)
-                if extra_metrics is not None:
-                    record.update(extra_metrics(step))
-            if do_eval:
-                was_training = model.training
-                model.eval()
-                with torch.no_grad():
-                    record.update(eval_fn(model, step))
-                model.train(was_training)
-            if record is not None:
-                metrics.log(record)
-                records.append(record)
-            saved = checkpointer.should_save(step, last)
-            if saved:
-                checkpointer.save(step)
-            if record is not None or saved:  # throughput windows exclude eval and checkpoint time
-                window_t, window_steps = time.perf_counter(), 0
+        for step in range(start + 1, cfg.train.steps + 1):
+            run.step(step)
     finally:
         checkpointer.close()
         metrics.close()
-    return records
+    return run.records
+
+
+def _device_peak_flops(cfg: JobConfig) -> float | None:
+    """The device's peak FLOP/s for MFU: ``metrics.peak_tflops`` when set, else the datasheet's (None: unknown)."""
+    return cfg.metrics.peak_tflops * 1e12 if cfg.metrics.peak_tflops > 0 else peak_flops()
+
+
+def next_batches(iterator: Iterator, grad_accum: int, device: torch.device, step: int, steps: int) -> list:
+    """The step's ``grad_accum`` micro-batches; if any rank's data ran out, every rank raises DataExhaustedError.
+
+    All micro-batches are fetched first and then agreed on: no rank may enter a collective the others skip.
+    """
+    batches, exhausted = [], 0.0
+    for _ in range(grad_accum):
+        try:
+            batches.append(next(iterator))
+        except StopIteration:
+            exhausted = 1.0
+            break
+    if world_size() > 1:
+        flag = torch.tensor([exhausted], device=device)
+        dist.all_reduce(flag)
+        exhausted = flag.item()
+    if exhausted:
+        raise DataExhaustedError(f"step {step}: a rank's data ran out before train.steps={steps}")
+    return batches
+
+
+def reduce_metrics(
+    loss_sum: torch.Tensor, extra_sums: dict[str, torch.Tensor], grad_accum: int, device: torch.device
+) -> tuple[float, dict[str, float]]:
+    """Global means of the loss and every extra metric, identical on all ranks, in one all-reduce."""
+    keys = sorted(extra_sums)
+    packed = torch.stack([loss_sum.float()] + [extra_sums[k].float().to(device) for k in keys]) / grad_accum
+    world = world_size()
+    if world > 1:
+        dist.all_reduce(packed)
+        packed /= world
+    values = packed.tolist()
+    return values[0], dict(zip(keys, values[1:], strict=True))
+
+
+def nonfinite(loss: float, grad_norm: float) -> str | None:
+    """What is NaN/Inf (``"loss X"`` or ``"gradient norm X"``), or None when both are finite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return None
+    return f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+
+
+@dataclass
+class _Throughput:
+    """Step time, tokens/s and MFU over the steps since the last record (eval and checkpoint time left out)."""
+
+    batch_size: int
+    tokens_per_sample: int | None
+    flops_per_sample: float | None
+    peak: float | None
+    window_start: float = field(default_factory=time.perf_counter)
+    window_steps: int = 0
+
+    def restart(self) -> None:
+        """Open a new window (after a record, an eval or a checkpoint)."""
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def record(self, device: torch.device) -> dict[str, Any]:
+        """The window's figures, averaged over its steps."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - self.window_start) / max(1, self.window_steps)
+        samples_per_s = self.batch_size / dt
+        record: dict[str, Any] = {
+            "tokens_per_s": samples_per_s * self.tokens_per_sample if self.tokens_per_sample else None,
+            "samples_per_s": samples_per_s,
+            "step_time_s": dt,
+            "mfu": None,
+            "mem_gb": mem_gb(),
+        }
+        if self.flops_per_sample:
+            flops = self.flops_per_sample * samples_per_s / world_size()
+            record["tflops"] = flops / 1e12
+            record["mfu"] = flops / self.peak if self.peak else None
+        return record
+
+
+@dataclass
+class _Run:
+    """One :func:`train` call's state, and its optimizer step cut into named parts."""
+
+    cfg: JobConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    forward_backward: ForwardBackward
+    pp_group: dist.ProcessGroup | None
+    device: torch.device
+    start: int
+    throughput: _Throughput
+    iterator: Iterator
+    eval_fn: EvalFn | None
+    extra_metrics: Callable[[int], dict[str, Any]] | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, step: int) -> None:
+        """Forward, backward, the optimizer step (or the non-finite policy), then record, eval and checkpoint."""
+        tc = self.cfg.train
+        batches = next_batches(self.iterator, tc.grad_accum, self.device, step, tc.steps)
+        self.model.train()
+        loss_sum, extra_sums = self.forward_backward(self.model, batches)
+        loss, extra = reduce_metrics(loss_sum, extra_sums, tc.grad_accum, self.device)
+        grad_norm = clip_grad_norm(self.model.parameters(), tc.max_grad_norm, self.pp_group).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        what = nonfinite(loss, grad_norm)
+        if what is not None:
+            self.skip_nonfinite(step, what, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+            return
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.throughput.window_steps += 1
+        self.after_update(step, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}, extra)
+
+    def skip_nonfinite(self, step: int, what: str, figures: dict[str, Any]) -> None:
+        """Stop the run naming the step, or (``train.skip_nonfinite``) drop its gradients and record it skipped."""
+        if not self.cfg.train.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step}; stopping (set train.skip_nonfinite=true to skip such steps)"
+            )
+        log.warning("step %d: non-finite %s, skipping the optimizer step", step, what)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        skipped = {**figures, "skipped": True}
+        self.metrics.log(skipped)
+        self.records.append(skipped)
+
+    def after_update(self, step: int, figures: dict[str, Any], extra: dict[str, float]) -> None:
+        """Log a record every ``metrics.log_interval`` steps, eval every ``train.eval_interval``, checkpoint."""
+        tc = self.cfg.train
+        last = step == tc.steps
+        do_log = step % max(1, self.cfg.metrics.log_interval) == 0 or last or step == self.start + 1
+        do_eval = self.eval_fn is not None and ((tc.eval_interval > 0 and step % tc.eval_interval == 0) or last)
+        record: dict[str, Any] | None = None
+        if do_log or do_eval:
+            record = {**figures, **self.throughput.record(self.device), **extra}
+            if self.extra_metrics is not None:
+                record.update(self.extra_metrics(step))
+        if do_eval:
+            record.update(self.evaluate(step))
+        if record is not None:
+            self.metrics.log(record)
+            self.records.append(record)
+        saved = self.checkpointer.should_save(step, last)
+        if saved:
+            self.checkpointer.save(step)
+        if record is not None or saved:  # throughput windows exclude eval and checkpoint time
+            self.throughput.restart()
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """``eval_fn``'s metrics, in eval mode and without gradients."""
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.eval_fn(self.model, step)
+        self.model.train(was_training)
+        return metrics

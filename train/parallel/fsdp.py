@@ -104,15 +104,17 @@ def apply_fsdp(
     reduce_dtype: str = "float32",
     reshard_after_forward: bool = True,
     ignored_params: set[nn.Parameter] | None = None,
+    mixed_precision_on_cpu: bool = False,
 ) -> nn.Module:
     """``fully_shard`` each block, then the root; mixed precision (bf16 params, fp32 reduce) on CUDA only.
 
-    On CPU everything stays fp32: gloo reduces fp32 and the tests compare layouts at 1e-5. ``ignored_params``
-    (e.g. a frozen LM under trained adapters) stay plain tensors, replicated on every rank.
+    On CPU everything stays fp32 (the tests compare layouts at 1e-5) unless ``mixed_precision_on_cpu``, which
+    applies the CUDA policy there too (a CPU test of the CUDA recipe). ``ignored_params`` (e.g. a frozen LM under
+    trained adapters) stay plain tensors, replicated on every rank.
     """
     _promote_scalar_params(model)
     dp_mesh = dp_mesh_for_fsdp(mesh)
-    if mesh.device_type == "cuda":
+    if mesh.device_type == "cuda" or mixed_precision_on_cpu:
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     else:
         mp = MixedPrecisionPolicy()
@@ -136,8 +138,9 @@ def parallelize(
     reduce_dtype: str = "float32",
     reshard_after_forward: bool = True,
     ignored_params: set[nn.Parameter] | None = None,
+    mixed_precision_on_cpu: bool = False,
 ) -> nn.Module:
-    """AC, compile and FSDP in torchtitan's order for a data-parallel-only model (encoders, the LM without TP)."""
+    """AC, compile and FSDP in torchtitan's order (per model, or per pipeline stage after its TP/CP plans)."""
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     apply_ac(blocks, ac)
     if compile:
@@ -150,4 +153,5 @@ def parallelize(
         reduce_dtype=reduce_dtype,
         reshard_after_forward=reshard_after_forward,
         ignored_params=ignored_params,
+        mixed_precision_on_cpu=mixed_precision_on_cpu,
     )
