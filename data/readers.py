@@ -100,6 +100,7 @@ class ReaderGroup:
         batch_size: int,
         grad_accum: int,
         steps: int,
+        vocab_size: int | None = None,
     ) -> None:
         check_readers(readers, dp_size, batch_size)
         per_rank = readers // dp_size
@@ -117,6 +118,8 @@ class ReaderGroup:
                 tokenizer_sha256=Tokenizer().sha256,
                 on_corrupt=data.on_corrupt,
                 total_steps=steps,
+                # An id past the model's vocabulary is an error naming its shard here, not a device assert later.
+                vocab_size=vocab_size,
             )
             for i in range(per_rank)
         ]

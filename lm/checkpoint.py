@@ -320,8 +320,6 @@ def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[d
 
 
 __all__ = [
-    "atomic_write",
-    "atomic_write_text",
     "check_state_dict",
     "detect_format",
     "hf_to_meta_name",

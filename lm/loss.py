@@ -162,7 +162,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy"]
 
 
 def fused_loss_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The model's ``output_fn`` for the chunked loss: linear + cross-entropy without whole logits."""
+    """The model's ``output`` function for the chunked loss: linear + cross-entropy without whole logits."""
     flat_targets = targets.flatten()
     return lambda hidden, weight: linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets)
 

@@ -169,3 +169,19 @@ def test_entry_sections_are_range_checked(entry, override, message):
     module, name = entry.split(":")
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_config(getattr(importlib.import_module(module), name), overrides=[f"--{override}"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.seq_len=0", "data.seq_len: expected a value >= 1, got 0"),
+        ("data.anneal_fraction=1.5", "data.anneal_fraction"),
+        ("model.dim=-8", "model.dim: expected a value >= 1, got -8"),
+    ],
+)
+def test_lm_sections_are_range_checked(override, message):
+    """train/lm.py's [model] and [data] sections use the same ranges."""
+    from train.lm import LMJobConfig
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(LMJobConfig, overrides=[f"--{override}"])

@@ -613,7 +613,7 @@ def main(cfg, lm_config: LMConfig, args: argparse.Namespace) -> dict:
     report = plan(cfg, lm_config, world, rank=args.dry_run_rank, device_gb=args.dry_run_device_gb)
     print(format_report(report), flush=True)
     if args.dry_run_out:
-        from lm.checkpoint import atomic_write_text
+        from common.atomic import atomic_write_text
 
         atomic_write_text(Path(args.dry_run_out), json.dumps(report, indent=2) + "\n")
     return report

@@ -25,13 +25,13 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Literal  # noqa: E402
+from typing import Annotated, Literal  # noqa: E402
 
 from data.readers import ReaderGroup, build_mixture, check_readers  # noqa: E402
 from lm.checkpoint import load_config  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from train import dryrun  # noqa: E402
-from train.config import JobConfig, parse_cli  # noqa: E402
+from train.config import JobConfig, NonNegativeInt, PositiveFloat, PositiveInt, Range, parse_cli  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.loop import RunContext, init_run, micro_batch_size, train  # noqa: E402
 from train.losses import make_loss, uses_fused_loss  # noqa: E402
@@ -49,15 +49,15 @@ class LMModelConfig:
 
     preset: str = "debug"
     # Shape overrides; None keeps the preset's (or the init_from checkpoint's) value.
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    vocab_size: int | None = None
-    ffn_dim_multiplier: float | None = None
-    multiple_of: int | None = None
-    max_seq_len: int | None = None
-    rope_theta: float | None = None
+    dim: PositiveInt | None = None
+    n_layers: PositiveInt | None = None
+    n_heads: PositiveInt | None = None
+    n_kv_heads: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
+    ffn_dim_multiplier: PositiveFloat | None = None
+    multiple_of: PositiveInt | None = None
+    max_seq_len: PositiveInt | None = None
+    rope_theta: PositiveFloat | None = None
     attn_backend: Literal["sdpa", "flex", "xformers"] = "sdpa"
     # A Meta or HF checkpoint directory to start from; its config replaces the preset.
     init_from: str = ""
@@ -77,16 +77,16 @@ class LMDataConfig:
     # "name:weight,..." for the annealing phase; "" = the mixture's own (the default corpus has one).
     anneal_mixture: str = ""
     # Fraction of steps, at the end, drawn from the annealing mixture; -1 = the mixture's own, 0 = off.
-    anneal_fraction: float = -1.0
-    seq_len: int = 256
+    anneal_fraction: Annotated[float, Range(min=0, max=1, also=(-1,))] = -1.0
+    seq_len: PositiveInt = 256
     # Data readers the global batch is drawn from (0 = one per data-parallel rank). A fixed count gives the same
     # batches under every layout whose data-parallel degree divides it.
-    readers: int = 0
-    num_workers: int = 0
+    readers: NonNegativeInt = 0
+    num_workers: NonNegativeInt = 0
     on_corrupt: Literal["fail", "skip"] = "fail"
-    seed: int = 0
+    seed: NonNegativeInt = 0
     # Size of the embedded default corpus when it is built here (1.0 = about 2M tokens).
-    default_scale: float = 1.0
+    default_scale: PositiveFloat = 1.0
 
 
 @dataclass
@@ -166,6 +166,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         batch_size=cfg.train.batch_size,
         grad_accum=cfg.train.grad_accum,
         steps=cfg.train.steps,
+        vocab_size=lm_config.vocab_size,
     )
     model = parallelize_llama(cfg, lm_config, ctx)
     if ctx.rank == 0:

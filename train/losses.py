@@ -29,7 +29,7 @@ def make_loss(cfg: JobConfig, ctx: RunContext) -> LossFn:
         inputs, targets, model_kwargs = model_inputs(cfg, ctx, tokens, documents)
         if fused:
             # Inside forward, where FSDP has the output weight gathered: its gradient reaches the reduce-scatter.
-            loss = model(inputs, **model_kwargs, output_fn=fused_loss_output_fn(targets))
+            loss = model(inputs, **model_kwargs, output=fused_loss_output_fn(targets))
         else:
             loss = token_cross_entropy(model(inputs, **model_kwargs), targets)
         return loss, {}

@@ -24,7 +24,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lm.attention import AttentionMask, attend, document_positions
+from lm.attention import AttentionInputs, AttentionMask, attend, document_positions
 
 # torch 2.14 renamed the differentiable all-gather; the GPU machine runs 2.11.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -126,8 +126,8 @@ def shard_batch(
     cp_mesh: DeviceMesh,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """This rank's share of a packed batch [B, S]: (inputs, targets, the model's keyword arguments: RoPE positions
-    of the full row and the context-parallel mask)."""
+    """This rank's share of a packed batch [B, S]: (inputs, targets, the model's keyword arguments: the attention
+    inputs, RoPE positions of this rank's chunks of the full row and the context-parallel mask)."""
     cp_rank, cp = cp_mesh.get_local_rank(), cp_mesh.size()
     batch, seq_len = inputs.shape
     if document_ids is not None:
@@ -136,4 +136,4 @@ def shard_batch(
         positions = torch.arange(seq_len, device=inputs.device).expand(batch, seq_len)
     mask = context_parallel_mask(backend, document_ids, seq_len=seq_len, cp_rank=cp_rank, cp=cp, device=inputs.device)
     inputs, targets, positions = (shard_sequence(t, cp_rank, cp) for t in (inputs, targets, positions))
-    return inputs, targets, {"positions": positions, "mask": mask}
+    return inputs, targets, {"attention": AttentionInputs(positions, mask)}

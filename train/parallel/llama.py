@@ -138,7 +138,7 @@ def make_pipeline_step(
     ``fused_loss``: the last stage returns the chunked loss itself (``train.losses.uses_fused_loss``).
     """
     plan = pipeline_plan(cfg, lm_config, ctx.dims)
-    # Fused: the last stage's forward already returns the loss (output_fn), which the schedule takes as it is.
+    # Fused: the last stage's forward already returns the loss (output=), which the schedule takes as it is.
     loss_fn = (lambda loss, targets: loss) if fused_loss else token_cross_entropy
     pipeline = Pipeline(plan, model.stages, submesh(ctx.mesh, "pp").get_group(), ctx.device, loss_fn)
 
@@ -152,7 +152,7 @@ def make_pipeline_step(
             # keyword argument, rather than sending the ids along with the activations.
             x, y, model_kwargs = model_inputs(cfg, ctx, rows, docs)
             if fused_loss:
-                model_kwargs["output_fn"] = fused_loss_output_fn(y)
+                model_kwargs["output"] = fused_loss_output_fn(y)
             inputs.append(x)
             targets.append(y)
             kwargs.append(model_kwargs)
