@@ -32,6 +32,13 @@ _SAVE_OPS = {
 }
 
 
+_PROFILER_OPS = {
+    torch.ops.profiler._record_function_enter.default,
+    torch.ops.profiler._record_function_enter_new.default,
+    torch.ops.profiler._record_function_exit._RecordFunction,
+}
+
+
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a model: ``layers`` / ``blocks`` / ``resblocks`` containers, searched in that order."""
     for name in ("layers", "blocks", "resblocks"):
@@ -61,7 +68,13 @@ def apply_ac(blocks: Iterable[nn.Module], mode: str) -> None:
     if mode not in ("selective", "full"):
         raise ValueError(f"train.ac must be none, selective or full, got {mode!r}")
     from torch.distributed._composable import checkpoint
+    from torch.utils.checkpoint import SAC_IGNORED_OPS
 
+    # The composable checkpoint recomputes a block by calling it again, FSDP's pre-forward hook included; under a
+    # mixed-precision policy that hook opens a profiler record_function, which in forward ran before (outside) the
+    # checkpoint's region. Since torch 2.14 selective recompute refuses every op it did not meet in forward, so
+    # these bookkeeping ops pass through it: they hold no tensors and change no values.
+    SAC_IGNORED_OPS.update(_PROFILER_OPS)
     for block in blocks:
         if mode == "full":
             checkpoint(block)
