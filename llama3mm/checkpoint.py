@@ -24,24 +24,21 @@ import torch
 from common.atomic import atomic_write_text
 from encoders.vision import load_encoder, save_encoder
 from llama3mm.parts import Llama3MMParts
-from lm.checkpoint import detect_format, load_pretrained, save_pretrained
+from lm.checkpoint import checkpoint_files, detect_format, load_pretrained, save_pretrained
 
 MANIFEST = "llama3mm.json"
 PARTS = ("vision_encoder", "vision_adapter", "video_adapter", "speech_encoder", "speech_adapter")
-_LM_FILES = ("*.safetensors", "*.pth", "config.json", "params.json")
 
 
 def lm_sha256(path: str | Path) -> str:
-    """sha256 of an LM checkpoint: over the names and sha256s of its weight and config files, in name order.
+    """sha256 of an LM checkpoint: over the names and sha256s of the files its load reads, in name order.
 
     Hashing a large LM takes minutes, so each file's digest is cached (LLAMA3MM_CACHE, default
     ~/.cache/llama3-herd/file_sha256.json) under its path, size and modification time; a file rewritten in place
     gets a new modification time and is hashed again.
     """
     path = Path(path)
-    files = sorted({f for pattern in _LM_FILES for f in path.glob(pattern)})
-    if not files:
-        raise FileNotFoundError(f"no LM checkpoint files ({', '.join(_LM_FILES)}) in {path}")
+    files = checkpoint_files(path)  # exactly what load_pretrained reads: a stray file changes nothing
     cache_path = Path(os.environ.get("LLAMA3MM_CACHE", Path.home() / ".cache" / "llama3-herd")) / "file_sha256.json"
     try:
         cache = json.loads(cache_path.read_text())
