@@ -3,10 +3,19 @@ they must be, a damaged newest training checkpoint is skipped on resume."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 from conftest import tiny_model
 
-from llama3mm.checkpoint import lm_sha256
+from adapters.vision import VisionAdapter, VisionAdapterConfig
+from encoders.vision import VisionEncoder, VisionEncoderConfig
+from llama3mm import Llama3MM
+from llama3mm.checkpoint import MANIFEST, lm_sha256
 from lm.checkpoint import load_pretrained, save_pretrained
 
 
@@ -52,3 +61,87 @@ def test_a_save_in_the_other_layout_replaces_the_earlier_one(tmp_path):
     save_pretrained(second, out, format="hf")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert _same_weights(load_pretrained(out), second)
+
+
+# ---- 2. Llama3MM manifests: relative LM paths, lm_path=, parts and classes from an allow-list ------------------
+
+
+def _tiny_mm(lm_dir: Path) -> Llama3MM:
+    torch.manual_seed(0)
+    lm = load_pretrained(lm_dir)
+    encoder = VisionEncoder(VisionEncoderConfig.from_preset("tiny", image_size=32))
+    adapter = VisionAdapter(VisionAdapterConfig.from_lm(lm.config, encoder.cfg.output_dim, num_layers=1))
+    mm = Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, lm_path=lm_dir)
+    with torch.no_grad():
+        mm.extra_embeddings.normal_()
+    return mm
+
+
+@pytest.fixture
+def saved_mm(tmp_path, monkeypatch) -> tuple[Path, Llama3MM]:
+    """runs/lm (a tiny LM) and runs/mm (a Llama3MM on it) under tmp_path."""
+    monkeypatch.setenv("LLAMA3MM_CACHE", str(tmp_path / "cache"))
+    lm_dir = save_pretrained(tiny_model(seed=3), tmp_path / "runs" / "lm", format="hf")
+    mm = _tiny_mm(lm_dir)
+    mm.save_pretrained(tmp_path / "runs" / "mm")
+    return tmp_path / "runs", mm
+
+
+def test_llama3mm_moved_with_its_lm_loads_and_moved_alone_loads_with_lm_path(saved_mm, tmp_path):
+    runs, mm = saved_mm
+    assert json.loads((runs / "mm" / MANIFEST).read_text())["lm"]["path"] == "../lm"
+    moved = tmp_path / "elsewhere" / "runs"
+    moved.parent.mkdir()
+    shutil.move(runs, moved)
+    loaded = Llama3MM.from_pretrained(moved / "mm", device="cpu")
+    assert _same_weights(loaded, mm)
+    assert Path(loaded.lm_path) == (moved / "lm").resolve()
+
+    alone = tmp_path / "alone"
+    shutil.move(moved / "mm", alone)
+    with pytest.raises(FileNotFoundError, match="lm_path="):
+        Llama3MM.from_pretrained(alone, device="cpu")
+    assert _same_weights(Llama3MM.from_pretrained(alone, lm_path=moved / "lm", device="cpu"), mm)
+    other = save_pretrained(tiny_model(seed=4), tmp_path / "other_lm", format="hf")
+    with pytest.raises(ValueError, match="refusing"):
+        Llama3MM.from_pretrained(alone, lm_path=other, device="cpu")
+
+
+def _edit_manifest(directory: Path, edit) -> Path:
+    path = directory / MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_manifest_part_outside_the_known_parts_is_refused(saved_mm):
+    runs, _ = saved_mm
+    (runs / "evil").mkdir()
+    path = _edit_manifest(runs / "mm", lambda m: m["parts"].update({"../evil": m["parts"]["vision_adapter"]}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: key 'parts.../evil' is not a known part")):
+        Llama3MM.from_pretrained(runs / "mm", device="cpu")
+
+
+@pytest.mark.parametrize("cls", ["encoders.vision:os.system", "adapters.speech:SpeechAdapter", "builtins:eval"])
+def test_a_manifest_class_outside_the_allow_list_is_refused(saved_mm, cls):
+    runs, _ = saved_mm
+    path = _edit_manifest(runs / "mm", lambda m: m["parts"]["vision_adapter"].update({"class": cls}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: key 'parts.vision_adapter' names classes ('{cls}'")):
+        Llama3MM.from_pretrained(runs / "mm", device="cpu")
+
+
+def test_demo_passes_lm_to_from_pretrained(saved_mm, monkeypatch):
+    import demo.app
+
+    runs, _ = saved_mm
+    seen = {}
+
+    def fake_from_pretrained(directory, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(demo.app.Llama3MM, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(SystemExit, match="stop here"):
+        demo.app.main(["--checkpoint", str(runs / "mm"), "--lm", str(runs / "lm")])
+    assert seen["lm_path"] == str(runs / "lm")
