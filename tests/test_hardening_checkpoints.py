@@ -4,12 +4,15 @@ they must be, a damaged newest training checkpoint is skipped on resume."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import tiny_model
 
 from adapters.vision import VisionAdapter, VisionAdapterConfig
@@ -17,6 +20,10 @@ from encoders.vision import VisionEncoder, VisionEncoderConfig
 from llama3mm import Llama3MM
 from llama3mm.checkpoint import MANIFEST, lm_sha256
 from lm.checkpoint import load_pretrained, save_pretrained
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import CheckpointConfig
+from train.export import export, write_lm_config
+from train.parallel.mesh import destroy_distributed, init_distributed
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -145,3 +152,91 @@ def test_demo_passes_lm_to_from_pretrained(saved_mm, monkeypatch):
     with pytest.raises(SystemExit, match="stop here"):
         demo.app.main(["--checkpoint", str(runs / "mm"), "--lm", str(runs / "lm")])
     assert seen["lm_path"] == str(runs / "lm")
+
+
+# ---- 3. DCP .metadata through a restricted unpickler; 4. a damaged newest checkpoint is skipped on resume --------
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a tampered .metadata could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    started = not dist.is_initialized()
+    init_distributed()
+    yield
+    if started:
+        destroy_distributed()
+
+
+def _trained_run(run_dir: Path, steps: int) -> list[dict[str, torch.Tensor]]:
+    """A tiny model saved after each of `steps` AdamW steps (step-1 ... step-N); returns each step's weights."""
+    model = tiny_model(seed=1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    checkpointer = Checkpointer(CheckpointConfig(keep=0), str(run_dir), model, optimizer)
+    weights = []
+    for step in range(1, steps + 1):
+        model(torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(step))).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        checkpointer.save(step)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    write_lm_config(model.config, run_dir)
+    return weights
+
+
+def _resume(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    model = tiny_model(seed=9).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = Checkpointer(CheckpointConfig(), str(run_dir), model, optimizer).maybe_resume()
+    return step, model.state_dict()
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_metadata_pickle_that_would_run_code_is_refused_on_export_and_resume(tmp_path):
+    _trained_run(tmp_path / "run", steps=1)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"
+    marker = tmp_path / "ran"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    refused = re.escape(f"{ckpt / '.metadata'}: refusing to load posix.system")
+
+    with pytest.raises(CheckpointError, match=refused):
+        export(ckpt, tmp_path / "hf")
+    model = tiny_model().train()
+    checkpointer = Checkpointer(CheckpointConfig(), str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(CheckpointError, match=refused):
+        checkpointer.load(str(ckpt))
+    # Auto-resume skips it; with no other checkpoint it refuses to start over beside it (pruning would delete it).
+    with pytest.warns(UserWarning, match=f"skipping incomplete checkpoint {ckpt}.*refusing to load posix.system"):
+        with pytest.raises(CheckpointError, match=f"no checkpoint in .* verifies \\({ckpt}\\)"):
+            checkpointer.maybe_resume()
+    assert not marker.exists()
+
+
+@pytest.mark.usefixtures("process_group")
+@pytest.mark.parametrize("damage", ["truncated .distcp", "broken meta.json", "missing .distcp"])
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, damage):
+    weights = _trained_run(tmp_path / "run", steps=2)
+    newest = tmp_path / "run" / "checkpoints" / "step-2"
+    shard = next(newest.glob("*.distcp"))
+    if damage == "truncated .distcp":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    elif damage == "missing .distcp":
+        shard.unlink()
+    else:
+        (newest / "meta.json").write_text('{"step": 2, "data"')
+
+    with pytest.warns(UserWarning, match=f"skipping incomplete checkpoint {newest}"):
+        step, state = _resume(tmp_path / "run")
+    assert step == 1
+    assert all(torch.equal(state[k], weights[0][k]) for k in weights[0])
+    with pytest.warns(UserWarning, match=f"skipping incomplete checkpoint {newest}"):  # export takes the same one
+        assert export(tmp_path / "run", tmp_path / "hf") == newest.with_name("step-1")
