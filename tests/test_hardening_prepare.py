@@ -26,8 +26,12 @@ def _prepare(inputs, output, **kwargs) -> dict:
 
 def test_overwrite_replaces_a_corpus_it_made(corpus, tmp_path):
     _prepare([corpus], tmp_path / "out")
+    (tmp_path / "out.old").mkdir()  # the user's: moving the old corpus aside must not take this name
+    (tmp_path / "out.old" / "keep.txt").write_text("mine")
     manifest = _prepare([corpus / "a.jsonl"], tmp_path / "out", overwrite=True)
     assert read_manifest(tmp_path / "out")["documents"] == manifest["documents"] == 5
+    assert (tmp_path / "out.old" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "out.old"]  # nothing left aside
 
 
 def test_overwrite_refuses_a_directory_holding_anything_else(corpus, tmp_path):

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from common.atomic import atomic_write_text, commit_directory
+from common.atomic import OLD_MARK, atomic_write_text, commit_directory
 from train.config import CheckpointConfig
 from train.parallel.mesh import barrier as _barrier
 from train.parallel.mesh import rank as _rank
@@ -362,7 +362,8 @@ class Checkpointer:
             for _, path in complete[: -self.cfg.keep]:
                 shutil.rmtree(path, ignore_errors=True)
         for name in os.listdir(self.dir):
-            if name.endswith((".tmp", ".old")) and name.startswith("step-"):
+            crashed_save = name.startswith("step-") and name.endswith((".tmp", ".old"))
+            if crashed_save or (name.startswith(".step-") and OLD_MARK in name):
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     # -- loading --------------------------------------------------------------------------------------------
