@@ -240,3 +240,26 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, damag
     assert all(torch.equal(state[k], weights[0][k]) for k in weights[0])
     with pytest.warns(UserWarning, match=f"skipping incomplete checkpoint {newest}"):  # export takes the same one
         assert export(tmp_path / "run", tmp_path / "hf") == newest.with_name("step-1")
+
+
+@pytest.mark.usefixtures("process_group")
+def test_export_overwrite_leaves_only_the_exported_weights(tmp_path):
+    weights = _trained_run(tmp_path / "run", steps=1)
+    out = tmp_path / "hf"
+    save_pretrained(tiny_model(seed=5), out, format="hf", max_shard_bytes=150_000)  # an earlier export, sharded
+    export(tmp_path / "run", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    state = load_pretrained(out).state_dict()
+    assert all(torch.equal(state[k], weights[0][k]) for k in weights[0])
+
+
+def test_llama3mm_resave_replaces_its_embedded_lm(tmp_path, monkeypatch):
+    """An LM without a path of its own is written to DIR/lm; a re-save there leaves none of the earlier files."""
+    monkeypatch.setenv("LLAMA3MM_CACHE", str(tmp_path / "cache"))
+    lm_dir = save_pretrained(tiny_model(seed=3), tmp_path / "lm", format="hf")
+    mm = _tiny_mm(lm_dir)
+    mm.lm_path = None
+    save_pretrained(tiny_model(seed=6), tmp_path / "mm" / "lm", format="hf", max_shard_bytes=150_000)
+    mm.save_pretrained(tmp_path / "mm")
+    assert sorted(p.name for p in (tmp_path / "mm" / "lm").iterdir()) == ["config.json", "model.safetensors"]
+    assert _same_weights(Llama3MM.from_pretrained(tmp_path / "mm", device="cpu"), mm)
