@@ -209,6 +209,7 @@ def _chunks(files: list[Path], counts: dict[str, list[int]], limit: DocumentLimi
         tally = counts.setdefault(str(path), [0, 0, 0])
 
         def count_long(where: str, tally: list[int] = tally) -> None:
+            """Count one document over the limit (the manifest reports them per input)."""
             tally[2] += 1
 
         documents = iter_documents(

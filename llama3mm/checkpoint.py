@@ -7,8 +7,11 @@
                                  so DIR/vision_encoder loads with VisionEncoder.from_pretrained too)
     DIR/lm/                      only when the LM had no path of its own (e.g. imported from Mllama)
 
-The LM is never copied when it has a path: adapters are small and the LM is shared. Its sha256 (of its weight
-and config files) is checked on load, so adapters are never silently attached to another LM.
+The LM is never copied when it has a path: adapters are small and the LM is shared. The path is recorded relative
+to DIR when both lie in one tree (they can move together), and `read(..., lm_path=)` names it for a checkpoint that
+moved alone. Its sha256 (of exactly the files its load reads) is checked on load, so adapters are never silently
+attached to another LM. The manifest is data: its part names must be among PARTS and its classes the ones
+PART_CLASSES allows for each part; nothing is imported by a name it holds.
 """
 
 from __future__ import annotations

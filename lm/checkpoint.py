@@ -3,7 +3,8 @@
 Loading builds the model on the meta device and assigns the checkpoint's tensors into it, so a large
 model never exists twice in memory: Meta shards are memory-mapped, safetensors are read one tensor at a
 time. Every file is written under a temporary name and renamed into place, so an interrupted save never
-leaves a truncated file where a good one was.
+leaves a truncated file where a good one was; once all are in, the layout files of an earlier save that this one
+did not write (more shards, a stale index, the other layout's) are removed, so a load reads this save alone.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Layout of ``RUN_DIR/checkpoints``::
 
 A save writes ``step-N.tmp``, waits for every rank, writes ``meta.json`` last and then renames the directory to
 ``step-N`` (an atomic rename on one filesystem), so a crash at any point leaves the previous checkpoint intact.
+Resume and export read ``.metadata`` (a pickle) admitting only DCP's metadata classes, and take the newest
+checkpoint that verifies (``verify_checkpoint``: metadata parses, every shard file holds the bytes it lists,
+meta.json parses), warning about each newer one skipped.
 """
 
 from __future__ import annotations
