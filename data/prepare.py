@@ -446,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{manifest['documents']} documents, {manifest['tokens']} tokens in {len(manifest['shards'])} shards "
         f"-> {args.output} ({mb:.1f} MB of input in {manifest['seconds']:.1f} s)"
     )
+    if manifest["skipped_long"]:
+        print(f"skipped {manifest['skipped_long']} documents over {args.max_document_bytes} bytes")
     return 0
 
 

@@ -70,6 +70,7 @@ def test_an_overlong_jsonl_line_is_refused_naming_file_and_line_or_skipped_and_c
     args = ["text", "--input", str(path), "--output", str(tmp_path / "cli"), "--quiet", "--max-document-bytes", "1000"]
     assert main(args) == 2 and f"{path}:6: document longer" in capsys.readouterr().err
     assert main([*args, "--skip-long-documents"]) == 0
+    assert "skipped 1 documents over 1000 bytes" in capsys.readouterr().out
 
 
 def test_an_overlong_text_document_is_refused_or_skipped(corpus, tmp_path):
