@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from conftest import tiny_model
 
 from adapters.vision import VisionAdapter, VisionAdapterConfig
@@ -263,3 +264,22 @@ def test_llama3mm_resave_replaces_its_embedded_lm(tmp_path, monkeypatch):
     mm.save_pretrained(tmp_path / "mm")
     assert sorted(p.name for p in (tmp_path / "mm" / "lm").iterdir()) == ["config.json", "model.safetensors"]
     assert _same_weights(Llama3MM.from_pretrained(tmp_path / "mm", device="cpu"), mm)
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_non_tensor_value_that_would_run_code_is_refused_on_resume(tmp_path):
+    """DCP loads non-tensor values (optimizer hyperparameters) with a full unpickler; ours admits plain data only."""
+    _trained_run(tmp_path / "run", steps=1)
+    model = tiny_model().train()
+    checkpointer = Checkpointer(CheckpointConfig(), str(tmp_path / "run"), model, torch.optim.AdamW(model.parameters()))
+    state = checkpointer._state()
+    marker = tmp_path / "ran"
+    lr_key = next(key for key in state["optim"] if key.endswith(".lr"))
+    state["optim"][lr_key] = _RunsCode(marker)
+    tampered = tmp_path / "run" / "checkpoints" / "step-2"
+    dcp.save(state, checkpoint_id=str(tampered))
+    shutil.copy(tampered.with_name("step-1") / "meta.json", tampered / "meta.json")
+
+    with pytest.raises(CheckpointError, match=rf"(?s){tampered} cannot be loaded.*refusing to load optim\.{lr_key}"):
+        checkpointer.maybe_resume()
+    assert not marker.exists()

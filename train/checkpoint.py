@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -143,6 +145,20 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that a non-tensor value must unpickle with torch's weights_only loader
+    (DCP itself loads them with weights_only=False: a tampered shard file could run code)."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        """Load one non-tensor value (optimizer hyperparameters) once torch.load(weights_only=True) admits it."""
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"refusing to load {read_item.dest_index.fqn}: {type(e).__name__}: {e}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # RNG state (per rank: dropout, masking and sampling draw from each rank's own generators).
 
@@ -212,13 +228,16 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path} is a save that never committed")
     metadata = read_dcp_metadata(path)
     needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        name = info.relative_path
-        needed[name] = max(needed.get(name, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = os.path.join(path, name)
+    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    for info in storage.values():
+        name, offset, length = (getattr(info, key, None) for key in ("relative_path", "offset", "length"))
+        if not (isinstance(name, str) and isinstance(offset, int) and isinstance(length, int)):
+            raise CheckpointError(f"{path}/{METADATA}: malformed storage entry {info!r}")
         if os.path.basename(name) != name:
             raise CheckpointError(f"{path}/{METADATA} names a storage file outside the checkpoint: {name!r}")
+        needed[name] = max(needed.get(name, 0), offset + length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise CheckpointError(f"{file} is missing (named by {METADATA})")
         if os.path.getsize(file) < size:
@@ -403,7 +422,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path}: cannot read {META}: {e}") from e
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path))
+            dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
         set_state_dict(

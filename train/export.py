@@ -27,6 +27,7 @@ from train.checkpoint import (
     META,
     CheckpointError,
     SafeFileSystemReader,
+    SafeLoadPlanner,
     is_complete,
     latest_checkpoint,
     list_checkpoints,
@@ -106,7 +107,8 @@ def load_checkpoint_model(ckpt: str | os.PathLike, config: LMConfig, dtype: torc
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
-            dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=True)
+            reader, planner = SafeFileSystemReader(str(ckpt)), SafeLoadPlanner()
+            dcp.load({"model": state}, storage_reader=reader, planner=planner, no_dist=True)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"{ckpt} cannot be loaded: {type(e).__name__}: {e}") from None
     return model.eval()
