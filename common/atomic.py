@@ -50,20 +50,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+# A directory that `commit_directory` moved aside is named `.NAME` + OLD_MARK + pid.
+OLD_MARK = ".old-"
+
+
 def commit_directory(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Rename a fully written directory `staging` to `target`, replacing any directory there.
 
-    The old `target` moves aside to `target.old` first and is deleted only once the new one is in place, so a
-    complete directory exists under one of the two names at every instant.
+    The old `target` moves aside to `.NAME.old-PID` beside it first and is deleted only once the new one is in
+    place, so a complete directory exists under one of the two names at every instant. The aside name is hidden
+    and this process's own: a user's `NAME.old` is never touched.
     """
     target = os.fspath(target)
-    old = target + ".old"
+    parent, name = os.path.split(os.path.abspath(target))
+    old = os.path.join(parent, f".{name}{OLD_MARK}{os.getpid()}")
     if os.path.exists(target):
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # left by a crashed process of the same id: this function's own
         os.replace(target, old)
     os.replace(staging, target)
     fsync_directory(os.path.dirname(os.path.abspath(target)))
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["atomic_write", "atomic_write_text", "commit_directory", "commit_file", "fsync_directory"]
+__all__ = ["OLD_MARK", "atomic_write", "atomic_write_text", "commit_directory", "commit_file", "fsync_directory"]

@@ -7,7 +7,11 @@ Inputs, by file name:
 An input argument may be a file, a directory (every file under it, recursively) or a glob (`**` allowed);
 each argument's files are taken in sorted order. Every document is encoded as `<|begin_of_text|> text
 <|end_of_text|>` (the manifest records this); documents that are empty or whitespace only are skipped and
-counted. Output goes to a temporary directory renamed onto DIR at the end, so DIR is complete or absent.
+counted. A document (a JSONL line, a Parquet row, a text file) over --max-document-bytes (64 MiB) is an error
+naming the file and line, or with --skip-long-documents skipped and counted; a JSONL line is never read whole
+past that limit. Output goes to a temporary directory renamed onto DIR at the end, so DIR is complete or absent;
+--overwrite replaces only a directory data.prepare made (its manifest.json and the shards it lists), never one
+holding anything else or the inputs themselves.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,14 +34,18 @@ import numpy as np
 from tqdm import tqdm
 
 from common.atomic import commit_directory
-from data.shards import DataError, ShardSink, write_manifest
+from data.shards import MANIFEST, DataError, ShardSink, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     from lm.tokenizer import Tokenizer
 
-__all__ = ["DataError", "iter_documents", "prepare_text", "resolve_inputs"]
+__all__ = ["DataError", "DocumentLimit", "iter_documents", "prepare_text", "resolve_inputs"]
 
 DEFAULT_SHARD_TOKENS = 1 << 24
+# A document is read, held and tokenized whole: past this it is a mistake (a file that is no corpus, a missing
+# newline), not a document, and would take memory without bound.
+DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
+_READ_CHUNK = 1 << 20
 # Documents per task sent to a tokenizer worker: large enough to amortize pickling, small for a smooth bar.
 _CHUNK_DOCS = 64
 
@@ -65,45 +74,88 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
-def iter_documents(path: Path) -> Iterator[str]:
-    """Yield the documents of one input file; raises DataError naming the file (and line or row) when bad."""
+def iter_documents(
+    path: Path,
+    *,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    skip_long: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """Yield the documents of one input file; raises DataError naming the file (and line or row) when bad.
+
+    A document over `max_document_bytes` is an error, or, given `skip_long`, reported to it (by its place) and
+    left out."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        yield from _iter_jsonl(path)
+        documents = _iter_jsonl(path, max_document_bytes)
     elif suffix == ".parquet":
-        yield from _iter_parquet(path)
+        documents = _iter_parquet(path, max_document_bytes)
     else:
-        try:
-            yield path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        documents = _iter_text(path, max_document_bytes)
+    for where, text in documents:
+        if text is not None:
+            yield text
+        elif skip_long is not None:
+            skip_long(where)
+        else:
+            raise DataError(
+                f"{where}: document longer than {max_document_bytes} bytes (raise --max-document-bytes, "
+                "or pass --skip-long-documents to skip and count such documents)"
+            )
 
 
-def _iter_jsonl(path: Path) -> Iterator[str]:
+# The readers below yield (place, text), text None for a document over the byte limit.
+
+
+def _iter_text(path: Path, max_bytes: int) -> Iterator[tuple[str, str | None]]:
     try:
-        f = open(path, encoding="utf-8")
+        if path.stat().st_size > max_bytes:
+            yield str(path), None
+            return
+        yield str(path), path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[str, str | None]]:
+    try:
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     with f:
-        try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: no string `text` field")
-                yield text
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        number = 0
+        while line := f.readline(max_bytes + 1):
+            number += 1
+            if len(line) > max_bytes:
+                while line and not line.endswith(b"\n"):  # the rest of the line, a chunk at a time
+                    line = f.readline(_READ_CHUNK)
+                yield f"{path}:{number}", None
+                continue
+            text = _jsonl_text(path, number, line)
+            if text is not None:
+                yield f"{path}:{number}", text
 
 
-def _iter_parquet(path: Path) -> Iterator[str]:
+def _jsonl_text(path: Path, number: int, line: bytes) -> str | None:
+    """The `text` of one JSONL line (None: a blank line, which is no document)."""
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
+    if not decoded.strip():
+        return None
+    try:
+        record = json.loads(decoded)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{number}: no string `text` field")
+    return text
+
+
+def _iter_parquet(path: Path, max_bytes: int) -> Iterator[tuple[str, str | None]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,8 +168,10 @@ def _iter_parquet(path: Path) -> Iterator[str]:
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
                     raise DataError(f"{path}: row {row}: `text` is {type(text).__name__}, not a string")
+                # A character is at most 4 bytes: only long rows are worth encoding to measure.
+                too_long = len(text) * 4 > max_bytes and len(text.encode("utf-8")) > max_bytes
+                yield f"{path}: row {row}", None if too_long else text
                 row += 1
-                yield text
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: unreadable Parquet file: {e}") from None
 
@@ -140,12 +194,28 @@ def _encode_chunk(texts: list[str]) -> list[bytes]:
     ]
 
 
-def _chunks(files: list[Path], counts: dict[str, list[int]]) -> Iterator[list[str]]:
-    """Non-empty documents in input order, in lists of _CHUNK_DOCS; tallies kept/skipped per file."""
+@dataclass(frozen=True)
+class DocumentLimit:
+    """The longest document `prepare_text` reads, in bytes, and whether a longer one is skipped (else an error)."""
+
+    max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+    skip: bool = False
+
+
+def _chunks(files: list[Path], counts: dict[str, list[int]], limit: DocumentLimit) -> Iterator[list[str]]:
+    """Non-empty documents in input order, in lists of _CHUNK_DOCS; tallies kept/empty/too long per file."""
     chunk: list[str] = []
     for path in files:
-        tally = counts.setdefault(str(path), [0, 0])
-        for text in iter_documents(path):
+        tally = counts.setdefault(str(path), [0, 0, 0])
+
+        def count_long(where: str, tally: list[int] = tally) -> None:
+            """Count one document over the limit (the manifest reports them per input)."""
+            tally[2] += 1
+
+        documents = iter_documents(
+            path, max_document_bytes=limit.max_bytes, skip_long=count_long if limit.skip else None
+        )
+        for text in documents:
             if not text.strip():
                 tally[1] += 1
                 continue
@@ -178,14 +248,14 @@ def prepare_text(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    limit: DocumentLimit = DocumentLimit(),
 ) -> dict:
     """Tokenize `inputs` into token shards and a manifest under `output`; returns the manifest."""
     from lm.tokenizer import Tokenizer
 
     files = resolve_inputs(inputs)
     output = Path(output)
-    if output.exists() and not overwrite and any(output.iterdir()):
-        raise DataError(f"{output}: output directory exists and is not empty (pass --overwrite to replace it)")
+    check_output(output, files, overwrite=overwrite)
     tokenizer = Tokenizer(tokenizer_path)
     workers = max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
 
@@ -195,7 +265,9 @@ def prepare_text(
     counts: dict[str, list[int]] = {}
     started = time.perf_counter()
     try:
-        shards = _tokenize_into(staging, files, counts, tokenizer, shard_tokens, workers, progress)
+        shards = _tokenize_into(
+            staging, _chunks(files, counts, limit), files, counts, tokenizer, shard_tokens, workers, progress
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -206,8 +278,38 @@ def prepare_text(
     return manifest
 
 
+def check_output(output: Path, files: list[Path], *, overwrite: bool) -> None:
+    """Raise DataError unless `output` may take a new corpus: absent or empty, or (overwrite) one that
+    data.prepare made, holding only its manifest.json and the shards it lists; never a folder of the inputs."""
+    resolved = output.resolve()
+    inside = [f for f in files if f.resolve().is_relative_to(resolved)]
+    if inside:
+        raise DataError(f"{output}: holds the input {inside[0]}; the output must be a directory apart from the inputs")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise DataError(f"{output}: exists and is not a directory")
+    entries = sorted(output.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise DataError(f"{output}: output directory exists and is not empty (pass --overwrite to replace it)")
+    try:
+        manifest = read_manifest(output)
+    except DataError as e:
+        raise DataError(f"{output}: --overwrite replaces only a directory data.prepare made: {e}") from None
+    ours = {MANIFEST, *(str(shard["file"]) for shard in manifest["shards"])}
+    foreign = [entry for entry in entries if entry.name not in ours or not entry.is_file()]
+    if foreign:
+        raise DataError(
+            f"{output}: --overwrite refuses to replace it: {foreign[0]} is not one of the files data.prepare "
+            "wrote there (move it away first)"
+        )
+
+
 def _tokenize_into(
     staging: Path,
+    chunks: Iterator[list[str]],
     files: list[Path],
     counts: dict[str, list[int]],
     tokenizer: Tokenizer,
@@ -215,11 +317,10 @@ def _tokenize_into(
     workers: int,
     progress: bool,
 ) -> list[dict]:
-    """Tokenize `files` in order into shards under `staging`, tallying each file's documents in `counts`."""
+    """Tokenize the `chunks` of `files` in order into shards under `staging` (`counts`: the chunks' tallies)."""
     global _worker_tokenizer
     pool = None
     try:
-        chunks = _chunks(files, counts)
         _worker_tokenizer = tokenizer
         if workers > 1:
             if sys.platform == "linux":
@@ -288,9 +389,11 @@ def _write_text_manifest(staging: Path, shards: list, tokenizer: Tokenizer, coun
         eos=True,
         input_bytes=sum(Path(f).stat().st_size for f in counts),
         skipped_empty=sum(c[1] for c in counts.values()),
+        skipped_long=sum(c[2] for c in counts.values()),
         # Relative to the inputs' common folder: the same data prepared from another place gives the same bytes.
         inputs=[
-            {"path": _relative(path, root), "documents": c[0], "skipped_empty": c[1]} for path, c in counts.items()
+            {"path": _relative(path, root), "documents": c[0], "skipped_empty": c[1], "skipped_long": c[2]}
+            for path, c in counts.items()
         ],
     )
 
@@ -309,7 +412,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     text.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the Llama 3 tokenizer)")
     text.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (about)")
     text.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
-    text.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    text.add_argument("--overwrite", action="store_true", help="replace an output directory data.prepare made")
+    text.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=DEFAULT_MAX_DOCUMENT_BYTES,
+        help="longest document (JSONL line, Parquet row, text file) read (default 64 MiB)",
+    )
+    text.add_argument(
+        "--skip-long-documents", action="store_true", help="skip and count longer documents instead of stopping"
+    )
     text.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -321,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            limit=DocumentLimit(args.max_document_bytes, args.skip_long_documents),
         )
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -333,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{manifest['documents']} documents, {manifest['tokens']} tokens in {len(manifest['shards'])} shards "
         f"-> {args.output} ({mb:.1f} MB of input in {manifest['seconds']:.1f} s)"
     )
+    if manifest["skipped_long"]:
+        print(f"skipped {manifest['skipped_long']} documents over {args.max_document_bytes} bytes")
     return 0
 
 

@@ -619,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     """Load a checkpoint and serve the demo (never shared publicly; 127.0.0.1 unless --host says otherwise)."""
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help=f"a Llama3MM or LM checkpoint directory (default {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--lm", help="the LM of a Llama3MM checkpoint moved away from it (sha256-checked)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     args = parser.parse_args(argv)
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
             "or pass --checkpoint DIR (a Llama3MM or Llama 3 checkpoint)"
         )
     try:
-        mm = Llama3MM.from_pretrained(checkpoint)
+        mm = Llama3MM.from_pretrained(checkpoint, lm_path=args.lm)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"--checkpoint {checkpoint}: cannot load it: {e}")
     chat = DemoChat(mm, checkpoint)

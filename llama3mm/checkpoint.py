@@ -7,41 +7,53 @@
                                  so DIR/vision_encoder loads with VisionEncoder.from_pretrained too)
     DIR/lm/                      only when the LM had no path of its own (e.g. imported from Mllama)
 
-The LM is never copied when it has a path: adapters are small and the LM is shared. Its sha256 (of its weight
-and config files) is checked on load, so adapters are never silently attached to another LM.
+The LM is never copied when it has a path: adapters are small and the LM is shared. The path is recorded relative
+to DIR when both lie in one tree (they can move together), and `read(..., lm_path=)` names it for a checkpoint that
+moved alone. Its sha256 (of exactly the files its load reads) is checked on load, so adapters are never silently
+attached to another LM. The manifest is data: its part names must be among PARTS and its classes the ones
+PART_CLASSES allows for each part; nothing is imported by a name it holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from adapters.speech import SpeechAdapter, SpeechAdapterConfig
+from adapters.video import VideoAdapter, VideoAdapterConfig
+from adapters.vision import VisionAdapter, VisionAdapterConfig
 from common.atomic import atomic_write_text
-from encoders.vision import load_encoder, save_encoder
+from encoders.speech import SpeechEncoder, SpeechEncoderConfig
+from encoders.vision import VisionEncoder, VisionEncoderConfig, load_encoder, save_encoder
 from llama3mm.parts import Llama3MMParts
-from lm.checkpoint import detect_format, load_pretrained, save_pretrained
+from lm.checkpoint import checkpoint_files, detect_format, load_pretrained, save_pretrained
 
 MANIFEST = "llama3mm.json"
 PARTS = ("vision_encoder", "vision_adapter", "video_adapter", "speech_encoder", "speech_adapter")
-_LM_FILES = ("*.safetensors", "*.pth", "config.json", "params.json")
+# The only classes a manifest may name, per part: (module class, config class). A manifest is data; it never
+# chooses what code runs beyond picking one of these.
+PART_CLASSES: dict[str, tuple[type[torch.nn.Module], type]] = {
+    "vision_encoder": (VisionEncoder, VisionEncoderConfig),
+    "vision_adapter": (VisionAdapter, VisionAdapterConfig),
+    "video_adapter": (VideoAdapter, VideoAdapterConfig),
+    "speech_encoder": (SpeechEncoder, SpeechEncoderConfig),
+    "speech_adapter": (SpeechAdapter, SpeechAdapterConfig),
+}
 
 
 def lm_sha256(path: str | Path) -> str:
-    """sha256 of an LM checkpoint: over the names and sha256s of its weight and config files, in name order.
+    """sha256 of an LM checkpoint: over the names and sha256s of the files its load reads, in name order.
 
     Hashing a large LM takes minutes, so each file's digest is cached (LLAMA3MM_CACHE, default
     ~/.cache/llama3-herd/file_sha256.json) under its path, size and modification time; a file rewritten in place
     gets a new modification time and is hashed again.
     """
     path = Path(path)
-    files = sorted({f for pattern in _LM_FILES for f in path.glob(pattern)})
-    if not files:
-        raise FileNotFoundError(f"no LM checkpoint files ({', '.join(_LM_FILES)}) in {path}")
+    files = checkpoint_files(path)  # exactly what load_pretrained reads: a stray file changes nothing
     cache_path = Path(os.environ.get("LLAMA3MM_CACHE", Path.home() / ".cache" / "llama3-herd")) / "file_sha256.json"
     try:
         cache = json.loads(cache_path.read_text())
@@ -80,11 +92,12 @@ def save(mm: torch.nn.Module, directory: str | Path) -> Path:
         save_pretrained(mm.lm, directory / "lm", format="hf")
         lm_ref, lm_dir = "lm", directory / "lm"
     else:
-        lm_ref = lm_dir = Path(mm.lm_path).resolve()
+        lm_dir = Path(mm.lm_path).resolve()
+        lm_ref = _lm_reference(lm_dir, directory.resolve())
     manifest = {
         "format": "llama3mm",
         "version": 1,
-        "lm": {"path": str(lm_ref), "sha256": lm_sha256(lm_dir)},
+        "lm": {"path": lm_ref, "sha256": lm_sha256(lm_dir)},
         "parts": {},
         "prompts": dict(mm.prompts),
     }
@@ -99,6 +112,15 @@ def save(mm: torch.nn.Module, directory: str | Path) -> Path:
     # Last, so a directory with a manifest always holds every part it names.
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
     return directory
+
+
+def _lm_reference(lm_dir: Path, directory: Path) -> str:
+    """How a manifest in `directory` names the LM: relative when both lie in one tree (they move together),
+    absolute when they share only the filesystem root."""
+    common = Path(os.path.commonpath([lm_dir, directory]))
+    if common == Path(common.anchor):
+        return str(lm_dir)
+    return Path(os.path.relpath(lm_dir, directory)).as_posix()
 
 
 def checkpoint_layout(directory: str | Path) -> str:
@@ -124,12 +146,12 @@ def read(directory: str | Path, *, lm_path: str | Path | None = None) -> Llama3M
         return Llama3MMParts(load_pretrained(directory), lm_path=directory)
     manifest, parts, extra = load_parts(directory)
     recorded = manifest["lm"]
-    lm_dir = Path(lm_path) if lm_path is not None else Path(recorded["path"])
-    if not lm_dir.is_absolute():
-        lm_dir = directory / lm_dir
+    # An explicit lm_path is the caller's (relative to the working directory); a recorded one is the checkpoint's.
+    lm_dir = Path(lm_path) if lm_path is not None else directory / recorded["path"]
     if not lm_dir.is_dir():
+        named = f"lm_path={lm_path}" if lm_path is not None else f"{manifest_path} names the LM {recorded['path']}"
         raise FileNotFoundError(
-            f"{manifest_path} names the LM {recorded['path']}, which is not a directory here; pass lm_path="
+            f"{named}, and {lm_dir} is not a directory; pass lm_path= (demo: --lm) with the LM's directory"
         )
     actual = lm_sha256(lm_dir)
     if actual != recorded["sha256"]:
@@ -137,7 +159,7 @@ def read(directory: str | Path, *, lm_path: str | Path | None = None) -> Llama3M
             f"LM at {lm_dir} has sha256 {actual}, but the adapters in {directory} were trained on the LM "
             f"{recorded['path']} with sha256 {recorded['sha256']}: refusing to attach them to a different LM"
         )
-    lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir
+    lm_ref = None if recorded["path"] == "lm" and lm_path is None else lm_dir.resolve()
     return Llama3MMParts(
         load_pretrained(lm_dir),
         modules=parts,
@@ -153,13 +175,11 @@ def load_parts(directory: str | Path) -> tuple[dict, dict[str, torch.nn.Module],
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{directory} has no {MANIFEST}: not a Llama3MM checkpoint")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != "llama3mm":
-        raise ValueError(f"{manifest_path} is not a Llama3MM manifest (format={manifest.get('format')!r})")
+    manifest = read_manifest(manifest_path)
     parts = {}
     for name, spec in manifest["parts"].items():
+        cls, cfg_cls = _part_classes(manifest_path, name, spec)
         cfg_dict, state = load_encoder(directory / name)
-        cfg_cls, cls = _resolve(spec["config_class"]), _resolve(spec["class"])
         module = cls(cfg_cls.from_dict(cfg_dict))
         module.load_state_dict(state, strict=True)
         parts[name] = module
@@ -167,19 +187,52 @@ def load_parts(directory: str | Path) -> tuple[dict, dict[str, torch.nn.Module],
     return manifest, parts, extra["weight"]
 
 
+def read_manifest(manifest_path: str | Path) -> dict:
+    """A Llama3MM manifest, its shape checked: format, an LM with a path and sha256, parts among PARTS."""
+    manifest_path = Path(manifest_path)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{manifest_path}: not JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "llama3mm":
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{manifest_path} is not a Llama3MM manifest (format={found!r})")
+    lm = manifest.get("lm")
+    if not isinstance(lm, dict) or not all(isinstance(lm.get(key), str) for key in ("path", "sha256")):
+        raise ValueError(f"{manifest_path}: key 'lm' must hold the LM's 'path' and 'sha256' as strings")
+    parts = manifest.get("parts")
+    if not isinstance(parts, dict):
+        raise ValueError(f"{manifest_path}: key 'parts' must map part names to their classes")
+    for name in parts:
+        if name not in PARTS:  # also what keeps a part's folder inside the checkpoint directory
+            raise ValueError(f"{manifest_path}: key 'parts.{name}' is not a known part (one of {', '.join(PARTS)})")
+    return manifest
+
+
+def _part_classes(manifest_path: Path, name: str, spec: object) -> tuple[type[torch.nn.Module], type]:
+    """The (module, config) classes a manifest names for part `name`, if they are that part's allowed ones."""
+    allowed = PART_CLASSES[name]
+    named = (spec.get("class"), spec.get("config_class")) if isinstance(spec, dict) else (None, None)
+    if named != tuple(_qualname(cls) for cls in allowed):
+        raise ValueError(
+            f"{manifest_path}: key 'parts.{name}' names classes {named}; a {name} must be "
+            f"{_qualname(allowed[0])} with {_qualname(allowed[1])}"
+        )
+    return allowed
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve(name: str) -> type:
-    module, _, qualname = name.partition(":")
-    # A manifest names classes; only this project's part modules may be imported from it.
-    if module.split(".")[0] not in ("adapters", "encoders"):
-        raise ValueError(f"{MANIFEST}: part class {name!r} is outside the adapters/encoders packages")
-    obj = importlib.import_module(module)
-    for attr in qualname.split("."):
-        obj = getattr(obj, attr)
-    return obj
-
-
-__all__ = ["MANIFEST", "PARTS", "checkpoint_layout", "lm_sha256", "load_parts", "read", "save"]
+__all__ = [
+    "MANIFEST",
+    "PARTS",
+    "PART_CLASSES",
+    "checkpoint_layout",
+    "lm_sha256",
+    "load_parts",
+    "read",
+    "read_manifest",
+    "save",
+]

@@ -12,12 +12,11 @@ the input whose adapter trained it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from llama3mm.checkpoint import MANIFEST, PARTS, load_parts
+from llama3mm.checkpoint import MANIFEST, PARTS, load_parts, read_manifest
 from llama3mm.model import Llama3MM
 
 # The parts whose training gives each extra token's embedding its meaning.
@@ -32,7 +31,7 @@ def compose(directories: list[str | Path], out: str | Path) -> Llama3MM:
         raise ValueError("compose needs at least one Llama3MM checkpoint directory")
     sources = [Path(d) for d in directories]
     others = [(source, *load_parts(source)) for source in sources[1:]]
-    first_sha = json.loads((sources[0] / MANIFEST).read_text())["lm"]["sha256"] if others else None
+    first_sha = read_manifest(sources[0] / MANIFEST)["lm"]["sha256"] if others else None
     mismatched = [(s, m["lm"]["sha256"]) for s, m, _, _ in others if m["lm"]["sha256"] != first_sha]
     if mismatched:
         listing = ", ".join(f"{s} ({h[:12]})" for s, h in [(sources[0], first_sha), *mismatched])

@@ -395,8 +395,9 @@ class Llama3MM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> Llama3MM:
         """Load a save_pretrained directory, a Llama 3.2 Vision checkpoint (HF Mllama or Meta layout, imported by
-        from_mllama / from_meta) or a bare LM checkpoint. A saved model's LM (the recorded path, or `lm_path`)
-        must hash to the recorded sha256. On CUDA the default dtype is bf16, fp32 elsewhere."""
+        from_mllama / from_meta) or a bare LM checkpoint. A saved model's LM (the recorded path, resolved against
+        `directory` when relative, or `lm_path`, for a checkpoint moved away from its LM) must hash to the
+        recorded sha256. On CUDA the default dtype is bf16, fp32 elsewhere."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

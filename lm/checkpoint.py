@@ -3,7 +3,8 @@
 Loading builds the model on the meta device and assigns the checkpoint's tensors into it, so a large
 model never exists twice in memory: Meta shards are memory-mapped, safetensors are read one tensor at a
 time. Every file is written under a temporary name and renamed into place, so an interrupted save never
-leaves a truncated file where a good one was.
+leaves a truncated file where a good one was; once all are in, the layout files of an earlier save that this one
+did not write (more shards, a stale index, the other layout's) are removed, so a load reads this save alone.
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ from pathlib import Path
 import torch
 
 # Re-exported: callers outside lm/ that still import them from here keep working.
-from common.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_text, fsync_directory
 from lm.config import LMConfig
 from lm.model import Transformer
 
 HF_SHARD_BYTES = 5 * 2**30
+HF_SINGLE_FILE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+# Every file either layout writes: a save removes those of them it did not write this time (and only those), so
+# a directory never mixes two saves (shards of a save in more pieces, the other layout's files, a stale index).
+_LAYOUT_FILE = re.compile(
+    r"config\.json|params\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors"
+    r"|consolidated\.\d{2,}\.pth"
+)
 
 # Meta parameter name -> HF parameter name ("{}" is the layer index).
 _META_TO_HF = {
@@ -90,6 +99,36 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files a load of this LM checkpoint directory reads (config and weights), in name order."""
+    path = Path(path)
+    if detect_format(path) == "meta":
+        return sorted([path / "params.json", *_meta_shards(path)])
+    # The index only chooses which shards load; their bytes are what the files listed here carry.
+    return sorted([path / "config.json", *_hf_weight_files(path)])
+
+
+def _meta_shards(path: Path) -> list[Path]:
+    return sorted(path.glob("consolidated.*.pth"))
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The safetensors files an HF directory loads: its index's shards, else model.safetensors, else all."""
+    index = path / HF_INDEX
+    if index.exists():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from error
+        outside = sorted(name for name in names if not isinstance(name, str) or Path(name).name != name)
+        if outside:
+            raise ValueError(f"{index}: weight_map names files outside the directory: {outside[:4]}")
+        return sorted(path / name for name in names)
+    if (path / HF_SINGLE_FILE).exists():
+        return [path / HF_SINGLE_FILE]
+    return sorted(path.glob("*.safetensors"))  # another exporter's naming: every file is the model
+
+
 def load_config(path: str | os.PathLike) -> LMConfig:
     """The LMConfig of a Meta or HF checkpoint directory."""
     path = Path(path)
@@ -155,7 +194,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 
 def _read_meta(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
     """Read consolidated.NN.pth shards (memory-mapped) and merge model-parallel splits."""
-    files = sorted(path.glob("consolidated.*.pth"))
+    files = _meta_shards(path)
     shards = []
     for file in files:
         try:
@@ -201,14 +240,8 @@ def _read_hf(path: Path, config: LMConfig) -> dict[str, torch.Tensor]:
     """Read HF safetensors one tensor at a time, renaming to Meta names and undoing the rotary permutation."""
     from safetensors import safe_open
 
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / name for name in weight_map.values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
     state = {}
-    for file in files:
+    for file in _hf_weight_files(path):
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as error:
@@ -246,15 +279,24 @@ def save_pretrained(
     config = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if format == "hf":
-        _save_hf(state, config, path, max_shard_bytes)
+        written = _save_hf(state, config, path, max_shard_bytes)
     elif format == "meta":
-        _save_meta(state, config, path, model_parallel)
+        written = _save_meta(state, config, path, model_parallel)
     else:
         raise ValueError(f"format={format!r}; expected 'hf' or 'meta'")
+    _remove_stale_files(path, keep=written)
     return path
 
 
-def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_shard_bytes: int) -> None:
+def _remove_stale_files(path: Path, keep: set[str]) -> None:
+    """Delete the layout files in `path` that the save just committed did not write (an earlier save's)."""
+    for file in path.iterdir():
+        if file.name not in keep and _LAYOUT_FILE.fullmatch(file.name) and file.is_file():
+            file.unlink()
+    fsync_directory(path)
+
+
+def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_shard_bytes: int) -> set[str]:
     from safetensors.torch import save_file
 
     hf_state = {}
@@ -270,18 +312,19 @@ def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_s
     dtype = next(iter(hf_state.values())).dtype
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = HF_SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in hf_state.values())}, "weight_map": weight_map}
-        atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
+        atomic_write_text(path / HF_INDEX, json.dumps(index, indent=2))
     hf_config = config.to_hf_config()
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
+    return {"config.json", *weight_map.values(), *([HF_INDEX] if len(shards) > 1 else [])}
 
 
-def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, model_parallel: int) -> None:
+def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, model_parallel: int) -> set[str]:
     if config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "output.weight"}
     for rank in range(model_parallel):
@@ -296,6 +339,7 @@ def _save_meta(state: dict[str, torch.Tensor], config: LMConfig, path: Path, mod
             shard[name] = tensor.chunk(model_parallel, dim=dim)[rank].clone()
         atomic_write(path / f"consolidated.{rank:02d}.pth", lambda tmp, shard=shard: torch.save(shard, tmp))
     atomic_write_text(path / "params.json", json.dumps(config.to_meta_params(), indent=2))
+    return {"params.json", *(f"consolidated.{rank:02d}.pth" for rank in range(model_parallel))}
 
 
 def _meta_split_dim(name: str) -> int | None:
@@ -321,6 +365,7 @@ def _split_by_size(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[d
 
 __all__ = [
     "check_state_dict",
+    "checkpoint_files",
     "detect_format",
     "hf_to_meta_name",
     "hf_to_meta_rotary",

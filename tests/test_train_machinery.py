@@ -137,10 +137,11 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
                 f.truncate(10)
     with pytest.raises(CheckpointError, match=str(good)):
         main(args(run, 4))
-    # A step directory without meta.json (never committed) is skipped by auto-resume, with a warning.
+    # A step directory without meta.json (never committed) is skipped by auto-resume, with a warning, and so is
+    # the truncated one: no checkpoint verifies.
     os.makedirs(run / "checkpoints" / "step-9")
     with pytest.warns(UserWarning, match="step-9"):
-        assert latest_checkpoint(run / "checkpoints") == str(good)
+        assert latest_checkpoint(run / "checkpoints") is None
     json.loads((run / "config.json").read_text())  # the resolved config was saved
 
 

@@ -10,15 +10,20 @@ Layout of ``RUN_DIR/checkpoints``::
 
 A save writes ``step-N.tmp``, waits for every rank, writes ``meta.json`` last and then renames the directory to
 ``step-N`` (an atomic rename on one filesystem), so a crash at any point leaves the previous checkpoint intact.
+Resume and export read ``.metadata`` (a pickle) admitting only DCP's metadata classes, and take the newest
+checkpoint that verifies (``verify_checkpoint``: metadata parses, every shard file holds the bytes it lists,
+meta.json parses), warning about each newer one skipped.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,6 +37,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from common.atomic import atomic_write_text, commit_directory
+from common.atomic import OLD_MARK, atomic_write_text, commit_directory
 from train.config import CheckpointConfig
 from train.parallel.mesh import barrier as _barrier
 from train.parallel.mesh import rank as _rank
@@ -59,6 +66,97 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is missing, incomplete or unreadable."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DCP's .metadata is a pickle: it is read admitting only the classes a genuine one holds (found by unpickling real
+# checkpoints), so a tampered checkpoint directory cannot run code on resume or export.
+
+METADATA = ".metadata"
+_DCP_METADATA_GLOBALS = frozenset(
+    [
+        *(
+            ("torch.distributed.checkpoint.metadata", name)
+            for name in (
+                "Metadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
+        *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+    ]
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only DCP metadata classes, torch.Size, dtypes and layouts, and paths."""
+
+    def __init__(self, file: Any, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowed global `module.name`; anything else is refused, naming the file."""
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _DCP_METADATA_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{self.source}: refusing to load {module}.{name}: not a DCP metadata class")
+
+
+def _unpickle_metadata(stream: Any, source: str) -> Metadata:
+    try:
+        metadata = _MetadataUnpickler(stream, source).load()
+    except Exception as e:  # a truncated or foreign pickle raises anything from EOFError to TypeError
+        raise CheckpointError(f"{source} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{source} holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+def read_dcp_metadata(checkpoint: str | os.PathLike) -> Metadata:
+    """The DCP metadata of checkpoint directory `checkpoint`, read with the restricted unpickler."""
+    source = os.path.join(checkpoint, METADATA)
+    try:
+        with open(source, "rb") as f:
+            return _unpickle_metadata(f, source)
+    except OSError as e:
+        raise CheckpointError(f"{source} cannot be read: {e.strerror or e}") from None
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's FileSystemReader, its `.metadata` read with the restricted unpickler: pass it as storage_reader."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's Metadata, as FileSystemReader returns it, admitting only DCP metadata classes."""
+        source = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(source, "rb") as stream:
+            metadata = _unpickle_metadata(stream, str(source))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that a non-tensor value must unpickle with torch's weights_only loader
+    (DCP itself loads them with weights_only=False: a tampered shard file could run code)."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        """Load one non-tensor value (optimizer hyperparameters) once torch.load(weights_only=True) admits it."""
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"refusing to load {read_item.dest_index.fqn}: {type(e).__name__}: {e}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,12 +221,47 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise a CheckpointError naming the fault unless ``path`` is a committed checkpoint whose files all load:
+    .metadata parses, every storage file it references holds the bytes it needs, meta.json parses."""
+    if os.path.basename(os.path.normpath(path)).endswith(".tmp"):
+        raise CheckpointError(f"{path} is a save that never committed")
+    metadata = read_dcp_metadata(path)
+    needed: dict[str, int] = {}
+    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    for info in storage.values():
+        name, offset, length = (getattr(info, key, None) for key in ("relative_path", "offset", "length"))
+        if not (isinstance(name, str) and isinstance(offset, int) and isinstance(length, int)):
+            raise CheckpointError(f"{path}/{METADATA}: malformed storage entry {info!r}")
+        if os.path.basename(name) != name:
+            raise CheckpointError(f"{path}/{METADATA} names a storage file outside the checkpoint: {name!r}")
+        needed[name] = max(needed.get(name, 0), offset + length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (named by {METADATA})")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, {METADATA} needs {size}")
+    try:
+        with open(os.path.join(path, META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, META)} cannot be read: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{os.path.join(path, META)} has no integer 'step'")
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint in ``ckpt_dir``; incomplete ones are skipped with a warning."""
+    """The newest checkpoint in ``ckpt_dir`` that verifies; newer damaged ones are skipped with a warning."""
     for _, path in reversed(list_checkpoints(ckpt_dir)):
-        if is_complete(path):
-            return path
-        warnings.warn(f"skipping incomplete checkpoint {path} (no .metadata or {META})", stacklevel=2)
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            # A requeued job must not crash-loop on a damaged newest save: the one before it resumes instead.
+            warnings.warn(f"skipping incomplete checkpoint {path}: {e}", stacklevel=2)
+            log.warning("skipping incomplete checkpoint %s: %s", path, e)
+            continue
+        return path
     return None
 
 
@@ -251,7 +384,8 @@ class Checkpointer:
             for _, path in complete[: -self.cfg.keep]:
                 shutil.rmtree(path, ignore_errors=True)
         for name in os.listdir(self.dir):
-            if name.endswith((".tmp", ".old")) and name.startswith("step-"):
+            crashed_save = name.startswith("step-") and name.endswith((".tmp", ".old"))
+            if crashed_save or (name.startswith(".step-") and OLD_MARK in name):
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     # -- loading --------------------------------------------------------------------------------------------
@@ -262,15 +396,22 @@ class Checkpointer:
             path = self.cfg.resume
             if not os.path.isdir(path):
                 raise CheckpointError(f"checkpoint.resume: {path} does not exist")
-            if not is_complete(path):
-                raise CheckpointError(
-                    f"checkpoint.resume: {path} is incomplete or corrupt (needs .metadata and {META}; "
-                    f"a '.tmp' directory is a save that never committed)"
-                )
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"checkpoint.resume: {path} is incomplete or corrupt: {e}") from None
             return path
         if not self.cfg.auto_resume:
             return None
-        return latest_checkpoint(self.dir)
+        path = latest_checkpoint(self.dir)
+        damaged = [p for _, p in list_checkpoints(self.dir)]
+        if path is None and damaged:
+            # Starting over would let pruning delete checkpoints that may still be repairable.
+            raise CheckpointError(
+                f"no checkpoint in {self.dir} verifies ({', '.join(damaged)}): refusing to start over beside them; "
+                "move them away, or set checkpoint.auto_resume=false or checkpoint.resume"
+            )
+        return path
 
     def load(self, path: str) -> int:
         """Restore every piece of state from ``path`` (any parallel layout); returns the step it was saved at."""
@@ -281,7 +422,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path}: cannot read {META}: {e}") from e
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
         set_state_dict(

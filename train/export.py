@@ -23,7 +23,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from common.atomic import atomic_write_text
 from lm import LMConfig, Transformer, save_pretrained
-from train.checkpoint import META, CheckpointError, is_complete, latest_checkpoint, list_checkpoints
+from train.checkpoint import (
+    META,
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    read_dcp_metadata,
+    verify_checkpoint,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -46,6 +56,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             f"{path} is not a complete checkpoint (needs .metadata and {META}; a '.tmp' directory is a save "
             "in progress or one that crashed before committing)"
         )
+    verify_checkpoint(path)
     return path
 
 
@@ -77,10 +88,7 @@ def load_checkpoint_model(ckpt: str | os.PathLike, config: LMConfig, dtype: torc
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # to_empty gives each module its own tensor
     state = model.state_dict()
-    try:
-        metadata = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(f"{ckpt}/.metadata cannot be read: {type(e).__name__}: {e}") from None
+    metadata = read_dcp_metadata(ckpt).state_dict_metadata
     stored = {k.removeprefix("model."): v for k, v in metadata.items() if k.startswith("model.")}
     if config.tie_word_embeddings and "output.weight" not in stored:
         state.pop("output.weight")  # written once, as the embedding
@@ -99,7 +107,8 @@ def load_checkpoint_model(ckpt: str | os.PathLike, config: LMConfig, dtype: torc
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
-            dcp.load({"model": state}, checkpoint_id=str(ckpt), no_dist=True)
+            reader, planner = SafeFileSystemReader(str(ckpt)), SafeLoadPlanner()
+            dcp.load({"model": state}, storage_reader=reader, planner=planner, no_dist=True)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"{ckpt} cannot be loaded: {type(e).__name__}: {e}") from None
     return model.eval()
