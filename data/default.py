@@ -241,11 +241,21 @@ def build_default_corpus(
     tokenizer_path: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Mixture:
-    """Generate and prepare the default corpus under `out` (built aside, then renamed into place)."""
+    """Generate and prepare the default corpus under `out` (built aside, then renamed into place); `overwrite`
+    replaces a default corpus built there before, and never a directory holding anything else."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out}: exists and is not empty")
+    if out.exists() and any(out.iterdir()) and not (overwrite and (out / MIXTURE_FILE).is_file()):
+        made_here = (out / MIXTURE_FILE).is_file()
+        raise DataError(
+            f"{out}: "
+            + (
+                "holds a default corpus (--overwrite rebuilds it)"
+                if made_here
+                else "exists, is not empty and holds no default corpus (mixture.json)"
+            )
+        )
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     raw = staging / "raw"
@@ -268,6 +278,15 @@ def build_default_corpus(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_default_mixture(out)
+
+
+def built_with(directory: str | os.PathLike[str]) -> dict | None:
+    """The seed and scale a complete default corpus at `directory` was built with; None where there is none."""
+    try:
+        record = json.loads((Path(directory) / MIXTURE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {"seed": record.get("seed"), "scale": record.get("scale")}
 
 
 def load_default_mixture(directory: str | os.PathLike[str]) -> Mixture:
@@ -320,16 +339,29 @@ def ensure_default_corpus(
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m data.default", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    parser.add_argument("--out", required=True, help="directory to create (absent, empty, or a corpus made here)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild a corpus already at --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="size multiplier (1.0: about 10 MB of text)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the Llama 3 tokenizer)")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    built = built_with(args.out)
+    if built is not None and not args.overwrite:
+        if built == {"seed": args.seed, "scale": args.scale}:
+            print(f"default corpus in {args.out} is up to date (seed {args.seed}, scale {args.scale})")
+            return 0
+        print(f"error: {args.out} holds a default corpus built with {built}; --overwrite rebuilds it", file=sys.stderr)
+        return 2
     try:
         mixture = build_default_corpus(
-            args.out, seed=args.seed, scale=args.scale, tokenizer_path=args.tokenizer, workers=args.workers
+            args.out,
+            seed=args.seed,
+            scale=args.scale,
+            tokenizer_path=args.tokenizer,
+            workers=args.workers,
+            overwrite=args.overwrite,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -100,3 +100,25 @@ def test_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="not empty"):
         build_default_corpus(tmp_path / "x", scale=SCALE)
+    with pytest.raises(DataError, match="holds no default corpus"):
+        build_default_corpus(tmp_path / "x", scale=SCALE, overwrite=True)
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_command_is_idempotent_and_overwrites_only_its_own_corpus(tmp_path, capsys):
+    """The README's `python -m data.default --out DIR`: rerun over its own corpus is up to date (exit 0); other
+    settings need --overwrite, which rebuilds it."""
+    from data.default import built_with, main
+
+    out = tmp_path / "text"
+    argv = ["--out", str(out), "--scale", str(SCALE), "--workers", "1"]
+    assert main(argv) == 0
+    stamp = (out / "mixture.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "mixture.json").stat().st_mtime_ns == stamp  # not rebuilt
+    assert main([*argv, "--seed", "1"]) == 2
+    assert "--overwrite rebuilds it" in capsys.readouterr().err
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert built_with(out) == {"seed": 1, "scale": SCALE}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text"]  # nothing left aside
