@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -111,6 +112,10 @@ def save(mm: torch.nn.Module, directory: str | Path) -> Path:
         manifest["parts"][name] = {"class": _qualname(type(module)), "config_class": _qualname(type(cfg))}
     # Last, so a directory with a manifest always holds every part it names.
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+    # A save over an earlier one (compose over the quickstart's model, say) leaves only the parts it names.
+    for name in PARTS:
+        if name not in manifest["parts"]:
+            shutil.rmtree(directory / name, ignore_errors=True)
     return directory
 
 

@@ -241,3 +241,11 @@ def test_compose_joins_stages_on_one_lm_with_their_prompts_and_refuses_conflicts
     vision.save_pretrained(tmp_path / "vision2")
     with pytest.raises(ValueError, match="vision_adapter differs between .*vision.* and .*vision2"):
         compose([tmp_path / "vision", tmp_path / "vision2"], tmp_path / "bad")
+
+    compose([tmp_path / "speech"], tmp_path / "mm")  # over the composed model: only the speech stage's parts stay
+    assert sorted(p.name for p in (tmp_path / "mm").iterdir()) == [
+        "extra_embeddings",
+        "llama3mm.json",
+        "speech_adapter",
+        "speech_encoder",
+    ]
