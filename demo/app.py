@@ -23,6 +23,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ MAX_FILE_SIZE = "100mb"
 AUDIO_RATE = 16000
 FORMATS = ("completion", "chat")
 ERROR_PREFIX = "⚠️ "
+# Gradio's queue group of every event that generates (the textbox, retry, examples and the /chat API): one answer
+# at a time, whichever way a request comes in.
+GENERATION_QUEUE = "llama3mm-generate"
 # Containers PyPI's FFmpeg (PyAV) may read as video or audio; image2/*_pipe would take any file named .png.
 VIDEO_CONTAINERS = {"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "gif", "mpeg", "mpegts", "flv"}
 AUDIO_CONTAINERS = {"mp3", "ogg", "wav", "flac", "aac", "matroska", "webm", "mov", "mp4", "m4a", "asf", "aiff"}
@@ -289,6 +293,8 @@ class DemoChat:
         self.mm = mm.eval()
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.prompts = dict(mm.prompts)  # media kind -> its adapter's training prompt (empty: a chat model)
+        # Reentrant: a generation dropped elsewhere may be finalised (closed) inside another's locked step.
+        self._model_lock = threading.RLock()
 
     # ---- what the model can do ------------------------------------------------------------------------------
 
@@ -363,11 +369,47 @@ class DemoChat:
             return
         pieces = self.mm.generate(ids, **media, sampling=settings.sampling(max_new_tokens), stream=True)
         answer = ""
-        for piece in pieces:
+        for piece in self._one_at_a_time(pieces):
             answer += piece
             yield answer
         if not answer:
             yield "(the model ended its answer at once: no text)"
+
+    def _one_at_a_time(self, pieces: Iterator[str]) -> Iterator[str]:
+        """`pieces` stepped (and closed) holding the model lock, with its own KV cache in the shared LM.
+
+        The LM keeps its KV cache on the model, set up on a generation's first step and cleared when it closes:
+        stepped this way, generations that interleave, or one stopped by its user and closed (or garbage
+        collected) while another runs, each see and clear only their own cache.
+        """
+        own: list = [None] * len(self.mm.lm.layers)
+
+        def step(action: Callable[[], Any]) -> Any:
+            nonlocal own
+            with self._model_lock:
+                others = self._swap_kv_caches(own)
+                try:
+                    return action()
+                finally:
+                    own = self._swap_kv_caches(others)
+
+        try:
+            while True:
+                try:
+                    piece = step(lambda: next(pieces))
+                except StopIteration:
+                    return
+                yield piece
+        finally:
+            step(pieces.close)
+
+    def _swap_kv_caches(self, caches: list) -> list:
+        """Put `caches` (one per layer) into the shared LM's attention layers; return those they held."""
+        attentions = [layer.attention for layer in self.mm.lm.layers.values()]
+        held = [attention.cache for attention in attentions]
+        for attention, cache in zip(attentions, caches, strict=True):
+            attention.cache = cache
+        return held
 
     def _prompt(
         self,
@@ -610,9 +652,21 @@ def build_app(chat: DemoChat, examples_dir: str | Path | None = None) -> Any:
             cache_examples=False,
             api_name="chat",
         )
+    _share_generation_queue(app, chat.respond)
     # One answer at a time: every session shares the model and its KV cache.
     app.queue(default_concurrency_limit=1, max_size=32)
     return app
+
+
+def _share_generation_queue(app: Any, respond: Callable[..., Any]) -> None:
+    """Put every event that runs `respond` into GENERATION_QUEUE, one at a time.
+
+    ChatInterface wraps its function once for the page's events and once for the /chat API, and Gradio's queue
+    groups events by function: left alone, a browser and an API client would generate at the same time.
+    """
+    for block_fn in app.fns.values():
+        if getattr(block_fn.fn, "__wrapped__", None) == respond:
+            block_fn.concurrency_id, block_fn.concurrency_limit = GENERATION_QUEUE, 1
 
 
 def main(argv: list[str] | None = None) -> None:
