@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
+import numbers
 import random
 import re
 import sys
@@ -44,6 +46,11 @@ MAX_IMAGE_PIXELS = 25_000_000  # 5,000 x 5,000; the vision encoder sees at most 
 MAX_AUDIO_SECONDS = 30.0
 MAX_VIDEO_SECONDS = 120.0
 MAX_FILE_SIZE = "100mb"
+MAX_NEW_TOKENS = 1024  # the slider's top; the API may ask for anything
+# Far more text than a 128K-token context holds (about 4 characters a token): refused before it is tokenised.
+MAX_PROMPT_CHARACTERS = 1_000_000
+# Uploads (Gradio's cache) are deleted a day after they arrive, checked hourly: (frequency, age) in seconds.
+UPLOAD_CLEANUP = (3600, 86400)
 AUDIO_RATE = 16000
 FORMATS = ("completion", "chat")
 ERROR_PREFIX = "⚠️ "
@@ -78,9 +85,37 @@ class Settings:
     max_new_tokens: int = 64
     prompt_format: str = "chat"
 
+    def __post_init__(self) -> None:
+        # The page's sliders and radio bound these, but the /chat API takes any value: each is checked here once.
+        if self.prompt_format not in FORMATS:
+            raise InputError(f"prompt format {self.prompt_format!r}: choose one of {', '.join(FORMATS)}")
+        count = self.max_new_tokens
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 1 <= count <= MAX_NEW_TOKENS:
+            raise InputError(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, got {count!r}")
+        try:
+            self.sampling(count)
+        except ValueError as e:  # SamplingConfig's checks of temperature and top-p
+            raise InputError(f"settings: {e}") from e
+
+    @classmethod
+    def from_inputs(cls, temperature: Any, top_p: Any, max_new_tokens: Any, prompt_format: Any) -> Settings:
+        """Settings from the page's or an API client's values (numbers may come as floats or strings)."""
+        count = _number(max_new_tokens, "max new tokens")
+        if math.isfinite(count) and count.is_integer():
+            count = int(count)
+        return cls(_number(temperature, "temperature"), _number(top_p, "top-p"), count, str(prompt_format))
+
     def sampling(self, max_new_tokens: int) -> SamplingConfig:
         """These settings as lm's SamplingConfig, drawing at most `max_new_tokens` (what the context leaves)."""
         return SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+
+
+def _number(value: Any, name: str) -> float:
+    """`value` as a float, or InputError naming the setting."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name} must be a number, got {value!r}") from e
 
 
 # ---- uploads --------------------------------------------------------------------------------------------------
@@ -344,7 +379,9 @@ class DemoChat:
             lines.append(f"**Adapter training prompts** (the completion format uses them): {trained}")
         lines.append(
             f"**Limits**: images up to {MAX_IMAGE_PIXELS:,} pixels, audio trimmed to its first "
-            f"{MAX_AUDIO_SECONDS:.0f} s, video up to {MAX_VIDEO_SECONDS:.0f} s, files up to {MAX_FILE_SIZE}."
+            f"{MAX_AUDIO_SECONDS:.0f} s, video up to {MAX_VIDEO_SECONDS:.0f} s, files up to {MAX_FILE_SIZE}; "
+            f"conversations up to {MAX_PROMPT_CHARACTERS:,} characters (and the context), answers up to "
+            f"{MAX_NEW_TOKENS:,} new tokens."
         )
         return "\n\n".join(lines)
 
@@ -360,13 +397,29 @@ class DemoChat:
         """The growing answer to `message` ({"text", "files"} or a str) after `history` (Gradio messages).
 
         Bad input yields one message starting with ERROR_PREFIX; `notify` receives notes (e.g. a trimmed clip).
+        So does an unexpected failure (logged with its traceback): the next request is served as usual.
         """
         try:
-            prompt, media = self._prompt(message, history, settings, notify or log.info)
-            ids, max_new_tokens = self._fit_context(prompt, media, settings.max_new_tokens)
+            yield from self._answer(message, history, settings, notify or log.info)
         except InputError as e:
             yield ERROR_PREFIX + str(e)
-            return
+        except Exception as e:
+            log.exception("answering a message failed")
+            yield (
+                f"{ERROR_PREFIX}the demo failed while answering ({type(e).__name__}); it goes on serving: send the "
+                "message again, or start a new chat"
+            )
+
+    def _answer(
+        self,
+        message: str | Mapping[str, Any],
+        history: Sequence[Mapping[str, Any]],
+        settings: Settings,
+        notify: Callable[[str], None],
+    ) -> Iterator[str]:
+        """The growing answer; bad input raises InputError before anything is generated."""
+        prompt, media = self._prompt(message, history, settings, notify)
+        ids, max_new_tokens = self._fit_context(prompt, media, settings.max_new_tokens)
         pieces = self.mm.generate(ids, **media, sampling=settings.sampling(max_new_tokens), stream=True)
         answer = ""
         for piece in self._one_at_a_time(pieces):
@@ -419,11 +472,10 @@ class DemoChat:
         notify: Callable[[str], None],
     ) -> tuple[str | list[dict], dict[str, Any]]:
         """The prompt (text or chat messages) and generate()'s media keywords for this turn."""
-        if settings.prompt_format not in FORMATS:
-            raise InputError(f"prompt format {settings.prompt_format!r}: choose one of {', '.join(FORMATS)}")
         if isinstance(message, str):
             message = {"text": message, "files": []}
         text = str(message.get("text") or "")
+        _check_prompt_length(len(text))
         files = [f.get("path") if isinstance(f, Mapping) else str(f) for f in message.get("files") or []]
         uploads = [self._checked(load_media(f)) for f in files]
         for item in uploads:
@@ -458,7 +510,9 @@ class DemoChat:
     ) -> tuple[list[dict], dict[str, Any]]:
         messages: list[dict] = []
         every: list[Media] = []
-        for turn in _turns(history):
+        turns = _turns(history)
+        _check_prompt_length(len(text) + sum(len(turn.text) for turn in turns))
+        for turn in turns:
             if turn.role == "user":
                 earlier = [self._checked(load_media(f)) for f in turn.files]
                 every += earlier
@@ -499,8 +553,21 @@ class DemoChat:
         """The ChatInterface function: settings come as its additional inputs; notes become toasts."""
         import gradio as gr
 
-        settings = Settings(float(temperature), float(top_p), int(max_new_tokens), str(prompt_format))
+        try:
+            settings = Settings.from_inputs(temperature, top_p, max_new_tokens, prompt_format)
+        except InputError as e:
+            yield ERROR_PREFIX + str(e)
+            return
         yield from self.stream(message, history, settings, notify=lambda note: gr.Warning(note))
+
+
+def _check_prompt_length(characters: int) -> None:
+    """InputError for a conversation's text over MAX_PROMPT_CHARACTERS (cheaper to count than to tokenise)."""
+    if characters > MAX_PROMPT_CHARACTERS:
+        raise InputError(
+            f"the conversation's text is {characters:,} characters; the demo takes up to "
+            f"{MAX_PROMPT_CHARACTERS:,}: shorten the message or clear the conversation"
+        )
 
 
 def _chat_content(text: str, media: list[Media]) -> list[dict]:
@@ -611,7 +678,7 @@ def build_app(chat: DemoChat, examples_dir: str | Path | None = None) -> Any:
         "the tiny model knows only those prompts); a text-only message is continued as plain text. chat: the "
         "Llama 3 chat format with the whole conversation."
     )
-    with gr.Blocks(title="Llama 3 herd: multimodal chat", analytics_enabled=False) as app:
+    with gr.Blocks(title="Llama 3 herd: multimodal chat", analytics_enabled=False, delete_cache=UPLOAD_CLEANUP) as app:
         gr.Markdown("# Llama 3 herd: multimodal chat")
         with gr.Accordion("Loaded model", open=True):
             gr.Markdown(chat.info_markdown(), elem_id="model-info")
@@ -635,7 +702,12 @@ def build_app(chat: DemoChat, examples_dir: str | Path | None = None) -> Any:
                 ),
                 gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)", render=False),
                 gr.Slider(
-                    1, min(1024, context), value=defaults.max_new_tokens, step=1, label="Max new tokens", render=False
+                    1,
+                    min(MAX_NEW_TOKENS, context),
+                    value=defaults.max_new_tokens,
+                    step=1,
+                    label="Max new tokens",
+                    render=False,
                 ),
                 gr.Radio(
                     list(FORMATS),
