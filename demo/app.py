@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import math
 import numbers
@@ -741,6 +742,37 @@ def _share_generation_queue(app: Any, respond: Callable[..., Any]) -> None:
             block_fn.concurrency_id, block_fn.concurrency_limit = GENERATION_QUEUE, 1
 
 
+def load_model(checkpoint: Path) -> Llama3MM:
+    """The checkpoint's model, or SystemExit with the reason, naming a damaged file (never a library traceback)."""
+    try:
+        return Llama3MM.from_pretrained(checkpoint)
+    except Exception as e:  # safetensors, json, torch and our own loaders each raise their own types
+        reason = _damaged_file(checkpoint) or f"{type(e).__name__}: {e}"
+        sys.exit(f"--checkpoint {checkpoint}: cannot load it: {reason}")
+
+
+def _damaged_file(checkpoint: Path) -> str | None:
+    """What is wrong with the first unreadable JSON or safetensors file of a checkpoint (and its LM), if any."""
+    from safetensors import safe_open
+
+    directories = [checkpoint]
+    try:  # a Llama3MM checkpoint names its LM, which may live elsewhere
+        lm_path = Path(json.loads((checkpoint / "llama3mm.json").read_text())["lm"]["path"])
+        directories.append(lm_path if lm_path.is_absolute() else checkpoint / lm_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for path in sorted(p for directory in directories for p in directory.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):  # reads the header and checks the file holds what it lists
+                    pass
+        except Exception as e:
+            return f"{path} is damaged (truncated or not {path.suffix[1:]}): {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load a checkpoint and serve the demo (never shared publicly; 127.0.0.1 unless --host says otherwise)."""
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
@@ -757,14 +789,20 @@ def main(argv: list[str] | None = None) -> None:
             f"no model at {DEFAULT_CHECKPOINT}: run `make quickstart` to build the tiny default model, "
             "or pass --checkpoint DIR (a Llama3MM or Llama 3 checkpoint)"
         )
-    try:
-        mm = Llama3MM.from_pretrained(checkpoint)
-    except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"--checkpoint {checkpoint}: cannot load it: {e}")
-    chat = DemoChat(mm, checkpoint)
+    chat = DemoChat(load_model(checkpoint), checkpoint)
     log.info("loaded %s; uploads: %s", checkpoint, ", ".join(chat.modalities()) or "none")
     app = build_app(chat)
     app.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_FILE_SIZE)
 
 
-__all__ = ["DemoChat", "InputError", "Media", "Settings", "build_app", "load_media", "main", "make_examples"]
+__all__ = [
+    "DemoChat",
+    "InputError",
+    "Media",
+    "Settings",
+    "build_app",
+    "load_media",
+    "load_model",
+    "main",
+    "make_examples",
+]

@@ -4,6 +4,8 @@ answered with a reason (in the chat, or at start-up) while the demo goes on serv
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from demo.app import (
@@ -15,6 +17,7 @@ from demo.app import (
     DemoChat,
     Settings,
     build_app,
+    main,
 )
 from tests.test_demo import build_tiny_model
 
@@ -22,10 +25,22 @@ GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=6, prompt_format="c
 
 
 @pytest.fixture(scope="module")
-def chat(tmp_path_factory, single_thread) -> DemoChat:
-    """The demo's answering side over a tiny random model (no server)."""
-    mm, path = build_tiny_model(tmp_path_factory.mktemp("hardening"))
+def tiny(tmp_path_factory, single_thread):
+    """A tiny random model and the directory it is saved in (mm/ beside the lm/ it names)."""
+    return build_tiny_model(tmp_path_factory.mktemp("hardening"))
+
+
+@pytest.fixture(scope="module")
+def chat(tiny) -> DemoChat:
+    """The demo's answering side over the tiny model (no server)."""
+    mm, path = tiny
     return DemoChat(mm, path)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny) -> Path:
+    """The folder holding the tiny model's mm/ and lm/ checkpoints."""
+    return tiny[1].parent
 
 
 def answer(chat: DemoChat, text: str, settings: Settings = GREEDY) -> str:
@@ -162,3 +177,40 @@ def test_uploads_are_deleted_after_a_day(chat, tmp_path):
     """The app asks Gradio to delete its cached uploads: hourly, those older than a day."""
     app = build_app(chat, tmp_path / "examples")
     assert app.delete_cache == UPLOAD_CLEANUP == (3600, 86400)
+
+
+# ---- a damaged model directory ------------------------------------------------------------------------------
+
+
+def _halved(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("damaged", "damage"),
+    [
+        ("mm/vision_adapter/model.safetensors", _halved),
+        ("mm/llama3mm.json", lambda data: b'{"format": "llama3mm",'),
+        ("mm/speech_encoder/config.json", lambda data: b"{dim: 64}"),
+        ("lm/model.safetensors", _halved),
+        ("lm/config.json", lambda data: b"\xff\xfe not json"),
+    ],
+)
+def test_a_damaged_checkpoint_stops_the_demo_naming_the_file(saved, tmp_path, damaged, damage):
+    """A truncated safetensors part or a malformed JSON file, in a Llama3MM checkpoint or a bare LM checkpoint,
+    stops main() at start-up with exit code 1 and a message naming the file: no traceback from a library."""
+    import os
+    import shutil
+
+    part = damaged.split("/")[0]  # mm/ names the original lm/ (an absolute path), so one folder is copied
+    checkpoint = tmp_path / part
+    shutil.copytree(saved / part, checkpoint, copy_function=os.symlink)  # links: the LM is 66 MB
+    target = tmp_path / damaged
+    data = target.read_bytes()
+    target.unlink()  # the link, not the original
+    target.write_bytes(damage(data))
+    with pytest.raises(SystemExit) as stopped:
+        main(["--checkpoint", str(checkpoint)])
+    message = str(stopped.value.code)
+    assert message.startswith(f"--checkpoint {checkpoint}: cannot load it: {target} is damaged")
+    assert "Traceback" not in message and len(message) < 400
