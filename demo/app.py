@@ -17,7 +17,6 @@ prompts, so the conversation goes on.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -28,11 +27,13 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -46,6 +47,16 @@ DEFAULT_CHECKPOINT = Path("runs/llama3mm/tiny")
 MAX_IMAGE_PIXELS = 25_000_000  # 5,000 x 5,000; the vision encoder sees at most a few 560-pixel tiles anyway
 MAX_AUDIO_SECONDS = 30.0
 MAX_VIDEO_SECONDS = 120.0
+VIDEO_FRAMES = 64  # what encoders.video.load_video keeps of a clip: the most frames the model sees
+MAX_VIDEO_DECODED_FRAMES = 7_200  # 120 s at 60 frames a second, counted while decoding
+MAX_VIDEO_FRAME_PIXELS = 1280 * 720  # larger frames are scaled down: the encoder sees each as one 560-pixel tile
+# Audio rates outside this range are no recording; within it, a rate without a small ratio to 16 kHz (44,101 Hz)
+# would make torchaudio's resampling kernel gigabytes: (rate / gcd) * (16,000 / gcd) is held under this.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000
+MAX_RESAMPLE_RATIO = 1_000_000
+MAX_FILES_PER_MESSAGE = 4
+MAX_FILES_PER_CONVERSATION = 16
+MAX_MEDIA_CACHE_BYTES = 512 * 2**20  # decoded uploads kept for later turns of their conversations
 MAX_FILE_SIZE = "100mb"
 MAX_NEW_TOKENS = 1024  # the slider's top; the API may ask for anything
 # Far more text than a 128K-token context holds (about 4 characters a token): refused before it is tokenised.
@@ -122,28 +133,79 @@ def _number(value: Any, name: str) -> float:
 # ---- uploads --------------------------------------------------------------------------------------------------
 
 
+class _MediaCache:
+    """Decoded uploads by (path, modification time, size), least recently used dropped past a size in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[Media, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Media | None:
+        """The cached media of `key`, if any (now the most recently used)."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
+    def put(self, key: tuple, media: Media) -> None:
+        """Keep `media` (unless it alone is over the budget), dropping the least recently used past it."""
+        size = _media_bytes(media)
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+            self._items[key] = (media, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+    def clear(self) -> None:
+        """Forget every decoded upload."""
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def _media_bytes(media: Media) -> int:
+    if isinstance(media.value, torch.Tensor):
+        return media.value.numel() * media.value.element_size()
+    width, height = media.value.size
+    return width * height * len(media.value.getbands())
+
+
+_MEDIA_CACHE = _MediaCache(MAX_MEDIA_CACHE_BYTES)
+
+
 def load_media(path: str | Path) -> Media:
     """Decode an upload by its content (never its extension) within the demo's limits, or raise InputError."""
     path = Path(path)
     stat = path.stat() if path.is_file() else None
     if stat is None:
         raise InputError(f"{path.name}: the uploaded file is gone; please upload it again")
-    return _load_media_cached(str(path), stat.st_mtime_ns, stat.st_size)
+    # Keyed by modification time and size too: history turns re-read their files on every later turn.
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    media = _MEDIA_CACHE.get(key)
+    if media is None:
+        media = _decode_media(path, stat.st_size)
+        _MEDIA_CACHE.put(key, media)
+    return media
 
 
-@functools.lru_cache(maxsize=32)
-def _load_media_cached(path: str, mtime_ns: int, size: int) -> Media:
-    # Keyed by modification time and size: history turns re-read their files on every later turn.
-    name = Path(path).name
+def _decode_media(path: Path, size: int) -> Media:
+    """One upload decoded (uncached): image, then libsndfile's audio, then PyAV's video or audio."""
+    name, file = path.name, str(path)
     if size == 0:
         raise InputError(f"{name} is empty")
-    image = _open_image(path, name)
+    image = _open_image(file, name)
     if image is not None:
         return image
-    audio = _read_soundfile(path, name)
+    audio = _read_soundfile(file, name)
     if audio is not None:
         return audio
-    return _read_av(path, name)
+    return _read_av(file, name)
 
 
 def _open_image(path: str, name: str) -> Media | None:
@@ -182,12 +244,29 @@ def _read_soundfile(path: str, name: str) -> Media | None:
         info = soundfile.info(path)
     except Exception:  # libsndfile raises several types for "not my format"
         return None
+    _check_sample_rate(name, info.samplerate)
     keep = int(MAX_AUDIO_SECONDS * info.samplerate)
     try:
         data, rate = soundfile.read(path, frames=keep, dtype="float32", always_2d=True)
     except Exception as e:
         raise InputError(f"{name} looks like audio ({info.format}) but is corrupt: {e}") from e
+    _check_sample_rate(name, rate)
     return _audio_media(torch.from_numpy(data).mean(dim=1), rate, info.frames / max(info.samplerate, 1), name)
+
+
+def _check_sample_rate(name: str, rate: int) -> None:
+    """InputError for an audio rate no recording has, or one too costly to resample to AUDIO_RATE."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise InputError(
+            f"{name} declares a sample rate of {rate:,} Hz; the demo takes audio sampled at {MIN_SAMPLE_RATE:,} "
+            f"to {MAX_SAMPLE_RATE:,} Hz"
+        )
+    common = math.gcd(rate, AUDIO_RATE)
+    if (rate // common) * (AUDIO_RATE // common) > MAX_RESAMPLE_RATIO:
+        raise InputError(
+            f"{name} is sampled at {rate:,} Hz, which has no small ratio to {AUDIO_RATE:,} Hz (resampling it would "
+            "take gigabytes): save it at a common rate such as 16,000, 44,100 or 48,000 Hz"
+        )
 
 
 def _audio_media(waveform: torch.Tensor, rate: int, seconds: float, name: str) -> Media:
@@ -229,21 +308,86 @@ def _read_av(path: str, name: str) -> Media:
                 raise InputError(
                     f"{name} is a {seconds:.0f} s video; the demo takes clips up to {MAX_VIDEO_SECONDS:.0f} s"
                 )
-        else:
-            return _decode_av_audio(container, name, seconds)
-    from encoders.video import load_video
+            try:
+                return Media("video", _decode_video(container, stream, name), name)
+            except InputError:
+                raise
+            except Exception as e:  # av.error.* from a damaged stream
+                raise InputError(f"{name} looks like a video but cannot be decoded: {e}") from e
+        return _decode_av_audio(container, name, seconds)
 
-    try:
-        frames = load_video(path)
-    except ValueError as e:  # VideoDecodeError
-        raise InputError(f"{name} looks like a video but cannot be decoded: {e}") from e
-    return Media("video", frames.permute(0, 3, 1, 2).contiguous(), name)
+
+def _decode_video(container: Any, stream: Any, name: str) -> torch.Tensor:
+    """Uint8 frames [F, 3, H, W], F <= VIDEO_FRAMES spread over the clip as encoders.video.load_video spreads them.
+
+    The clip is decoded as a stream and refused past MAX_VIDEO_SECONDS or MAX_VIDEO_DECODED_FRAMES as measured
+    (a container may declare no length, or a false one); only the frames that may be sampled are kept.
+    """
+    frames = EvenlySpread(VIDEO_FRAMES)
+    start, size = None, None
+    for frame in container.decode(stream):
+        if frame.width * frame.height > MAX_IMAGE_PIXELS:
+            raise InputError(
+                f"{name}: its {frame.width:,} x {frame.height:,} frames are over {MAX_IMAGE_PIXELS:,} pixels"
+            )
+        if frame.time is not None:
+            start = frame.time if start is None else start
+            if frame.time - start > MAX_VIDEO_SECONDS:
+                raise InputError(f"{name} runs past {MAX_VIDEO_SECONDS:.0f} s; the demo takes clips up to that long")
+        if frames.seen == MAX_VIDEO_DECODED_FRAMES:
+            raise InputError(
+                f"{name} has over {MAX_VIDEO_DECODED_FRAMES:,} frames; the demo takes clips up to "
+                f"{MAX_VIDEO_SECONDS:.0f} s at up to {MAX_VIDEO_DECODED_FRAMES / MAX_VIDEO_SECONDS:.0f} frames a second"
+            )
+        size = size or _scaled_size(frame.width, frame.height, MAX_VIDEO_FRAME_PIXELS)
+        frames.offer(lambda frame=frame, size=size: frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+    if not frames.seen:
+        raise InputError(f"{name} looks like a video but holds no frames")
+    return torch.from_numpy(np.stack(frames.picks())).permute(0, 3, 1, 2).contiguous()
+
+
+class EvenlySpread:
+    """Up to `count` items of a stream of unknown length, spread over all of it, never holding 2 x count.
+
+    Every stride-th item is kept, the stride doubling whenever 2 x count are held; `picks` returns those nearest
+    encoders.video.sample_indices over everything seen (exactly those while the stride is 1).
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self.kept: list[Any] = []
+        self.stride = 1
+        self.seen = 0
+
+    def offer(self, make: Callable[[], Any]) -> None:
+        """Count one more item, keeping make()'s value when it falls on the stride (make() is skipped otherwise)."""
+        if self.seen % self.stride == 0:
+            self.kept.append(make())
+            if len(self.kept) == 2 * self.count:
+                self.kept, self.stride = self.kept[::2], self.stride * 2
+        self.seen += 1
+
+    def picks(self) -> list[Any]:
+        """The kept items nearest sample_indices(seen, count): distinct, as picks are at least a stride apart."""
+        from encoders.video import sample_indices
+
+        nearest = (int(i / self.stride + 0.5) for i in sample_indices(self.seen, self.count))
+        return [self.kept[min(k, len(self.kept) - 1)] for k in nearest]
+
+
+def _scaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) scaled down to at most max_pixels, the aspect kept (even sides, as video scalers prefer)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
 
 
 def _decode_av_audio(container: Any, name: str, seconds: float | None) -> Media:
     """The first MAX_AUDIO_SECONDS of the first audio stream as a mono float waveform (e.g. a browser recording)."""
     import av
 
+    _check_sample_rate(name, container.streams.audio[0].rate)
     resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
     limit = int(MAX_AUDIO_SECONDS * AUDIO_RATE)
     chunks, total = [], 0
@@ -380,7 +524,8 @@ class DemoChat:
             lines.append(f"**Adapter training prompts** (the completion format uses them): {trained}")
         lines.append(
             f"**Limits**: images up to {MAX_IMAGE_PIXELS:,} pixels, audio trimmed to its first "
-            f"{MAX_AUDIO_SECONDS:.0f} s, video up to {MAX_VIDEO_SECONDS:.0f} s, files up to {MAX_FILE_SIZE}; "
+            f"{MAX_AUDIO_SECONDS:.0f} s, video up to {MAX_VIDEO_SECONDS:.0f} s, files up to {MAX_FILE_SIZE} "
+            f"({MAX_FILES_PER_MESSAGE} a message, {MAX_FILES_PER_CONVERSATION} a conversation); "
             f"conversations up to {MAX_PROMPT_CHARACTERS:,} characters (and the context), answers up to "
             f"{MAX_NEW_TOKENS:,} new tokens."
         )
@@ -478,6 +623,11 @@ class DemoChat:
         text = str(message.get("text") or "")
         _check_prompt_length(len(text))
         files = [f.get("path") if isinstance(f, Mapping) else str(f) for f in message.get("files") or []]
+        if len(files) > MAX_FILES_PER_MESSAGE:
+            raise InputError(
+                f"the message has {len(files)} files; the demo takes up to {MAX_FILES_PER_MESSAGE} per message: "
+                "send them over several messages"
+            )
         uploads = [self._checked(load_media(f)) for f in files]
         for item in uploads:
             if item.note:
@@ -513,6 +663,12 @@ class DemoChat:
         every: list[Media] = []
         turns = _turns(history)
         _check_prompt_length(len(text) + sum(len(turn.text) for turn in turns))
+        files = len(uploads) + sum(len(turn.files) for turn in turns)
+        if files > MAX_FILES_PER_CONVERSATION:
+            raise InputError(
+                f"the conversation would hold {files} files; the demo takes up to {MAX_FILES_PER_CONVERSATION} per "
+                "conversation: start a new chat"
+            )
         for turn in turns:
             if turn.role == "user":
                 earlier = [self._checked(load_media(f)) for f in turn.files]

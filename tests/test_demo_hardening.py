@@ -4,22 +4,34 @@ answered with a reason (in the chat, or at start-up) while the demo goes on serv
 
 from __future__ import annotations
 
+import io
+import math
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from demo.app import (
     ERROR_PREFIX,
     GENERATION_QUEUE,
+    MAX_FILES_PER_CONVERSATION,
+    MAX_FILES_PER_MESSAGE,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARACTERS,
     UPLOAD_CLEANUP,
+    VIDEO_FRAMES,
     DemoChat,
+    EvenlySpread,
+    InputError,
     Settings,
     build_app,
+    load_media,
     main,
 )
-from tests.test_demo import build_tiny_model
+from tests.test_demo import build_tiny_model, sine_wav
 
 GREEDY = Settings(temperature=0.0, top_p=1.0, max_new_tokens=6, prompt_format="completion")
 
@@ -214,3 +226,163 @@ def test_a_damaged_checkpoint_stops_the_demo_naming_the_file(saved, tmp_path, da
     message = str(stopped.value.code)
     assert message.startswith(f"--checkpoint {checkpoint}: cannot load it: {target} is damaged")
     assert "Traceback" not in message and len(message) < 400
+
+
+# ---- media bombs --------------------------------------------------------------------------------------------
+
+
+def wav_declaring_rate(path: Path, rate: int) -> Path:
+    """A 1.3 s 16 kHz tone as 16-bit WAV (42 KB) whose header is edited to claim `rate` samples a second."""
+    sine_wav(path, 1.3)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"RIFF" and data[12:16] == b"fmt "
+    data[24:32] = struct.pack("<II", rate, rate * 2)  # sample rate, then byte rate (mono, 2 bytes a sample)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rate", "reason"),
+    [
+        (1_000_003, "declares a sample rate of 1,000,003 Hz; the demo takes audio sampled at 4,000 to 384,000 Hz"),
+        (100, "declares a sample rate of 100 Hz; the demo takes audio sampled at 4,000 to 384,000 Hz"),
+        (44_101, "is sampled at 44,101 Hz, which has no small ratio to 16,000 Hz (resampling it would take"),
+    ],
+)
+def test_audio_with_an_absurd_sample_rate_is_refused(tmp_path, rate, reason):
+    """A 42 KB WAV whose header claims ~1 MHz (21 ms of samples; resampling would take some 64 GB), too low a rate,
+    or a rate coprime to 16 kHz (a 2.8 GB resampling kernel) is refused from the header, naming the file and
+    the rate; a common rate still loads."""
+    with pytest.raises(InputError) as refused:
+        load_media(wav_declaring_rate(tmp_path / "bomb.wav", rate))
+    assert str(refused.value).startswith("bomb.wav " + reason)
+    assert load_media(wav_declaring_rate(tmp_path / "cd.wav", 44_100)).value.shape == (math.ceil(20800 * 16 / 44.1),)
+
+
+def write_clip(target, container_format: str, frames: int, fps: int, size: int = 16, codec: str = "mpeg4") -> None:
+    """A clip of grey frames, brightness rising with the frame index, written with PyAV."""
+    import av
+
+    with av.open(target, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for index in range(frames):
+            image = np.full((size, size, 3), index * 7 % 256, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only stream: a muxer writing to it cannot go back to fill in the clip's duration."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.data += data
+        return len(data)
+
+
+def test_video_length_is_measured_while_decoding(tmp_path):
+    """A 130 s Matroska clip that declares no duration (written as a stream), and one whose header claims 10 s,
+    are refused once decoding passes 120 s; WebM and MPEG-TS clips within the limit load."""
+    import av
+
+    stream = _Unseekable()
+    write_clip(stream, "matroska", 130, fps=1)
+    undeclared = tmp_path / "undeclared.mkv"
+    undeclared.write_bytes(bytes(stream.data))
+    lying = tmp_path / "lying.mkv"
+    write_clip(str(lying), "matroska", 130, fps=1)
+    data = lying.read_bytes()
+    duration = data.index(b"\x44\x89\x88")  # the Segment's Duration: an 8-byte float of milliseconds
+    lying.write_bytes(data[: duration + 3] + struct.pack(">d", 10_000.0) + data[duration + 11 :])
+    for clip, declared in ((undeclared, None), (lying, 10.0)):
+        with av.open(str(clip)) as container:
+            assert container.streams.video[0].frames == 0
+            assert (container.duration and container.duration / av.time_base) == declared
+        with pytest.raises(InputError, match=f"{clip.name} runs past 120 s; the demo takes clips up to that long"):
+            load_media(clip)
+    for container_format, suffix, codec in (("webm", "webm", "libvpx"), ("mpegts", "ts", "mpeg4")):
+        path = tmp_path / f"short.{suffix}"
+        write_clip(str(path), container_format, 20, fps=4, codec=codec)
+        assert load_media(path).value.shape == (20, 3, 16, 16)
+
+
+def test_decoded_frames_are_capped_and_only_the_sampled_ones_kept(tmp_path, monkeypatch):
+    """Frames are counted while decoding (a 2 s clip of 60 frames is refused under a cap of 50); a long stream
+    with no frame count keeps VIDEO_FRAMES frames, those load_video would pick (exactly, for a short clip), and
+    the selection never holds more than twice that many."""
+    from demo import app
+    from encoders.video import load_video, sample_indices
+
+    clip = tmp_path / "fast.ts"
+    write_clip(str(clip), "mpegts", 60, fps=30)
+    monkeypatch.setattr(app, "MAX_VIDEO_DECODED_FRAMES", 50)
+    with pytest.raises(InputError, match="fast.ts has over 50 frames; the demo takes clips up to 120 s"):
+        load_media(clip)
+    monkeypatch.undo()
+
+    long = tmp_path / "long.ts"
+    write_clip(str(long), "mpegts", 1000, fps=25)
+    assert load_media(long).value.shape == (VIDEO_FRAMES, 3, 16, 16)
+    short = tmp_path / "short.mp4"
+    write_clip(str(short), "mp4", 100, fps=25, size=32)
+    assert torch.equal(load_media(short).value, load_video(short).permute(0, 3, 1, 2))
+
+    spread, held = EvenlySpread(VIDEO_FRAMES), 0
+    for index in range(10_000):
+        spread.offer(lambda index=index: index)
+        held = max(held, len(spread.kept))
+    picks = spread.picks()
+    assert held < 2 * VIDEO_FRAMES and len(picks) == VIDEO_FRAMES and picks == sorted(set(picks))
+    assert all(
+        abs(a - b) <= spread.stride / 2 for a, b in zip(picks, sample_indices(10_000, VIDEO_FRAMES), strict=True)
+    )
+
+
+def test_decoded_media_kept_for_reuse_are_bounded_in_bytes(tmp_path, monkeypatch):
+    """The cache of decoded uploads drops the least recently used past its byte budget (not a count), and never
+    keeps one upload larger than the whole budget."""
+    from demo import app
+
+    images = []
+    for k in range(3):
+        images.append(tmp_path / f"{k}.png")
+        Image.new("RGB", (100, 100), (k, 0, 0)).save(images[-1])
+    cache = app._MediaCache(max_bytes=2 * 100 * 100 * 3)  # room for two decoded images
+    monkeypatch.setattr(app, "_MEDIA_CACHE", cache)
+    first = load_media(images[0])
+    assert load_media(images[0]) is first  # reused
+    load_media(images[1]), load_media(images[2])
+    assert load_media(images[0]) is not first  # dropped for the other two, decoded again
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(big)
+    assert load_media(big) is not load_media(big)
+
+
+def test_too_many_files_in_a_message_or_a_conversation_are_refused(chat, tmp_path):
+    """Five files in one message, or a conversation that would hold more than MAX_FILES_PER_CONVERSATION, are
+    answered with the limit (before any is decoded)."""
+    files = [str(tmp_path / f"{k}.png") for k in range(MAX_FILES_PER_MESSAGE + 1)]  # never written: not decoded
+    settings = Settings(0.0, 1.0, 4, "chat")
+    assert list(chat.stream({"text": "these?", "files": files}, [], settings)) == [
+        ERROR_PREFIX + f"the message has {len(files)} files; the demo takes up to {MAX_FILES_PER_MESSAGE} per "
+        "message: send them over several messages"
+    ]
+    image = tmp_path / "one.png"
+    Image.new("RGB", (8, 8)).save(image)
+    upload = {"type": "file", "file": {"path": str(tmp_path / "gone.png")}}
+    history = [
+        {"role": "user", "content": [upload] * MAX_FILES_PER_CONVERSATION},
+        {"role": "assistant", "content": "Many pictures."},
+    ]
+    refused = list(chat.stream({"text": "and this?", "files": [str(image)]}, history, settings))
+    assert refused == [
+        ERROR_PREFIX + f"the conversation would hold {MAX_FILES_PER_CONVERSATION + 1} files; the demo takes up "
+        f"to {MAX_FILES_PER_CONVERSATION} per conversation: start a new chat"
+    ]
