@@ -387,7 +387,8 @@ def _decode_av_audio(container: Any, name: str, seconds: float | None) -> Media:
     """The first MAX_AUDIO_SECONDS of the first audio stream as a mono float waveform (e.g. a browser recording)."""
     import av
 
-    _check_sample_rate(name, container.streams.audio[0].rate)
+    if container.streams.audio[0].rate:  # 0 when the container leaves it to the decoder
+        _check_sample_rate(name, container.streams.audio[0].rate)
     resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
     limit = int(MAX_AUDIO_SECONDS * AUDIO_RATE)
     chunks, total = [], 0

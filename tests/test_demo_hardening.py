@@ -345,6 +345,16 @@ def test_decoded_frames_are_capped_and_only_the_sampled_ones_kept(tmp_path, monk
     )
 
 
+def test_large_video_frames_are_kept_scaled_down(tmp_path, monkeypatch):
+    """Frames over MAX_VIDEO_FRAME_PIXELS (here 8 x 8) are kept scaled down to it, the aspect ratio kept."""
+    from demo import app
+
+    monkeypatch.setattr(app, "MAX_VIDEO_FRAME_PIXELS", 8 * 8)
+    clip = tmp_path / "large.webm"
+    write_clip(str(clip), "webm", 6, fps=4, codec="libvpx")
+    assert load_media(clip).value.shape == (6, 3, 8, 8)
+
+
 def test_decoded_media_kept_for_reuse_are_bounded_in_bytes(tmp_path, monkeypatch):
     """The cache of decoded uploads drops the least recently used past its byte budget (not a count), and never
     keeps one upload larger than the whole budget."""
