@@ -10,8 +10,10 @@ train/adapter.py used; the tiny embedded model is a base LM that knows nothing e
 as plain text; "chat" writes the whole conversation in the Llama 3 chat format, media where they were uploaded.
 
 Bad input (a file that is no image/video/audio, a corrupt one, one over the limits, a prompt longer than the
-context) is answered in the chat with a message starting with ERROR_PREFIX; such turns are left out of later
-prompts, so the conversation goes on.
+context, settings out of range) is answered in the chat with a message starting with ERROR_PREFIX; such turns are
+left out of later prompts, so the conversation goes on. The demo is shared: work per upload is bounded by what is
+decoded (not what headers claim), one generation runs at a time whichever way it arrives (page or API), and an
+unexpected failure is answered with a short message while the server goes on.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class Media:
 
 @dataclass(frozen=True)
 class Settings:
-    """Generation settings of one turn: what the page's sliders set, and the prompt format."""
+    """Generation settings of one turn: what the page's sliders set, and the prompt format; InputError, with
+    the reason, for values the demo does not take."""
 
     temperature: float = 0.6
     top_p: float = 0.9
@@ -162,14 +165,9 @@ class _MediaCache:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self._bytes -= dropped
 
-    def clear(self) -> None:
-        """Forget every decoded upload."""
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
 
 def _media_bytes(media: Media) -> int:
+    """The memory a decoded upload holds (tensor bytes, or an image's pixels times its bands)."""
     if isinstance(media.value, torch.Tensor):
         return media.value.numel() * media.value.element_size()
     width, height = media.value.size
@@ -250,7 +248,6 @@ def _read_soundfile(path: str, name: str) -> Media | None:
         data, rate = soundfile.read(path, frames=keep, dtype="float32", always_2d=True)
     except Exception as e:
         raise InputError(f"{name} looks like audio ({info.format}) but is corrupt: {e}") from e
-    _check_sample_rate(name, rate)
     return _audio_media(torch.from_numpy(data).mean(dim=1), rate, info.frames / max(info.samplerate, 1), name)
 
 
