@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +180,7 @@ class TransformerBlock(nn.Module):
 
 # Rows per generator block: ~16 MB of fp32 whatever the width. A shard draws only the blocks its rows fall in, so
 # the 405B embedding (128256 x 16384, 8.4 GB) never exists whole: a rank holds its shard plus one 256-row block.
+# A column shard (TP's row-parallel wo / w2) draws whole rows and keeps its columns: more drawing, no more memory.
 INIT_BLOCK_ELEMENTS = 1 << 22
 
 _LAYER_WEIGHT = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
@@ -188,7 +190,7 @@ _LAYER_WEIGHT = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[
 class ParamInit:
     """How one parameter starts: `normal`, `trunc_normal` (cut at [a, b], absolute values) or `ones`."""
 
-    kind: str
+    kind: Literal["normal", "trunc_normal", "ones"]
     std: float = 1.0
     a: float = -2.0
     b: float = 2.0
@@ -232,8 +234,8 @@ def init_values(
     region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
     out = torch.empty([s.stop - s.start for s in region])
     rule = param_init(name, config)
-    if rule.kind == "ones" or out.numel() == 0:
-        return out.fill_(1.0) if rule.kind == "ones" else out
+    if out.numel() == 0:  # an empty shard (more ranks than rows)
+        return out
     rows, rest = region[0], (slice(None), *region[1:])
     block_rows = max(1, INIT_BLOCK_ELEMENTS // math.prod(shape[1:]))
     for block in range(rows.start // block_rows, -(-rows.stop // block_rows)):
