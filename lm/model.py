@@ -8,8 +8,12 @@ from the config, and why layers live in a ModuleDict keyed by index (pipeline st
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -169,15 +173,85 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def init_weights(self) -> None:
-        """Truncated normal projections; outputs of each residual branch scaled down with depth."""
-        out_std = 0.02 / (2 * (self.layer_id + 1)) ** 0.5
-        for linear in (self.attention.wq, self.attention.wk, self.attention.wv, self.feed_forward.w1):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-        for linear in (self.attention.wo, self.feed_forward.w2, self.feed_forward.w3):
-            nn.init.trunc_normal_(linear.weight, std=out_std)
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
+
+# ---- initialisation ------------------------------------------------------------------------------
+# One table says how every parameter starts, and one function draws it; `Transformer.init_weights` and the sharded
+# trainer (`train.parallel.init`) both go through `init_values`, so a random init is the same model on any layout.
+
+# Rows per generator block: ~16 MB of fp32 whatever the width. A shard draws only the blocks its rows fall in, so
+# the 405B embedding (128256 x 16384, 8.4 GB) never exists whole: a rank holds its shard plus one 256-row block.
+# A column shard (TP's row-parallel wo / w2) draws whole rows and keeps its columns: more drawing, no more memory.
+INIT_BLOCK_ELEMENTS = 1 << 22
+
+_LAYER_WEIGHT = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
+
+
+@dataclass(frozen=True)
+class ParamInit:
+    """How one parameter starts: `normal`, `trunc_normal` (cut at [a, b], absolute values) or `ones`."""
+
+    kind: Literal["normal", "trunc_normal", "ones"]
+    std: float = 1.0
+    a: float = -2.0
+    b: float = 2.0
+
+    def draw_(self, out: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill `out` in place with this distribution, drawing from `generator`."""
+        if self.kind == "ones":
+            nn.init.ones_(out)
+        elif self.kind == "normal":
+            nn.init.normal_(out, std=self.std, generator=generator)
+        else:
+            nn.init.trunc_normal_(out, std=self.std, a=self.a, b=self.b, generator=generator)
+
+
+def param_init(name: str, config: LMConfig) -> ParamInit:
+    """How parameter `name` (its name in the full Transformer, as pipeline stages keep it) starts."""
+    if name == "tok_embeddings.weight":
+        return ParamInit("normal", 0.02 if config.tie_word_embeddings else 1.0)
+    if name == "output.weight":
+        std = config.dim**-0.5
+        return ParamInit("trunc_normal", std, -3 * std, 3 * std)
+    if name == "norm.weight" or re.fullmatch(r"layers\.\d+\.(attention|ffn)_norm\.weight", name):
+        return ParamInit("ones")
+    layer = _LAYER_WEIGHT.fullmatch(name)
+    if layer is None:
+        raise KeyError(f"no initialisation rule for parameter {name!r}")
+    if layer.group(2) in ("attention.wo", "feed_forward.w2", "feed_forward.w3"):
+        # Outputs of each residual branch scaled down with depth.
+        return ParamInit("trunc_normal", 0.02 / (2 * (int(layer.group(1)) + 1)) ** 0.5)
+    return ParamInit("trunc_normal", 0.02)
+
+
+def init_values(
+    name: str, shape: Sequence[int], config: LMConfig, seed: int, region: Sequence[slice] | None = None
+) -> torch.Tensor:
+    """Parameter `name`'s initial values (fp32, CPU) in `region` of its full `shape` (one slice per dim, default
+    all of it): the same bits whatever the region, so each shard of any layout draws its own part of one model.
+
+    Rows come in fixed blocks of `INIT_BLOCK_ELEMENTS`, each from a generator seeded by (seed, name, block).
+    """
+    region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
+    out = torch.empty([s.stop - s.start for s in region])
+    rule = param_init(name, config)
+    if out.numel() == 0:  # an empty shard (more ranks than rows)
+        return out
+    rows, rest = region[0], (slice(None), *region[1:])
+    block_rows = max(1, INIT_BLOCK_ELEMENTS // math.prod(shape[1:]))
+    for block in range(rows.start // block_rows, -(-rows.stop // block_rows)):
+        start, stop = block * block_rows, min((block + 1) * block_rows, shape[0])
+        generator = torch.Generator().manual_seed(_block_seed(seed, name, block))
+        values = torch.empty(stop - start, *shape[1:])
+        rule.draw_(values, generator)
+        lo, hi = max(rows.start, start), min(rows.stop, stop)
+        out[lo - rows.start : hi - rows.start] = values[lo - start : hi - start][rest]
+    return out
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    """A generator seed for one block of one parameter: stable across processes (unlike `hash`)."""
+    digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class Transformer(nn.Module):
@@ -195,17 +269,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rope = RotaryEmbedding(config)
 
-    def init_weights(self) -> None:
-        """Initialize every parameter (after `to_empty` when built on the meta device)."""
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=0.02 if self.config.tie_word_embeddings else 1.0)
-        for layer in self.layers.values():
-            layer.init_weights()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not self.config.tie_word_embeddings:
-            std = self.config.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialize every parameter (after `to_empty` when built on the meta device) from `seed`.
+
+        Each parameter draws from its own generators (:func:`init_values`), so a given `seed` gives the same bits
+        as `train/lm.py --run.seed=SEED` under any layout. Without `seed`, one is drawn from torch's global
+        generator: `torch.manual_seed` still decides, and two models built in a row still differ.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                param.copy_(init_values(name, param.shape, self.config, seed))
 
     # ---- inference cache --------------------------------------------------------------------------
 
@@ -283,4 +358,15 @@ class Transformer(nn.Module):
         return output(h, self.output.weight) if callable(output) else self.output(h)
 
 
-__all__ = ["Attention", "FeedForward", "KVCache", "RMSNorm", "RotaryEmbedding", "Transformer", "TransformerBlock"]
+__all__ = [
+    "Attention",
+    "FeedForward",
+    "KVCache",
+    "ParamInit",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "Transformer",
+    "TransformerBlock",
+    "init_values",
+    "param_init",
+]

@@ -1,9 +1,11 @@
 """Shared pieces of the `torchrun train/lm.py` tests: one small corpus, one init checkpoint, one command line.
 
-Every layout starts from the same pretrained checkpoint (`--model.init_from`) and reads the same global batches
-(`--data.readers 4`), so the losses of each step must agree across layouts up to fp32 summation order. `setup`
-and the 1-rank `reference` are session fixtures (registered in conftest.py): the LM, context-parallel,
-pipeline and multi-node test modules share one corpus and one reference run instead of rebuilding them.
+Every layout starts from the same weights, read from the init checkpoint (`--model.init_from`) or drawn by the
+trainer's own random init (`random_init=True`: the same bits, as the checkpoint is `init_weights(seed=0)`), and
+reads the same global batches (`--data.readers 4`), so the losses of each step must agree across layouts up to
+fp32 summation order. `setup` and the 1-rank `reference` are session fixtures (registered in conftest.py): the
+LM, context-parallel, pipeline and multi-node test modules share one corpus and one reference run instead of
+rebuilding them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.dist_utils import torchrun
 from train.metrics import read_metrics
@@ -31,15 +32,22 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_training")
     ensure_default_corpus(root / "text", scale=0.02)
     config = LMConfig.from_preset("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
-    torch.manual_seed(0)
     model = Transformer(config)
-    model.init_weights()
+    model.init_weights(seed=0)  # what train/lm.py draws itself for run.seed 0 (debug.toml's) under any layout
     save_pretrained(model, root / "init", format="hf")
     return root
 
 
-def args(setup: Path, run_dir: Path, *extra: str) -> list[str]:
-    """The shared command line: same data, same start, annealing off so shorter runs share the LR schedule."""
+# The [model] keys that make the trainer's random init the model `setup` saves (the debug preset at dim 64).
+RANDOM_INIT = ["--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2"]
+
+
+def args(setup: Path, run_dir: Path, *extra: str, random_init: bool = False) -> list[str]:
+    """The shared command line: same data, same start, annealing off so shorter runs share the LR schedule.
+
+    ``random_init``: the trainer draws the start itself (run.seed 0) rather than reading the init checkpoint.
+    """
+    start = RANDOM_INIT if random_init else [f"--model.init_from={setup / 'init'}"]
     return [
         "--config",
         "configs/lm/debug.toml",
@@ -48,7 +56,7 @@ def args(setup: Path, run_dir: Path, *extra: str) -> list[str]:
         "--data.seq_len=32",
         "--data.readers=4",
         "--data.anneal_fraction=0",
-        f"--model.init_from={setup / 'init'}",
+        *start,
         "--model.dim=64",
         "--model.loss=plain",
         "--train.batch_size=8",

@@ -1,7 +1,9 @@
 """`torchrun train/lm.py`: every layout trains like one rank, and a killed or resharded run resumes exactly.
 
-All runs start from the same pretrained checkpoint (`--model.init_from`) and read the same global batches
-(`--data.readers 4`), so the losses of each step must agree across layouts up to fp32 summation order.
+All runs start from the same weights and read the same global batches (`--data.readers 4`), so the losses of each
+step must agree across layouts up to fp32 summation order. The 1-rank reference reads them from a checkpoint
+(`--model.init_from`); 2-rank FSDP and TP draw them with the trainer's own random init, which must give the same
+bits on every layout.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from train.metrics import read_metrics
 
 @pytest.fixture(scope="module")
 def fsdp2(setup):
-    """Two-rank FSDP with checkpoints at steps 6 and 12."""
+    """Two-rank FSDP from random init, with checkpoints at steps 6 and 12."""
     run_dir = setup / "fsdp2"
-    run(2, args(setup, run_dir, "--checkpoint.enable=true", "--checkpoint.interval=6", "--checkpoint.keep=2"))
+    ckpt = ("--checkpoint.enable=true", "--checkpoint.interval=6", "--checkpoint.keep=2")
+    run(2, args(setup, run_dir, *ckpt, random_init=True))
     return run_dir
 
 
@@ -40,20 +43,20 @@ def test_fsdp_matches_one_rank(reference, fsdp2):
 
 
 @pytest.mark.parametrize(
-    "nproc,layout",
+    "nproc,layout,random_init",
     [
-        (2, ["--parallel.tp=2"]),
-        (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.tp=2"]),
-        (2, ["--model.loss=fused"]),
-        (2, ["--train.grad_accum=2", "--train.ac=selective"]),
+        (2, ["--parallel.tp=2"], True),
+        (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.tp=2"], False),
+        (2, ["--model.loss=fused"], False),
+        (2, ["--train.grad_accum=2", "--train.ac=selective"], False),
     ],
     ids=["tp2", "hsdp2xtp2", "fsdp2-fused-loss", "fsdp2-accum2-selective-ac"],
 )
-def test_other_layouts_match_one_rank(setup, reference, nproc, layout, request):
-    """Tensor (+ sequence, vocabulary) parallel, HSDP x TP, the chunked loss on FSDP-gathered weights, gradient
-    accumulation with selective activation checkpointing."""
+def test_other_layouts_match_one_rank(setup, reference, nproc, layout, random_init, request):
+    """Tensor (+ sequence, vocabulary) parallel from random init; HSDP x TP, the chunked loss on FSDP-gathered
+    weights, gradient accumulation with selective activation checkpointing, from the loaded checkpoint."""
     run_dir = setup / request.node.callspec.id
-    run(nproc, args(setup, run_dir, "--train.steps=8", *layout))
+    run(nproc, args(setup, run_dir, "--train.steps=8", *layout, random_init=random_init))
     assert_same(losses(run_dir), reference, range(1, 9))
 
 

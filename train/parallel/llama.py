@@ -8,7 +8,6 @@ LM job config (``train.lm.LMJobConfig``: the shared ``[train]``/``[parallel]`` s
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from train.config import JobConfig
 from train.loop import ForwardBackward, LossFn, RunContext, accumulate, compile_default, micro_batch_size
 from train.parallel.cp import apply_cp, shard_batch
 from train.parallel.fsdp import parallelize
+from train.parallel.init import init_sharded_weights
 from train.parallel.mesh import ParallelDims, submesh
 from train.parallel.pp import Pipeline, PipelinePlan, PipelineStages, plan_pipeline, rank_stages, split_stage
 from train.parallel.tp import apply_tp
@@ -58,11 +58,7 @@ def parallelize_llama(cfg: JobConfig, lm_config: LMConfig, ctx: RunContext) -> n
     if cfg.model.init_from:
         load_full_weights(model, cfg.model.init_from, ctx.rank, partial=ctx.dims.pp > 1)
     else:
-        with torch.no_grad(), warnings.catch_warnings():
-            # On CPU, DTensor draws each shard's random values on its own (so a random init depends on the
-            # layout; equal-layout tests start from init_from) and warns about it once per rank.
-            warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-            model.init_weights()
+        init_sharded_weights(model, lm_config, cfg.run.seed)
     return model
 
 

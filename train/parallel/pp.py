@@ -251,11 +251,6 @@ class PipelineStages(nn.Module):
             stage.train(mode)
         return self
 
-    def init_weights(self) -> None:
-        """Initialize every stage's parameters (after ``to_empty``)."""
-        for stage in self.stages.values():
-            stage.init_weights()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running a step.
