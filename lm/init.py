@@ -12,13 +12,12 @@ from lm.model import Transformer
 
 
 def init_checkpoint(preset: str, out: str, *, seed: int = 0, fmt: str = "hf", dtype: str = "float32") -> None:
-    """Build `preset` with fresh weights from `seed` and save it to `out` in the given layout."""
+    """Build `preset` with fresh weights from `seed` (the trainer's `--run.seed` model) and save it to `out`."""
     config = LMConfig.from_preset(preset)
-    torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device="cpu")
-    model.init_weights()
+    model.init_weights(seed=seed)
     save_pretrained(model.to(getattr(torch, dtype)), out, format=fmt)
 
 
