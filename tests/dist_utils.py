@@ -38,8 +38,9 @@ class ToySection:
     dim: int = 16
     n_blocks: int = 3
     dropout: float = 0.0
-    # Return a NaN loss at this step (0 = never).
+    # Return a NaN loss at this step (0 = never), or at every step from this one on (0 = never).
     nan_at_step: int = 0
+    nan_from_step: int = 0
     # This rank exits abruptly at the start of this step (0 = never).
     kill_at_step: int = 0
     kill_rank: int = 1
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             x, y = batch
             pred = model(x)
             loss = torch.nn.functional.mse_loss(pred, y)
-            if cfg.toy.nan_at_step and data.consumed == cfg.toy.nan_at_step * cfg.train.batch_size:
+            step = -(-data.consumed // cfg.train.batch_size)  # the step this micro-batch belongs to
+            if step == cfg.toy.nan_at_step or 0 < cfg.toy.nan_from_step <= step:
                 loss = loss * float("nan")
             return loss, {"abs_err": (pred - y).abs().mean()}
 

@@ -118,6 +118,8 @@ class TrainConfig:
     max_grad_norm: NonNegativeFloat = 1.0
     # Skip an optimizer step whose loss or gradient norm is NaN/Inf instead of stopping the run.
     skip_nonfinite: bool = False
+    # With skip_nonfinite: this many skipped steps in a row stop the run (diverged, not a bad batch).
+    max_consecutive_skips: PositiveInt = 10
     # Evaluate every this many steps and at the last; 0 = at the last step only.
     eval_interval: NonNegativeInt = 0
     # Activation checkpointing of each block: none, selective (save matmul outputs, recompute the rest) or full.

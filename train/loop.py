@@ -280,6 +280,8 @@ class _Run:
     eval_fn: EvalFn | None
     extra_metrics: Callable[[int], dict[str, Any]] | None
     records: list[dict[str, Any]] = field(default_factory=list)
+    # The first of the skipped steps in a row up to now (None: the last step updated the weights).
+    first_skipped: int | None = None
 
     def step(self, step: int) -> None:
         """Forward, backward, the optimizer step (or the non-finite policy), then record, eval and checkpoint."""
@@ -297,6 +299,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.first_skipped = None
         self.throughput.window_steps += 1
         self.after_update(step, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}, extra)
 
@@ -306,12 +309,23 @@ class _Run:
             raise NonFiniteLossError(
                 f"non-finite {what} at step {step}; stopping (set train.skip_nonfinite=true to skip such steps)"
             )
+        if self.first_skipped is None:
+            self.first_skipped = step
+        limit = self.cfg.train.max_consecutive_skips
+        if step - self.first_skipped + 1 > limit:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient norm at every step from {self.first_skipped} to {step} "
+                f"(more than train.max_consecutive_skips={limit} in a row); stopping: the run has diverged"
+            )
         log.warning("step %d: non-finite %s, skipping the optimizer step", step, what)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         skipped = {**figures, "skipped": True}
         self.metrics.log(skipped)
         self.records.append(skipped)
+        # The data position and schedule moved on: a checkpoint due here (the last step's above all) is still due.
+        if self.maybe_checkpoint(step):
+            self.throughput.restart()
 
     def after_update(self, step: int, figures: dict[str, Any], extra: dict[str, float]) -> None:
         """Log a record every ``metrics.log_interval`` steps, eval every ``train.eval_interval``, checkpoint."""
@@ -329,11 +343,16 @@ class _Run:
         if record is not None:
             self.metrics.log(record)
             self.records.append(record)
-        saved = self.checkpointer.should_save(step, last)
-        if saved:
-            self.checkpointer.save(step)
+        saved = self.maybe_checkpoint(step)
         if record is not None or saved:  # throughput windows exclude eval and checkpoint time
             self.throughput.restart()
+
+    def maybe_checkpoint(self, step: int) -> bool:
+        """Save if ``step`` is a checkpoint step (every ``checkpoint.interval`` and the last); True if saved."""
+        saved = self.checkpointer.should_save(step, step == self.cfg.train.steps)
+        if saved:
+            self.checkpointer.save(step)
+        return saved
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """``eval_fn``'s metrics, in eval mode and without gradients."""
