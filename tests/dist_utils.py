@@ -6,6 +6,7 @@ Run as ``torchrun --nproc-per-node N tests/dist_utils.py --run.dir DIR [--sectio
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,6 +45,10 @@ class ToySection:
     # This rank exits abruptly at the start of this step (0 = never).
     kill_at_step: int = 0
     kill_rank: int = 1
+    # This rank sends itself this signal during this step (0 = never), as a preempting cluster would.
+    signal_at_step: int = 0
+    signal_rank: int = 1
+    signal_name: str = "SIGTERM"
 
 
 @dataclass
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def extra_metrics(step: int) -> dict:
             if cfg.toy.kill_at_step and step + 1 == cfg.toy.kill_at_step and ctx.rank == cfg.toy.kill_rank:
                 os._exit(9)  # dies without a word, like an OOM kill, after finishing step-1's record
+            if step == cfg.toy.signal_at_step and ctx.rank == cfg.toy.signal_rank:
+                os.kill(os.getpid(), signal.Signals[cfg.toy.signal_name])
             return {}
 
         return train(cfg, model, loss_fn, data, extra_metrics=extra_metrics)

@@ -104,6 +104,11 @@ class RunConfig:
     seed: int = 0
     # Seconds a collective may wait before the process group gives up: a dead peer must not hang the others.
     timeout_s: PositiveFloat = 600.0
+    # Signals that preempt the run: every rank finishes the step, a checkpoint is saved there and the run exits
+    # with code 0 (train/preemption.py). SIGUSR1 is the early warning train/slurm/*.sbatch ask Slurm for.
+    preempt_signals: list[Literal["SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"]
+    )
 
 
 @dataclass

@@ -25,6 +25,7 @@ from train.metrics import MetricsLogger, mem_gb, peak_flops
 from train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from train.parallel.mesh import ParallelDims, device_type, dp_rank_and_size, setup, world_size
 from train.parallel.mesh import rank as process_rank
+from train.preemption import Preempted, PreemptionWatch
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def train(
     ``forward_backward(model, micro_batches)`` replaces the default micro-step loop (pipeline schedules): it runs
     backward itself and returns the SUM of micro-batch losses and of each metric (see :func:`accumulate`).
     ``pp_group``: under pipeline parallel ``model`` holds this rank's stages only; the gradient norm spans the group.
+    A signal in ``run.preempt_signals`` on any rank ends the run after the step in progress, checkpointed, with
+    :class:`~train.preemption.Preempted` (SystemExit, code 0).
     """
     rank = process_rank()
     optimizer = optimizer or build_optimizer(model, cfg.optim)
@@ -171,11 +174,12 @@ def train(
         extra_metrics=extra_metrics,
     )
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            run.step(step)
+        preempted_at = run.steps_until_preempted()
     finally:
         checkpointer.close()
         metrics.close()
+    if preempted_at is not None:
+        raise Preempted(preempted_at)
     return run.records
 
 
@@ -282,6 +286,21 @@ class _Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     # The first of the skipped steps in a row up to now (None: the last step updated the weights).
     first_skipped: int | None = None
+    saved_step: int = 0
+
+    def steps_until_preempted(self) -> int | None:
+        """Run the steps after ``start``; on a preemption signal (any rank), checkpoint the step and return it."""
+        with PreemptionWatch(self.cfg.run.preempt_signals, self.device) as preemption:
+            for step in range(self.start + 1, self.cfg.train.steps + 1):
+                self.step(step)
+                if step < self.cfg.train.steps and preemption.requested():
+                    if self.saved_step != step and self.cfg.checkpoint.enable:
+                        self.checkpointer.save(step)
+                    self.checkpointer.wait()  # an async save must be committed before the exit
+                    if process_rank() == 0:
+                        log.warning("preempted: stopped after step %d (checkpointed); rerun to resume", step)
+                    return step
+        return None
 
     def step(self, step: int) -> None:
         """Forward, backward, the optimizer step (or the non-finite policy), then record, eval and checkpoint."""
@@ -352,6 +371,7 @@ class _Run:
         saved = self.checkpointer.should_save(step, step == self.cfg.train.steps)
         if saved:
             self.checkpointer.save(step)
+            self.saved_step = step
         return saved
 
     def evaluate(self, step: int) -> dict[str, Any]:
