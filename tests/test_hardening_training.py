@@ -3,8 +3,15 @@ run directory. Tiny toy runs (tests/dist_utils.py); multi-rank ones through its 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
 
 import pytest
 from dist_utils import main, torchrun
@@ -12,6 +19,7 @@ from test_train_machinery import SCRIPT, args, assert_close, check, losses
 
 from train.loop import NonFiniteLossError
 from train.preemption import Preempted
+from train.rundir import LOCK_NAME, LockHolder, RunDirLockedError, process_start
 
 # ----------------------------------------------------------------------------------------------------------------
 # Non-finite losses with train.skip_nonfinite.
@@ -50,6 +58,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_at_that_step_and_the_rerun_r
     assert "preempted: stopped after step 5" in preempted.stderr
     assert sorted(os.listdir(cut / "checkpoints")) == ["step-4", "step-5"]
     assert max(losses(cut)) == 5
+    assert not (cut / LOCK_NAME).exists()  # released at the clean exit
     check(torchrun(SCRIPT, 2, args(cut, 8, *extra)))
     assert_close(losses(cut), losses(full), range(1, 9), 1e-6)
 
@@ -73,3 +82,56 @@ def test_the_early_warning_signal_preempts_and_others_are_left_alone(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert got and [r["step"] for r in recs] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two jobs on one run directory: the second is refused, naming the first; a dead job's lock is taken over.
+
+
+def write_lock(run_dir, host: str, pid: int, job: str = "") -> LockHolder:
+    holder = LockHolder(host, pid, process_start(pid) or "", job, "2026-01-01 00:00:00 UTC")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_NAME).write_text(json.dumps(asdict(holder)))
+    return holder
+
+
+def test_a_live_holder_refuses_a_second_job_on_every_rank(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        holder = write_lock(run, socket.gethostname(), first.pid)
+        t0 = time.monotonic()
+        second = torchrun(SCRIPT, 2, args(run, 4, "--run.timeout_s=60"), timeout=120)
+        check(second, ok=False)
+        assert time.monotonic() - t0 < 50  # both ranks stopped at once: rank 1 did not wait in a collective
+        assert second.stderr.count(f"in use by {holder.describe()}") >= 2, second.stderr[-3000:]
+        assert f"rm {run / LOCK_NAME}" in second.stderr
+        assert sorted(os.listdir(run)) == [LOCK_NAME]  # nothing of the first job's touched, nothing written
+        assert json.loads((run / LOCK_NAME).read_text())["pid"] == first.pid
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_lock_from_another_host_is_refused_with_how_to_remove_it(tmp_path):
+    run = tmp_path / "run"
+    write_lock(run, "gpu-node-7", 4242, job="123")
+    with pytest.raises(RunDirLockedError, match=rf"pid 4242 on host gpu-node-7 \(Slurm job 123\).*rm {run}"):
+        main(args(run, 2))
+    assert sorted(os.listdir(run)) == [LOCK_NAME]
+
+
+def test_a_dead_holder_s_lock_is_taken_over_with_a_warning(tmp_path, caplog, monkeypatch):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = tmp_path / "run"
+    write_lock(run, socket.gethostname(), gone.pid)
+    with caplog.at_level(logging.WARNING, logger="train.rundir"):
+        assert [r["step"] for r in main(args(run, 2))] == [1, 2]
+    assert f"pid {gone.pid} on host {socket.gethostname()}" in caplog.text and "no longer running" in caplog.text
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()  # ours until this process exits
+    # A requeued Slurm job (same job id, maybe another first node) takes over its earlier run's lock.
+    requeued = tmp_path / "requeued"
+    write_lock(requeued, "gpu-node-7", 4242, job="123")
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    assert [r["step"] for r in main(args(requeued, 2))] == [1, 2]

@@ -26,6 +26,7 @@ from train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from train.parallel.mesh import ParallelDims, device_type, dp_rank_and_size, setup, world_size
 from train.parallel.mesh import rank as process_rank
 from train.preemption import Preempted, PreemptionWatch
+from train.rundir import claim as claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def micro_batch_size(batch_size: int, dp_size: int, grad_accum: int) -> int:
 
 
 def init_run(cfg: JobConfig) -> RunContext:
-    """Validate the layout, start the process group, build the mesh, seed, and save the resolved config."""
+    """Validate the layout, start the process group, build the mesh, seed, lock the run directory (rank 0, until
+    exit; a directory another job holds stops every rank) and save the resolved config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dims, mesh = setup(cfg.parallel, cfg.run.timeout_s)
     rank = dist.get_rank()
@@ -81,6 +83,7 @@ def init_run(cfg: JobConfig) -> RunContext:
         torch.use_deterministic_algorithms(True)
     # Same seed on every rank: model init must agree before fully_shard takes each rank's shard.
     seed_everything(cfg.run.seed)
+    claim_run_dir(cfg.run.dir, rank)  # before anything is written there: a second job must not touch the first's
     if rank == 0:
         save_config(cfg, cfg.run.dir)
     if rank != 0:
