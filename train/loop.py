@@ -289,6 +289,7 @@ class _Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     # The first of the skipped steps in a row up to now (None: the last step updated the weights).
     first_skipped: int | None = None
+    # The last step this call checkpointed (0: none yet): a preemption there needs no second save.
     saved_step: int = 0
 
     def steps_until_preempted(self) -> int | None:

@@ -4,7 +4,8 @@ anything until its process exits.
 A second job on the same directory would delete the first one's in-progress checkpoint (``step-N.tmp``) and
 interleave ``metrics.jsonl``; it is refused instead, naming the holder, on every rank. A lock whose process is gone
 (killed: no exit handler ran) is taken over with a warning when that can be checked: its pid is not running on
-this host, or it was left by an earlier run of this same Slurm job (a requeue starts only after the old one ended).
+this host (or is another process now), or it was left on another host by an earlier run of this same Slurm job (a
+requeued job starts only after the old one ended).
 A lock from another host cannot be checked from here, so it is refused with the command that removes it.
 """
 
@@ -64,9 +65,9 @@ def process_start(pid: int) -> str | None:
 
 def why_stale(holder: LockHolder, me: LockHolder) -> str | None:
     """Why ``holder``'s lock can be taken over by ``me``, or None while it may still be in use."""
-    if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id and holder.pid != me.pid:
-        return f"it was left by an earlier run of this Slurm job ({holder.describe()})"
     if holder.host != me.host:
+        if holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id:
+            return f"it was left by an earlier run of this Slurm job ({holder.describe()})"
         return None
     try:
         os.kill(holder.pid, 0)
@@ -91,11 +92,11 @@ def _refusal(path: Path, holder: LockHolder | None, me: LockHolder) -> str:
 
 
 def _read(path: Path) -> LockHolder | None:
+    """The lock's holder, or None if the file is not a lock (FileNotFoundError if it is gone)."""
+    text = path.read_text()
     try:
-        return LockHolder(**json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, TypeError):
+        return LockHolder(**json.loads(text))
+    except (ValueError, TypeError):
         return None
 
 
