@@ -6,6 +6,7 @@ Run as ``torchrun --nproc-per-node N tests/dist_utils.py --run.dir DIR [--sectio
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -38,11 +39,16 @@ class ToySection:
     dim: int = 16
     n_blocks: int = 3
     dropout: float = 0.0
-    # Return a NaN loss at this step (0 = never).
+    # Return a NaN loss at this step (0 = never), or at every step from this one on (0 = never).
     nan_at_step: int = 0
+    nan_from_step: int = 0
     # This rank exits abruptly at the start of this step (0 = never).
     kill_at_step: int = 0
     kill_rank: int = 1
+    # This rank sends itself this signal during this step (0 = never), as a preempting cluster would.
+    signal_at_step: int = 0
+    signal_rank: int = 1
+    signal_name: str = "SIGTERM"
 
 
 @dataclass
@@ -137,13 +143,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             x, y = batch
             pred = model(x)
             loss = torch.nn.functional.mse_loss(pred, y)
-            if cfg.toy.nan_at_step and data.consumed == cfg.toy.nan_at_step * cfg.train.batch_size:
+            step = -(-data.consumed // cfg.train.batch_size)  # the step this micro-batch belongs to
+            if step == cfg.toy.nan_at_step or 0 < cfg.toy.nan_from_step <= step:
                 loss = loss * float("nan")
             return loss, {"abs_err": (pred - y).abs().mean()}
 
         def extra_metrics(step: int) -> dict:
             if cfg.toy.kill_at_step and step + 1 == cfg.toy.kill_at_step and ctx.rank == cfg.toy.kill_rank:
                 os._exit(9)  # dies without a word, like an OOM kill, after finishing step-1's record
+            if step == cfg.toy.signal_at_step and ctx.rank == cfg.toy.signal_rank:
+                os.kill(os.getpid(), signal.Signals[cfg.toy.signal_name])
             return {}
 
         return train(cfg, model, loss_fn, data, extra_metrics=extra_metrics)

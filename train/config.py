@@ -104,6 +104,11 @@ class RunConfig:
     seed: int = 0
     # Seconds a collective may wait before the process group gives up: a dead peer must not hang the others.
     timeout_s: PositiveFloat = 600.0
+    # Signals that preempt the run: every rank finishes the step, a checkpoint is saved there and the run exits
+    # with code 0 (train/preemption.py). SIGUSR1 is the early warning train/slurm/*.sbatch ask Slurm for.
+    preempt_signals: list[Literal["SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"]
+    )
 
 
 @dataclass
@@ -118,6 +123,8 @@ class TrainConfig:
     max_grad_norm: NonNegativeFloat = 1.0
     # Skip an optimizer step whose loss or gradient norm is NaN/Inf instead of stopping the run.
     skip_nonfinite: bool = False
+    # With skip_nonfinite: this many skipped steps in a row stop the run (diverged, not a bad batch).
+    max_consecutive_skips: PositiveInt = 10
     # Evaluate every this many steps and at the last; 0 = at the last step only.
     eval_interval: NonNegativeInt = 0
     # Activation checkpointing of each block: none, selective (save matmul outputs, recompute the rest) or full.

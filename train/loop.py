@@ -25,6 +25,8 @@ from train.metrics import MetricsLogger, mem_gb, peak_flops
 from train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from train.parallel.mesh import ParallelDims, device_type, dp_rank_and_size, setup, world_size
 from train.parallel.mesh import rank as process_rank
+from train.preemption import Preempted, PreemptionWatch
+from train.rundir import claim as claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ def micro_batch_size(batch_size: int, dp_size: int, grad_accum: int) -> int:
 
 
 def init_run(cfg: JobConfig) -> RunContext:
-    """Validate the layout, start the process group, build the mesh, seed, and save the resolved config."""
+    """Validate the layout, start the process group, build the mesh, seed, lock the run directory (rank 0, until
+    exit; a directory another job holds stops every rank) and save the resolved config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dims, mesh = setup(cfg.parallel, cfg.run.timeout_s)
     rank = dist.get_rank()
@@ -80,6 +83,7 @@ def init_run(cfg: JobConfig) -> RunContext:
         torch.use_deterministic_algorithms(True)
     # Same seed on every rank: model init must agree before fully_shard takes each rank's shard.
     seed_everything(cfg.run.seed)
+    claim_run_dir(cfg.run.dir, rank)  # before anything is written there: a second job must not touch the first's
     if rank == 0:
         save_config(cfg, cfg.run.dir)
     if rank != 0:
@@ -136,6 +140,8 @@ def train(
     ``forward_backward(model, micro_batches)`` replaces the default micro-step loop (pipeline schedules): it runs
     backward itself and returns the SUM of micro-batch losses and of each metric (see :func:`accumulate`).
     ``pp_group``: under pipeline parallel ``model`` holds this rank's stages only; the gradient norm spans the group.
+    A signal in ``run.preempt_signals`` on any rank ends the run after the step in progress, checkpointed, with
+    :class:`~train.preemption.Preempted` (SystemExit, code 0).
     """
     rank = process_rank()
     optimizer = optimizer or build_optimizer(model, cfg.optim)
@@ -171,11 +177,12 @@ def train(
         extra_metrics=extra_metrics,
     )
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            run.step(step)
+        preempted_at = run.steps_until_preempted()
     finally:
         checkpointer.close()
         metrics.close()
+    if preempted_at is not None:
+        raise Preempted(preempted_at)
     return run.records
 
 
@@ -280,6 +287,24 @@ class _Run:
     eval_fn: EvalFn | None
     extra_metrics: Callable[[int], dict[str, Any]] | None
     records: list[dict[str, Any]] = field(default_factory=list)
+    # The first of the skipped steps in a row up to now (None: the last step updated the weights).
+    first_skipped: int | None = None
+    # The last step this call checkpointed (0: none yet): a preemption there needs no second save.
+    saved_step: int = 0
+
+    def steps_until_preempted(self) -> int | None:
+        """Run the steps after ``start``; on a preemption signal (any rank), checkpoint the step and return it."""
+        with PreemptionWatch(self.cfg.run.preempt_signals, self.device) as preemption:
+            for step in range(self.start + 1, self.cfg.train.steps + 1):
+                self.step(step)
+                if step < self.cfg.train.steps and preemption.requested():
+                    if self.saved_step != step and self.cfg.checkpoint.enable:
+                        self.checkpointer.save(step)
+                    self.checkpointer.wait()  # an async save must be committed before the exit
+                    if process_rank() == 0:
+                        log.warning("preempted: stopped after step %d (checkpointed); rerun to resume", step)
+                    return step
+        return None
 
     def step(self, step: int) -> None:
         """Forward, backward, the optimizer step (or the non-finite policy), then record, eval and checkpoint."""
@@ -297,6 +322,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.first_skipped = None
         self.throughput.window_steps += 1
         self.after_update(step, {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}, extra)
 
@@ -306,12 +332,23 @@ class _Run:
             raise NonFiniteLossError(
                 f"non-finite {what} at step {step}; stopping (set train.skip_nonfinite=true to skip such steps)"
             )
+        if self.first_skipped is None:
+            self.first_skipped = step
+        limit = self.cfg.train.max_consecutive_skips
+        if step - self.first_skipped + 1 > limit:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient norm at every step from {self.first_skipped} to {step} "
+                f"(more than train.max_consecutive_skips={limit} in a row); stopping: the run has diverged"
+            )
         log.warning("step %d: non-finite %s, skipping the optimizer step", step, what)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         skipped = {**figures, "skipped": True}
         self.metrics.log(skipped)
         self.records.append(skipped)
+        # The data position and schedule moved on: a checkpoint due here (the last step's above all) is still due.
+        if self.maybe_checkpoint(step):
+            self.throughput.restart()
 
     def after_update(self, step: int, figures: dict[str, Any], extra: dict[str, float]) -> None:
         """Log a record every ``metrics.log_interval`` steps, eval every ``train.eval_interval``, checkpoint."""
@@ -329,11 +366,17 @@ class _Run:
         if record is not None:
             self.metrics.log(record)
             self.records.append(record)
-        saved = self.checkpointer.should_save(step, last)
-        if saved:
-            self.checkpointer.save(step)
+        saved = self.maybe_checkpoint(step)
         if record is not None or saved:  # throughput windows exclude eval and checkpoint time
             self.throughput.restart()
+
+    def maybe_checkpoint(self, step: int) -> bool:
+        """Save if ``step`` is a checkpoint step (every ``checkpoint.interval`` and the last); True if saved."""
+        saved = self.checkpointer.should_save(step, step == self.cfg.train.steps)
+        if saved:
+            self.checkpointer.save(step)
+            self.saved_step = step
+        return saved
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """``eval_fn``'s metrics, in eval mode and without gradients."""
