@@ -232,7 +232,8 @@ def init_values(
     Rows come in fixed blocks of `INIT_BLOCK_ELEMENTS`, each from a generator seeded by (seed, name, block).
     """
     region = tuple(region) if region is not None else tuple(slice(0, n) for n in shape)
-    out = torch.empty([s.stop - s.start for s in region])
+    # Explicitly on the CPU (where the generators are), also under a `with torch.device("cuda")` block.
+    out = torch.empty([s.stop - s.start for s in region], device="cpu")
     rule = param_init(name, config)
     if out.numel() == 0:  # an empty shard (more ranks than rows)
         return out
@@ -241,7 +242,7 @@ def init_values(
     for block in range(rows.start // block_rows, -(-rows.stop // block_rows)):
         start, stop = block * block_rows, min((block + 1) * block_rows, shape[0])
         generator = torch.Generator().manual_seed(_block_seed(seed, name, block))
-        values = torch.empty(stop - start, *shape[1:])
+        values = torch.empty(stop - start, *shape[1:], device="cpu")
         rule.draw_(values, generator)
         lo, hi = max(rows.start, start), min(rows.stop, stop)
         out[lo - rows.start : hi - rows.start] = values[lo - start : hi - start][rest]

@@ -168,3 +168,13 @@ def save_built_weights(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     save_built_weights()
+
+
+def test_values_are_drawn_on_the_cpu_under_any_default_device():
+    """`with torch.device("cuda"): model.init_weights()` (bench/generate.py on the GPU) once drew into the default
+    device with a CPU generator and failed; the values come from the CPU whatever the default device is."""
+    cfg = LMConfig.from_preset("debug")
+    expected = init_values("layers.0.attention.wq.weight", (64, 128), cfg, seed=3)
+    with torch.device("meta"):
+        got = init_values("layers.0.attention.wq.weight", (64, 128), cfg, seed=3)
+    assert got.device.type == "cpu" and torch.equal(got, expected)
