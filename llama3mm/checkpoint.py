@@ -46,16 +46,23 @@ PART_CLASSES: dict[str, tuple[type[torch.nn.Module], type]] = {
 }
 
 
+def cache_dir() -> Path:
+    """Where llama3-herd keeps its caches: LLAMA3MM_CACHE, else $XDG_CACHE_HOME/llama3-herd, else
+    ~/.cache/llama3-herd (the XDG default, as pip, torch and HF use)."""
+    if os.environ.get("LLAMA3MM_CACHE"):
+        return Path(os.environ["LLAMA3MM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3-herd"
+
+
 def lm_sha256(path: str | Path) -> str:
     """sha256 of an LM checkpoint: over the names and sha256s of the files its load reads, in name order.
 
-    Hashing a large LM takes minutes, so each file's digest is cached (LLAMA3MM_CACHE, default
-    ~/.cache/llama3-herd/file_sha256.json) under its path, size and modification time; a file rewritten in place
-    gets a new modification time and is hashed again.
+    Hashing a large LM takes minutes, so each file's digest is cached (`cache_dir()/file_sha256.json`) under its
+    path, size and modification time; a file rewritten in place gets a new modification time and is hashed again.
     """
     path = Path(path)
     files = checkpoint_files(path)  # exactly what load_pretrained reads: a stray file changes nothing
-    cache_path = Path(os.environ.get("LLAMA3MM_CACHE", Path.home() / ".cache" / "llama3-herd")) / "file_sha256.json"
+    cache_path = cache_dir() / "file_sha256.json"
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
@@ -232,6 +239,7 @@ def _qualname(cls: type) -> str:
 
 __all__ = [
     "MANIFEST",
+    "cache_dir",
     "PARTS",
     "PART_CLASSES",
     "checkpoint_layout",

@@ -13,6 +13,7 @@ cross-attention blocks as one more `CrossAttentionInputs` in `MediaState.cross`,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class Llama3MM(nn.Module):
         # Media kind ("image", "video", "audio") -> the prompt its adapter was trained with by train/adapter.py.
         # Adapters on a base LM answer only that prompt; empty for chat-tuned imports (Llama 3.2 Vision).
         self.prompts = dict(prompts or {})
+        self._warned_chat = False
 
     # ---- ids and parts --------------------------------------------------------------------------------------
 
@@ -367,6 +369,14 @@ class Llama3MM(nn.Module):
     ) -> str | Iterator[str]:
         """The assistant's reply to a dialog; `{"type": "image"}` content items take `images` in order
         (an item may also carry its own `"image"`). `kwargs` are `generate`'s (sampling settings, stream)."""
+        if self.prompts and not self._warned_chat:
+            # Adapters trained with completion prompts sit on a base LM, which ends a chat turn at once.
+            warnings.warn(
+                f"this model's adapters were trained on a base LM with completion prompts {self.prompts}, not the "
+                "chat format: expect empty or poor chat replies; use generate(mm.prompts[kind], images=...) instead",
+                stacklevel=2,
+            )
+            self._warned_chat = True
         return self.generate(list(messages), images, video, audio, **kwargs)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +171,28 @@ def test_chat_puts_the_image_token_past_the_vocabulary():
     reply = mm.chat(messages, images=image, max_new_tokens=5, temperature=0)
     expected = list(mm.generate_tokens(ids, images=image, max_new_tokens=5, temperature=0))
     assert isinstance(reply, str) and reply == mm.tokenizer.decode(expected)
+
+    # A model whose adapters were trained with completion prompts (the quickstart's) says so, once.
+    mm.prompts = {"image": "Describe the image."}
+    with pytest.warns(UserWarning, match="completion prompts"):
+        mm.chat(messages, images=image, max_new_tokens=2, temperature=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mm.chat(messages, images=image, max_new_tokens=2, temperature=0)
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    """LLAMA3MM_CACHE, else $XDG_CACHE_HOME/llama3-herd, else ~/.cache/llama3-herd."""
+    from llama3mm.checkpoint import cache_dir
+
+    monkeypatch.delenv("LLAMA3MM_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "llama3-herd"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "llama3-herd"
+    monkeypatch.setenv("LLAMA3MM_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
 
 
 def test_save_and_load_round_trip_and_refuse_another_lm(gated, tmp_path, monkeypatch):
