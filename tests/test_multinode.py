@@ -57,7 +57,8 @@ def test_two_launchers_match_one_launcher(setup):
 
 def test_slurm_script_launches_torchrun_per_node(tmp_path):
     """`sbatch train/slurm/llama3_405b.sbatch`, with srun and scontrol stubbed: one torchrun per node, 8 GPUs each,
-    the c10d rendezvous on the first node of the allocation, the 405B config and the overrides passed through."""
+    the c10d rendezvous on the first node of the allocation, the preemption signals forwarded, the 405B config and
+    the overrides passed through."""
     for script in ("train_lm.sbatch", "llama3_405b.sbatch"):
         lint = subprocess.run(["bash", "-n", f"train/slurm/{script}"], cwd=ROOT, capture_output=True, text=True)
         assert lint.returncode == 0, lint.stderr
@@ -97,6 +98,12 @@ def test_slurm_script_launches_torchrun_per_node(tmp_path):
         "gpu-node-017:29500",
         "--rdzv-id",
         "4242",
+        # Preemption: torchrun forwards the time-limit warning (SIGUSR1) to its workers, which checkpoint and exit
+        # within the grace (tests/test_slurm_preemption.py runs that chain).
+        "--signals-to-handle",
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout",
+        "570",
         "train/lm.py",
         "--config",
         "configs/lm/llama3_405b.toml",

@@ -150,9 +150,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     ctx = init_run(cfg)
     try:
-        return _run(cfg, lm_config, ctx)
-    finally:
+        records = _run(cfg, lm_config, ctx)
+    except BaseException:
         destroy_distributed()
+        raise
+    destroy_distributed(together=True)
+    return records
 
 
 def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:

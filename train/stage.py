@@ -68,9 +68,12 @@ def main(
     cfg, args = parse_cli(config_cls, argv, parser)
     ctx = init_run(cfg)
     try:
-        return run(cfg, recipes[args.modality], ctx)
-    finally:
+        records = run(cfg, recipes[args.modality], ctx)
+    except BaseException:
         destroy_distributed()
+        raise
+    destroy_distributed(together=True)
+    return records
 
 
 def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:

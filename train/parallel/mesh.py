@@ -124,9 +124,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy_distributed() -> None:
-    """Tear the process group down (safe to call when none is up)."""
+def destroy_distributed(*, together: bool = False) -> None:
+    """Tear the process group down (safe to call when none is up); ``together``: after a barrier, on the path where
+    every rank finished, so that no rank closes its gloo pairs while a peer still reads its last message (seen as
+    "terminate called without an active exception" at exit). Never after a failure: the peers may not be there."""
     if dist.is_initialized():
+        if together and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
