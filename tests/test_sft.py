@@ -167,22 +167,45 @@ def _sft(root, run_dir, nproc, *extra):
     ]  # fmt: skip
     proc = torchrun("train/sft.py", nproc, argv, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {r["step"]: r["loss"] for r in read_metrics(str(run_dir))}
+    return read_metrics(str(run_dir))
+
+
+def _losses(records):
+    return {r["step"]: r["loss"] for r in records}
 
 
 @pytest.fixture(scope="module")
 def one_rank(sft_setup):
-    return _sft(sft_setup, sft_setup / "sft1", 1)
+    """One rank, checkpointed halfway."""
+    run_dir = sft_setup / "sft1"
+    _sft(sft_setup, run_dir, 1, "--checkpoint.enable=true", f"--checkpoint.interval={STEPS // 2}")
+    return run_dir
 
 
 def test_sft_loss_falls(one_rank):
-    assert sorted(one_rank) == list(range(1, STEPS + 1))
-    assert one_rank[STEPS] < one_rank[1] - 2.0, one_rank
+    losses = _losses(read_metrics(str(one_rank)))
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 2.0, losses
 
 
-def test_two_rank_fsdp_sft_matches_one_rank(sft_setup, one_rank):
+def test_two_rank_fsdp_sft_matches_one_rank_and_grades_held_out_prompts(sft_setup, one_rank):
     """FSDP with gradient accumulation: each rank's share of each global batch holds a different number of
-    assistant tokens, and the loss is still the global batch's token mean."""
-    two = _sft(sft_setup, sft_setup / "sft2", 2, "--train.grad_accum=2")
+    assistant tokens, and the loss is still the global batch's token mean. The final eval gathers the weights
+    and rank 0 answers held-out prompts."""
+    heldout = sft_setup / "instruct" / HELDOUT_FILE
+    evals = ["--eval.samples=3", "--eval.max_new_tokens=4", f"--eval.file={heldout}"]
+    records = _sft(sft_setup, sft_setup / "sft2", 2, "--train.grad_accum=2", *evals)
+    want, got = _losses(read_metrics(str(one_rank))), _losses(records)
     for step in range(1, STEPS + 1):
-        assert two[step] == pytest.approx(one_rank[step], rel=1e-5), step
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    assert 0 <= records[-1]["eval/accuracy"] <= 1 and records[-1]["eval/chance"] > 0
+
+
+def test_resumed_onto_two_ranks_continues_exactly(sft_setup, one_rank):
+    """Saved by one rank halfway, resumed by two: the data position and weights carry over."""
+    checkpoint = one_rank / "checkpoints" / f"step-{STEPS // 2}"
+    records = _sft(sft_setup, sft_setup / "sft_resumed", 2, f"--checkpoint.resume={checkpoint}")
+    want, got = _losses(read_metrics(str(one_rank))), _losses(records)
+    assert sorted(got) == list(range(STEPS // 2 + 1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step

@@ -6,7 +6,8 @@ Dialogs (JSONL or Parquet rows ``{"messages": [{role, content}]}``; by default t
 ``data.instruct``) are written in the Llama 3 chat format (``data.chat``), labelled on the assistant turns' content
 and end of turn, and packed with document ids so that no dialog attends to another. The model starts from
 ``--model.init_from`` (Meta or HF layout) and is built and sharded as pretraining builds it
-(``train.parallel.llama``); ``train.loop.train`` runs the steps, DCP checkpoints, resume and ``metrics.jsonl``.
+(``train.parallel.llama``); ``train.loop.train`` runs the steps, DCP checkpoints, resume and ``metrics.jsonl``,
+and held-out prompts are answered greedily and graded (``eval/accuracy`` beside ``eval/chance``).
 The loss of a step is the mean cross-entropy over the target tokens of the whole global batch, under every layout.
 This slice runs data parallel (FSDP/HSDP) only: tensor, context and pipeline parallel are refused.
 """
@@ -34,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from data.chat import IGNORE_INDEX, PackedDialogs, read_dialogs  # noqa: E402
-from data.instruct import TRAIN_FILE, ensure_instruct_data  # noqa: E402
+from data.instruct import HELDOUT_FILE, TRAIN_FILE, ensure_instruct_data  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.loss import fused_loss_output_fn  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
@@ -44,6 +45,7 @@ from train.lm import LMModelConfig, build_lm_config  # noqa: E402
 from train.loop import LossFn, RunContext, init_run, micro_batch_size, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import ParallelDims, destroy_distributed  # noqa: E402
+from train.posttrain.heldout import HeldOutGrader, read_graded_rows  # noqa: E402
 
 log = logging.getLogger("train.sft")
 
@@ -63,11 +65,23 @@ class SFTDataConfig:
 
 
 @dataclass
+class SFTEvalConfig:
+    """Held-out grading (every ``train.eval_interval`` steps and at the end): greedy answers, graded."""
+
+    # A JSONL of graded dialogs (data.instruct's rows: messages, kind, answer); "" = the embedded held-out prompts
+    # when training on the embedded data, else none.
+    file: str = ""
+    samples: NonNegativeInt = 100
+    max_new_tokens: PositiveInt = 48
+
+
+@dataclass
 class SFTJobConfig(JobConfig):
     """Root config of ``train/sft.py``."""
 
     model: LMModelConfig = field(default_factory=LMModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
 
 
 def validate(cfg: SFTJobConfig, world_size: int | None = None) -> LMConfig:
@@ -92,6 +106,15 @@ def chat_files(cfg: SFTJobConfig, rank: int) -> list[str]:
     if dist.is_initialized():
         dist.barrier()
     return [str(Path(cfg.data.dir) / TRAIN_FILE)]
+
+
+def held_out_grader(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> HeldOutGrader | None:
+    """The eval_fn grading held-out prompts, or None (no file, or eval.samples = 0)."""
+    path = cfg.eval.file or ("" if cfg.data.files else str(Path(cfg.data.dir) / HELDOUT_FILE))
+    if not path or not cfg.eval.samples:
+        return None
+    rows = read_graded_rows(path, cfg.eval.samples)
+    return HeldOutGrader(lm_config, rows, ctx.rank, ctx.device, cfg.eval.max_new_tokens)
 
 
 def make_sft_loss(cfg: SFTJobConfig, ctx: RunContext) -> LossFn:
@@ -165,6 +188,7 @@ def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         model,
         make_sft_loss(cfg, ctx),
         data,
+        eval_fn=held_out_grader(cfg, lm_config, ctx),
         tokens_per_sample=seq,
         flops_per_sample=lm_config.flops_per_token(seq) * seq,
         extra_metrics=lambda step: {**data.stats(), "data/bad_rows_skipped": skipped},
