@@ -209,3 +209,21 @@ def test_resumed_onto_two_ranks_continues_exactly(sft_setup, one_rank):
     assert sorted(got) == list(range(STEPS // 2 + 1, STEPS + 1))
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["--parallel.tp=2"], 2, "data parallel only"),
+        (["--model.vocab_size=1000"], 1, "lacks the Llama 3 chat format's tokens"),
+        (["--data.seq_len=200000"], 1, "exceeds the model's max_seq_len"),
+    ],
+    ids=["tp", "small-vocab", "long-rows"],
+)
+def test_config_errors_before_any_process_group(overrides, world, message):
+    from train.config import load_config
+    from train.sft import SFTJobConfig, validate
+
+    cfg = load_config(SFTJobConfig, "configs/posttrain/sft_tiny.toml", ["--model.init_from=", *overrides])
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world)

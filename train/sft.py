@@ -94,6 +94,8 @@ def validate(cfg: SFTJobConfig, world_size: int | None = None) -> LMConfig:
     if cfg.data.seq_len > lm_config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={lm_config.max_seq_len}")
     micro_batch_size(cfg.train.batch_size, dims.dp, cfg.train.grad_accum)
+    if lm_config.vocab_size < Tokenizer().n_words:  # the chat format's special tokens would index past it
+        raise ValueError(f"the model's vocab_size={lm_config.vocab_size} lacks the Llama 3 chat format's tokens")
     return lm_config
 
 
