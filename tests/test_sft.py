@@ -201,6 +201,21 @@ def test_two_rank_fsdp_sft_matches_one_rank_and_grades_held_out_prompts(sft_setu
     assert 0 <= records[-1]["eval/accuracy"] <= 1 and records[-1]["eval/chance"] > 0
 
 
+def test_whole_logits_loss_equals_the_chunked_one(sft_setup, one_rank):
+    """--model.loss=plain (F.cross_entropy summed over the targets) gives the chunked loss's figures."""
+    records = _sft(
+        sft_setup,
+        sft_setup / "sft_plain",
+        1,
+        "--model.loss=plain",
+        "--train.steps=3",
+        f"--optim.schedule_steps={STEPS}",
+    )
+    want, got = _losses(read_metrics(str(one_rank))), _losses(records)
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
 def test_resumed_onto_two_ranks_continues_exactly(sft_setup, one_rank):
     """Saved by one rank halfway, resumed by two: the data position and weights carry over."""
     checkpoint = one_rank / "checkpoints" / f"step-{STEPS // 2}"
