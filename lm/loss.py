@@ -1,5 +1,6 @@
 """Cross-entropy of the output projection without the full logits (`linear_cross_entropy`), and the LM's
-next-token losses built on it (`fused_loss_output_fn`) or on whole logits (`token_cross_entropy`).
+next-token losses built on it (`fused_loss_output_fn`) or on whole logits (`token_cross_entropy`); per-token
+log-probs without the full logits for post-training's sequence losses (`token_logprobs`).
 
 With a 128K vocabulary the logits of a training batch are its largest tensor (1024 tokens: 525 MB in
 fp32), and autograd keeps them, their log-softmax and their gradient alive at once. Here the tokens are
@@ -73,12 +74,7 @@ def linear_cross_entropy(
     targets are all ignored gives 0 (not NaN). The loss is fp32 whatever the input dtype; with bf16 inputs
     the softmax and the weight gradient's sum over chunks are fp32 too.
     """
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
-    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(f"weight {tuple(weight.shape)} is not [vocab, {hidden.shape[-1]}]")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    _check_shapes(hidden, weight, targets, chunk_size)
     return _LinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk_size
     )
@@ -158,7 +154,83 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy"]
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] of each token (fp32, shaped like targets; ignored tokens give 0).
+
+    Unlike the cross-entropy, the gradient reaching each token's log-prob is known only in backward (a DPO
+    loss weighs whole sequences), so backward recomputes each chunk's logits: one chunk of [tokens, vocab]
+    exists at a time, in forward and in backward, and only hidden, weight and targets are saved.
+    """
+    _check_shapes(hidden, weight, targets, chunk_size)
+    flat = _TokenLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk_size
+    )
+    return flat.view(targets.shape)
+
+
+def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> None:
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [vocab, {hidden.shape[-1]}]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.mm(hidden, weight.t()).float()
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+        valid = targets != ignore_index
+        safe_targets = torch.where(valid, targets, 0)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden[start:end], weight)
+            out[start:end] = logits.gather(1, safe_targets[start:end, None]).squeeze(1) - logits.logsumexp(1)
+        ctx.save_for_backward(hidden, weight, safe_targets, valid)
+        ctx.chunk_size = chunk_size
+        return torch.where(valid, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, targets, valid = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        # d logp_t / d logits = one-hot(t) - softmax, weighted by each token's incoming gradient (0 where ignored).
+        token_grad = torch.where(valid, grad_output.float(), 0.0)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None  # fp32 sum over chunks
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            g = token_grad[start:end, None]
+            grad = torch.softmax(_chunk_logits(hidden[start:end], weight), 1).mul_(-g)
+            grad = grad.scatter_add_(1, targets[start:end, None], g).to(hidden.dtype)
+            if need_hidden:
+                torch.mm(grad, weight, out=grad_hidden[start:end])
+            if need_weight:
+                chunk_grad = torch.mm(grad.t(), hidden[start:end]).float()
+                grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
+        if need_weight:
+            grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy", "token_logprobs"]
+
+
+def token_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's ``output`` function for per-token log-probs [B, S] of ``targets`` without whole logits."""
+    return lambda hidden, weight: token_logprobs(hidden, weight, targets)
 
 
 def fused_loss_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -1,0 +1,141 @@
+"""Embedded instruction data for SFT, made offline from the default corpus's world, with a grader.
+
+Dialogs in the field's format (``{"messages": [{role, content}], "kind", "answer"}``, one JSON object a line):
+questions about a described scene (the colour of a shape, the shape of a colour, how many shapes), some of them
+two turns long, and the default corpus's arithmetic and word problems. ``answer`` is the checkable key `grade`
+compares a generation with. The held-out prompts never occur in the training file.
+
+    python -m data.instruct --out runs/data/instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from common.atomic import atomic_write_text
+from data import scenes
+from data.default import _arithmetic, _word_problem
+from data.grading import normalize_text
+
+TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
+KINDS = ("colour", "shape", "count", "math")
+SYSTEM = "You answer questions about scenes of coloured shapes and small arithmetic problems."
+
+
+def _scene_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str, str, str]:
+    """(kind, question, answer text, answer key) about one scene."""
+    objs = scene.objects
+    unique_shapes = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    unique_colours = [o for o in objs if sum(p.colour == o.colour for p in objs) == 1]
+    kinds = ["count"] + ["colour"] * bool(unique_shapes) + ["shape"] * bool(unique_colours)
+    kind = rng.choice(kinds)
+    if kind == "colour":
+        obj = rng.choice(unique_shapes)
+        return kind, f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}.", obj.colour
+    if kind == "shape":
+        obj = rng.choice(unique_colours)
+        return kind, f"What shape is {obj.colour}?", f"The {obj.colour} shape is a {obj.shape}.", obj.shape
+    count = scenes.DIGITS[len(objs)]
+    return kind, "How many shapes are there?", f"There {'is' if len(objs) == 1 else 'are'} {count}.", count
+
+
+def scene_dialog(rng: random.Random) -> dict[str, Any]:
+    """A question about a described scene, sometimes followed by a second one (graded on the last answer)."""
+    scene = scenes.random_scene(rng)
+    kind, question, answer, key = _scene_question(scene, rng)
+    messages = [{"role": "user", "content": f"Scene: {scenes.caption(scene)} on {scene.background}. {question}"}]
+    messages.append({"role": "assistant", "content": answer})
+    if rng.random() < 0.3:
+        kind, question, answer, key = _scene_question(scene, rng)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "kind": kind, "answer": key}
+
+
+def math_dialog(rng: random.Random) -> dict[str, Any]:
+    """An arithmetic question or word problem of the default corpus, answered with its worked steps."""
+    text = (_word_problem if rng.random() < 0.5 else _arithmetic)(rng)
+    question, answer = text.removeprefix("Question: ").split("\nAnswer: ")
+    key = answer.rsplit("The answer is ", 1)[1].rstrip(".")
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "kind": "math", "answer": key}
+
+
+def make_dialogs(count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` dialogs, two thirds about scenes, a system prompt on some."""
+    rng = random.Random(seed)
+    dialogs = []
+    for _ in range(count):
+        dialog = scene_dialog(rng) if rng.random() < 2 / 3 else math_dialog(rng)
+        if rng.random() < 0.25:
+            dialog["messages"].insert(0, {"role": "system", "content": SYSTEM})
+        dialogs.append(dialog)
+    return dialogs
+
+
+def prompt_of(dialog: dict[str, Any]) -> list[dict[str, str]]:
+    """The messages before the last (graded) assistant answer."""
+    return dialog["messages"][:-1]
+
+
+def _prompt_key(dialog: dict[str, Any]) -> str:
+    return json.dumps(prompt_of(dialog), sort_keys=True)
+
+
+def write_instruct_data(out: str | Path, *, train: int = 2000, heldout: int = 200, seed: int = 0) -> Path:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` under ``out`` (atomically); no held-out prompt is trained on."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held = make_dialogs(heldout, seed + 1_000_003)
+    held_prompts = {_prompt_key(d) for d in held}
+    train_dialogs = [d for d in make_dialogs(train, seed) if _prompt_key(d) not in held_prompts]
+    for name, dialogs in ((HELDOUT_FILE, held), (TRAIN_FILE, train_dialogs)):
+        atomic_write_text(out / name, "".join(json.dumps(d) + "\n" for d in dialogs))
+    return out
+
+
+def ensure_instruct_data(out: str | Path, *, seed: int = 0) -> Path:
+    """The embedded instruction data under ``out``, written unless both files exist (every rank may call it)."""
+    out = Path(out)
+    if not ((out / TRAIN_FILE).is_file() and (out / HELDOUT_FILE).is_file()):
+        write_instruct_data(out, seed=seed)
+    return out
+
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def grade(kind: str, generated: str, answer: str) -> bool:
+    """Whether a generated answer gives the key: the first colour, shape or number word it names, or its number
+    (after "the answer is" when it says so, else the last one it writes)."""
+    words = normalize_text(generated).split()
+    if kind == "math":
+        text = generated.lower()
+        tail = text.rsplit("the answer is", 1)[1] if "the answer is" in text else text
+        numbers = _NUMBER.findall(tail.replace(",", ""))
+        return bool(numbers) and numbers[0 if "the answer is" in text else -1] == answer
+    vocabulary = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "count": scenes.DIGITS}[kind]
+    named = [w.removesuffix("s") if kind == "shape" else w for w in words]
+    first = next((w for w in named if w in vocabulary), None)
+    return first == answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write the embedded instruction data."""
+    parser = argparse.ArgumentParser(prog="python -m data.instruct", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/data/instruct")
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--heldout", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = write_instruct_data(args.out, train=args.train, heldout=args.heldout, seed=args.seed)
+    print(f"wrote {out / TRAIN_FILE} and {out / HELDOUT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
