@@ -168,9 +168,13 @@ class CrossAttention(nn.Module):
     def media_kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, n_kv_heads, K, head_dim] of media tokens [B, K, dim]: computed once per media."""
         batch, length, _ = media.shape
-        k = self.k_norm(self.wk(media).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        # FSDP runs this method as a forward (train/stage.py registers it) and warns about returned views, since an
+        # in-place op on one would skip its pre-backward all-gather: return fresh tensors. Keys: the transpose goes
+        # before the per-head norm, which writes a new tensor. Values: a copy (`.contiguous()` would hand back the
+        # view itself whenever it is already contiguous, e.g. with one KV head).
+        k = self.k_norm(self.wk(media).view(batch, length, -1, self.head_dim).transpose(1, 2))
         v = self.wv(media).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        return k, v
+        return k, v.clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: MediaAttentionMask) -> torch.Tensor:
         batch, seq, _ = x.shape
