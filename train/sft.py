@@ -44,7 +44,7 @@ from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig, build_lm_config  # noqa: E402
 from train.loop import LossFn, RunContext, init_run, micro_batch_size, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
-from train.parallel.mesh import ParallelDims, destroy_distributed  # noqa: E402
+from train.parallel.mesh import ParallelDims, run_then_destroy  # noqa: E402
 from train.posttrain.heldout import HeldOutGrader, read_graded_rows  # noqa: E402
 
 log = logging.getLogger("train.sft")
@@ -151,10 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     ctx = init_run(cfg)
-    try:
-        return _run(cfg, lm_config, ctx)
-    finally:
-        destroy_distributed()
+    return run_then_destroy(lambda: _run(cfg, lm_config, ctx))
 
 
 def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:

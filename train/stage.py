@@ -22,7 +22,7 @@ from train.loop import EvalFn, LossFn, RunContext, compile_default, init_run, tr
 from train.media import MediaBatches, ensure_data, train_samples
 from train.optim import build_optimizer, build_scheduler
 from train.parallel.fsdp import parallelize
-from train.parallel.mesh import barrier, destroy_distributed
+from train.parallel.mesh import barrier, run_then_destroy
 
 log = logging.getLogger("train.stage")
 
@@ -67,13 +67,7 @@ def main(
     parser.add_argument("--modality", choices=tuple(recipes), required=True)
     cfg, args = parse_cli(config_cls, argv, parser)
     ctx = init_run(cfg)
-    try:
-        records = run(cfg, recipes[args.modality], ctx)
-    except BaseException:
-        destroy_distributed()
-        raise
-    destroy_distributed(together=True)
-    return records
+    return run_then_destroy(lambda: run(cfg, recipes[args.modality], ctx))
 
 
 def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:

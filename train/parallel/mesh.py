@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from train.config import ParallelConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "pp", "cp", "tp")
 
@@ -132,6 +135,17 @@ def destroy_distributed(*, together: bool = False) -> None:
         if together and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_then_destroy(work: Callable[[], T]) -> T:
+    """``work()``, then the process group torn down: together after it finished, at once after a failure."""
+    try:
+        result = work()
+    except BaseException:
+        destroy_distributed()
+        raise
+    destroy_distributed(together=True)
+    return result
 
 
 def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:
