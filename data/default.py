@@ -104,7 +104,8 @@ def _general(rng: random.Random) -> str:
 _NAMES = ("Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo", "Ines", "Jonas")
 
 
-def _arithmetic(rng: random.Random) -> str:
+def arithmetic_problem(rng: random.Random) -> str:
+    """One worked arithmetic problem of the default corpus's math source (also the instruction data's)."""
     op = rng.choice("+-*/")
     if op == "+":
         a, b = rng.randint(0, 999), rng.randint(0, 999)
@@ -123,7 +124,8 @@ def _arithmetic(rng: random.Random) -> str:
     return f"Question: What is {a} / {b}?\nAnswer: {b} * {q} = {a}, so {a} / {b} = {q}. The answer is {q}."
 
 
-def _word_problem(rng: random.Random) -> str:
+def word_problem(rng: random.Random) -> str:
+    """One worked word problem about the scenes' objects (also the instruction data's)."""
     who, other = rng.sample(_NAMES, 2)
     colour, shape = rng.choice(scenes.COLOURS), rng.choice(scenes.SHAPES)
     things = f"{colour} {shape}s"
@@ -158,7 +160,8 @@ def _word_problem(rng: random.Random) -> str:
 
 
 def _math(rng: random.Random) -> str:
-    return "\n\n".join((_word_problem if rng.random() < 0.5 else _arithmetic)(rng) for _ in range(rng.randint(3, 8)))
+    problems = (word_problem if rng.random() < 0.5 else arithmetic_problem for _ in range(rng.randint(3, 8)))
+    return "\n\n".join(problem(rng) for problem in problems)
 
 
 # ---------------------------------------------------------------- multilingual: translated captions

@@ -19,7 +19,7 @@ from typing import Any
 
 from common.atomic import atomic_write_text
 from data import scenes
-from data.default import _arithmetic, _word_problem
+from data.default import arithmetic_problem, word_problem
 from data.grading import normalize_text
 
 TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
@@ -58,7 +58,7 @@ def scene_dialog(rng: random.Random) -> dict[str, Any]:
 
 def math_dialog(rng: random.Random) -> dict[str, Any]:
     """An arithmetic question or word problem of the default corpus, answered with its worked steps."""
-    text = (_word_problem if rng.random() < 0.5 else _arithmetic)(rng)
+    text = (word_problem if rng.random() < 0.5 else arithmetic_problem)(rng)
     question, answer = text.removeprefix("Question: ").split("\nAnswer: ")
     key = answer.rsplit("The answer is ", 1)[1].rstrip(".")
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
