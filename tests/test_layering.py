@@ -177,3 +177,16 @@ def test_functions_read_at_a_glance():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_only_public_names_cross_modules():
+    """docs/ARCHITECTURE.md: a module imports another's public names only (no `from lm.generate import _x`)."""
+    private = []
+    for package in sorted(PROJECT_PACKAGES):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    if node.module.split(".")[0] in PROJECT_PACKAGES:
+                        names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                        private += [f"{path.relative_to(ROOT)}: from {node.module} import {n}" for n in names]
+    assert private == []
