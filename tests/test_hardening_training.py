@@ -19,7 +19,7 @@ from test_train_machinery import SCRIPT, args, assert_close, check, losses
 
 from train.loop import NonFiniteLossError
 from train.preemption import Preempted
-from train.rundir import LOCK_NAME, LockHolder, RunDirLockedError, process_start
+from train.rundir import LOCK_NAME, LockHolder, RunDirLockedError, is_zombie, process_start
 
 # ----------------------------------------------------------------------------------------------------------------
 # Non-finite losses with train.skip_nonfinite.
@@ -135,3 +135,23 @@ def test_a_dead_holder_s_lock_is_taken_over_with_a_warning(tmp_path, caplog, mon
     write_lock(requeued, "gpu-node-7", 4242, job="123")
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     assert [r["step"] for r in main(args(requeued, 2))] == [1, 2]
+
+
+def test_a_killed_job_s_unreaped_rank_does_not_hold_the_lock(tmp_path, caplog):
+    """SIGKILLed ranks stay zombies until their new parent reaps them (in a container, maybe never): the resumed
+    job takes their lock over instead of reporting a live holder (seen in the killed-run resume test)."""
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        run = tmp_path / "run"
+        write_lock(run, socket.gethostname(), rank.pid)
+        rank.kill()
+        deadline = time.monotonic() + 30
+        while not is_zombie(rank.pid):  # exited, not yet reaped by us
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="train.rundir"):
+            assert [r["step"] for r in main(args(run, 2))] == [1, 2]
+        assert "zombie" in caplog.text
+    finally:
+        rank.kill()
+        rank.wait()

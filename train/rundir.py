@@ -54,13 +54,25 @@ class LockHolder:
         return f"pid {self.pid} on host {self.host}{job} since {self.since}"
 
 
-def process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc``), or None where it cannot be read."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces), or None where unreadable."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), or None where it cannot be read."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None  # field 22 of stat
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether the process has exited and waits only to be reaped (state Z or X): a killed job's ranks stay so
+    until their new parent reaps them, which in a container may be never."""
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def why_stale(holder: LockHolder, me: LockHolder) -> str | None:
@@ -75,6 +87,8 @@ def why_stale(holder: LockHolder, me: LockHolder) -> str | None:
         return f"{holder.describe()} is no longer running"
     except PermissionError:
         pass  # alive, another user's
+    if is_zombie(holder.pid):
+        return f"{holder.describe()} has exited (a zombie, not yet reaped)"
     start = process_start(holder.pid)
     if holder.process_start and start is not None and start != holder.process_start:
         return f"pid {holder.pid} on host {holder.host} is another process now (the holder ended)"
