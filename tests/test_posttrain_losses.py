@@ -16,12 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import trl  # the peer: a dev dependency (pyproject's dev extra), never skipped
 
 from data.chat import formatting_mask
 from lm.tokenizer import ChatFormat, Tokenizer
 from train.posttrain.losses import dpo_loss, ranking_reward_loss, sequence_logps
-
-trl = pytest.importorskip("trl")
 
 PAIRS, LENGTH = 3, 11
 
