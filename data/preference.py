@@ -10,7 +10,7 @@ multi-turn prompt is context, not trained). Bad rows are ``data.chat.ChatDataErr
 and yields a global batch of pairs per step, this rank's share, resumably. `write_preference_data` makes the
 embedded default pairs offline from ``data.instruct``'s tasks: the chosen answer is right and the rejected one a
 plausible mistake (the scene's other colour or shape, a count off by one, an arithmetic answer off by one or ten),
-and no prompt of ``data.instruct``'s held-out file is among them.
+and no prompt of ``data.instruct``'s held-out file is among them (those prompts make the held-out pairs).
 
     python -m data.preference --out runs/data/instruct
 """
@@ -34,7 +34,7 @@ from data.chat import IGNORE_INDEX, EncodedDialog, encode_checked, encode_dialog
 from data.instruct import HELDOUT_FILE, ensure_instruct_data, make_dialogs, prompt_of
 from lm.tokenizer import ChatFormat
 
-PREFERENCE_FILE = "preference.jsonl"
+PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE = "preference.jsonl", "preference_heldout.jsonl"
 COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected", "edited")
 
 
@@ -212,17 +212,17 @@ def wrong_answer(dialog: dict[str, Any], rng: random.Random) -> str:
     return _replace_word(answer, key, rng.choice(in_scene or [w for w in vocabulary if w != key]))
 
 
+def preference_row(dialog: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """``{prompt_messages, chosen, rejected, kind, answer}``: a graded dialog's answer against a wrong one."""
+    chosen, rejected = dialog["messages"][-1]["content"], wrong_answer(dialog, rng)
+    return {"prompt_messages": prompt_of(dialog), "chosen": chosen, "rejected": rejected, **_graded(dialog)}
+
+
 def make_preference_rows(count: int, seed: int, exclude_prompts: set[str] = frozenset()) -> list[dict[str, Any]]:
-    """Up to ``count`` rows ``{prompt_messages, chosen, rejected, kind, answer}`` from ``data.instruct``'s tasks."""
+    """Up to ``count`` preference rows from ``data.instruct``'s tasks, none on a prompt of ``exclude_prompts``."""
     rng = random.Random(seed)
-    rows = []
-    for dialog in make_dialogs(count, seed):
-        prompt = prompt_of(dialog)
-        if prompt_key(prompt) in exclude_prompts:
-            continue
-        chosen, rejected = dialog["messages"][-1]["content"], wrong_answer(dialog, rng)
-        rows.append({"prompt_messages": prompt, "chosen": chosen, "rejected": rejected, **_graded(dialog)})
-    return rows
+    dialogs = [d for d in make_dialogs(count, seed) if prompt_key(prompt_of(d)) not in exclude_prompts]
+    return [preference_row(d, rng) for d in dialogs]
 
 
 def _graded(dialog: dict[str, Any]) -> dict[str, str]:
@@ -235,11 +235,14 @@ def prompt_key(prompt: list[dict[str, Any]]) -> str:
 
 
 def write_preference_data(out: str | Path, *, pairs: int = 1000, seed: int = 0) -> Path:
-    """``data.instruct``'s files under ``out`` (written if missing) and ``preference.jsonl``: pairs drawn apart from
-    the SFT training dialogs (another seed) and never on a prompt of the held-out file."""
+    """``data.instruct``'s files under ``out`` (written if missing), ``preference.jsonl``: pairs drawn apart from
+    the SFT training dialogs (another seed) and never on a prompt of the held-out file, and
+    ``preference_heldout.jsonl``: the held-out dialogs as pairs (for held-out reward accuracy)."""
     out = ensure_instruct_data(out, seed=seed)
-    held = {prompt_key(prompt_of(json.loads(line))) for line in (out / HELDOUT_FILE).read_text().splitlines()}
-    rows = make_preference_rows(pairs, seed + 2_000_003, held)
+    held = [json.loads(line) for line in (out / HELDOUT_FILE).read_text().splitlines()]
+    rows = make_preference_rows(pairs, seed + 2_000_003, {prompt_key(prompt_of(d)) for d in held})
+    rng = random.Random(seed + 3_000_017)
+    atomic_write_text(out / HELDOUT_PREFERENCE_FILE, "".join(json.dumps(preference_row(d, rng)) + "\n" for d in held))
     atomic_write_text(out / PREFERENCE_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     return out / PREFERENCE_FILE
 
@@ -247,7 +250,7 @@ def write_preference_data(out: str | Path, *, pairs: int = 1000, seed: int = 0) 
 def ensure_preference_data(out: str | Path, *, seed: int = 0) -> Path:
     """The embedded preference file under ``out``, written unless it exists (with the instruction data's)."""
     path = Path(out) / PREFERENCE_FILE
-    if not (path.is_file() and (Path(out) / HELDOUT_FILE).is_file()):
+    if not all((Path(out) / name).is_file() for name in (PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE, HELDOUT_FILE)):
         write_preference_data(out, seed=seed)
     return path
 

@@ -10,7 +10,13 @@ import torch
 
 from data.chat import IGNORE_INDEX, ChatDataError, formatting_mask
 from data.instruct import HELDOUT_FILE, grade, prompt_of
-from data.preference import PREFERENCE_FILE, PreferenceBatches, read_preferences, write_preference_data
+from data.preference import (
+    HELDOUT_PREFERENCE_FILE,
+    PREFERENCE_FILE,
+    PreferenceBatches,
+    read_preferences,
+    write_preference_data,
+)
 from lm.tokenizer import ChatFormat, Tokenizer
 from tests.dist_utils import torchrun
 from train.metrics import read_metrics
@@ -85,7 +91,9 @@ def test_embedded_pairs_prefer_the_right_answer_and_hold_out_the_eval_prompts(tm
     held = {json.dumps(prompt_of(json.loads(line))) for line in (tmp_path / HELDOUT_FILE).read_text().splitlines()}
     assert not held & {json.dumps(r["prompt_messages"]) for r in rows}
     assert {r["kind"] for r in rows} == {"colour", "shape", "count", "math"}
-    for r in rows:
+    heldout_rows = [json.loads(line) for line in (tmp_path / HELDOUT_PREFERENCE_FILE).read_text().splitlines()]
+    assert {json.dumps(r["prompt_messages"]) for r in heldout_rows} == held
+    for r in rows + heldout_rows:
         assert grade(r["kind"], r["chosen"], r["answer"]) and not grade(r["kind"], r["rejected"], r["answer"]), r
 
 
@@ -145,6 +153,8 @@ def _dpo(root, run_dir, nproc, *extra):
         "--optim.warmup_steps=1",
         "--metrics.log_interval=1",
         "--checkpoint.enable=false",
+        f"--eval.pairs_file={root / 'data' / HELDOUT_PREFERENCE_FILE}",
+        "--eval.pairs=8",
         *extra,
     ]  # fmt: skip
     proc = torchrun("train/dpo.py", nproc, argv, timeout=600)
@@ -173,6 +183,7 @@ def test_dpo_raises_the_chosen_vs_rejected_margin(one_rank):
     late = [records[s] for s in range(STEPS - 1, STEPS + 1)]
     assert min(r["rewards/accuracy"] for r in late) >= 0.75, late
     assert min(r["rewards/margin"] for r in late) > 0.05, late
+    assert 0 <= records[STEPS]["eval/reward_accuracy"] <= 1 and "eval/reward_margin" in records[STEPS]
 
 
 def test_two_rank_fsdp_dpo_matches_one_rank_and_its_reference_is_the_initial_policy(dpo_setup, one_rank, chat):
@@ -191,7 +202,7 @@ def test_two_rank_fsdp_dpo_matches_one_rank_and_its_reference_is_the_initial_pol
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
     assert 0 <= records[-1]["eval/accuracy"] <= 1 and records[-1]["eval/chance"] > 0
 
-    stored = torch.load(dpo_setup / "dpo2" / REFERENCE_FILE, weights_only=True)["logps"]
+    stored = torch.load(dpo_setup / "dpo2" / REFERENCE_FILE, weights_only=True)["train"]
     model = load_pretrained(dpo_setup / "init").eval()
     pairs, _ = read_preferences([dpo_setup / "data" / PREFERENCE_FILE], chat, max_tokens=129)
     for index, pair in enumerate(pairs):

@@ -12,8 +12,9 @@ second copy of the model exists. Per-token log-probs come from ``lm.loss.token_l
 function (inside forward, where FSDP has the output weight gathered). The loss is ``train.posttrain.losses.dpo_loss``:
 DPO's sigmoid loss (beta 0.1) on the answers without their formatting tokens, plus 0.2 x the chosen answers' token
 NLL (end of turn included), whose mean is over the whole global batch under every layout. ``metrics.jsonl`` logs
-``rewards/accuracy``, ``rewards/margin``, ``rewards/chosen`` and ``rewards/rejected``; held-out prompts are
-answered greedily and graded (``eval/accuracy`` beside ``eval/chance``) as in SFT.
+``rewards/accuracy``, ``rewards/margin``, ``rewards/chosen`` and ``rewards/rejected`` of the training batches;
+held-out prompts are answered greedily and graded (``eval/accuracy`` beside ``eval/chance``) as in SFT, and held-out
+pairs (their reference scored in the same pass) give ``eval/reward_accuracy`` and ``eval/reward_margin``.
 This slice runs data parallel (FSDP/HSDP) only.
 """
 
@@ -29,6 +30,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(_here))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -42,14 +44,19 @@ from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
 from common.atomic import atomic_write  # noqa: E402
 from data.chat import IGNORE_INDEX, formatting_mask  # noqa: E402
-from data.preference import PreferenceBatches, PreferencePair, ensure_preference_data, read_preferences  # noqa: E402
+from data.preference import (  # noqa: E402
+    HELDOUT_PREFERENCE_FILE,
+    PreferenceBatches,
+    ensure_preference_data,
+    read_preferences,
+)
 from lm.config import LMConfig  # noqa: E402
 from lm.loss import token_logprobs_output_fn  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse_cli  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
-from train.loop import LossFn, RunContext, init_run, train  # noqa: E402
+from train.loop import EvalFn, LossFn, RunContext, init_run, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import run_then_destroy  # noqa: E402
 from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
@@ -83,12 +90,21 @@ class DPOLossConfig:
 
 
 @dataclass
+class DPOEvalConfig(SFTEvalConfig):
+    """SFT's held-out grading, plus reward accuracy and margin on held-out preference pairs."""
+
+    # A preference file of held-out pairs; "" = the embedded held-out pairs when training on the embedded data.
+    pairs_file: str = ""
+    pairs: NonNegativeInt = 64
+
+
+@dataclass
 class DPOJobConfig(JobConfig):
     """Root config of ``train/dpo.py``."""
 
     model: LMModelConfig = field(default_factory=LMModelConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
-    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
 
@@ -97,6 +113,11 @@ def preference_files(cfg: DPOJobConfig, rank: int) -> list[str]:
     return configured_or_embedded(
         cfg.data.files, rank, lambda: ensure_preference_data(cfg.data.dir, seed=cfg.data.seed)
     )
+
+
+@functools.cache
+def _tokenizer() -> Tokenizer:
+    return Tokenizer()  # a few hundred milliseconds to build: once, not every micro-batch
 
 
 def answer_logps(
@@ -109,7 +130,7 @@ def answer_logps(
     targets = labels[:, 1:]
     token_logps = model(inputs, **model_kwargs, output=token_logprobs_output_fn(targets))
     nll_mask = targets != IGNORE_INDEX
-    dpo_mask = nll_mask & ~formatting_mask(tokens[:, 1:], Tokenizer())
+    dpo_mask = nll_mask & ~formatting_mask(tokens[:, 1:], _tokenizer())
     return token_logps, dpo_mask, nll_mask
 
 
@@ -138,10 +159,10 @@ def make_dpo_loss(cfg: DPOJobConfig, ctx: RunContext, reference: torch.Tensor) -
 
 
 @torch.no_grad()
-def compute_reference_logps(
+def score_pairs(
     model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, data: PreferenceBatches, micro: int
 ) -> torch.Tensor:
-    """Every pair's (chosen, rejected) log-likelihood [pairs, 2] over the DPO masks, by ``model`` as it is.
+    """Every pair's (chosen, rejected) log-likelihood [pairs, 2] over the DPO masks, by ``model`` as it is now.
 
     Each rank scores ``micro`` pairs per forward, every rank the same number of forwards (FSDP gathers weights in
     each: a rank out of pairs repeats pair 0 and drops it); the shares are gathered onto every rank.
@@ -171,32 +192,64 @@ def compute_reference_logps(
     return result
 
 
-def pairs_fingerprint(pairs: list[PreferencePair], init_from: str) -> str:
+def pairs_fingerprint(sets: dict[str, PreferenceBatches], init_from: str) -> str:
     """What the stored reference was computed from: the initial weights' path and every pair's tokens."""
     digest = hashlib.sha256(init_from.encode())
-    for pair in pairs:
-        for dialog in (pair.chosen, pair.rejected):
-            digest.update(repr((dialog.ids, dialog.labels)).encode())
+    for name, data in sorted(sets.items()):
+        digest.update(name.encode())
+        for pair in data.pairs:
+            for dialog in (pair.chosen, pair.rejected):
+                digest.update(repr((dialog.ids, dialog.labels)).encode())
     return digest.hexdigest()
 
 
 def reference_logps(
-    model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, data: PreferenceBatches, micro: int
-) -> torch.Tensor:
-    """The reference log-likelihoods [pairs, 2]: read from the run dir when stored for these pairs and weights,
-    else computed by the initial ``model`` (before any step, or on a resume before its weights load) and stored."""
+    model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, sets: dict[str, PreferenceBatches]
+) -> dict[str, torch.Tensor]:
+    """Each set's reference log-likelihoods [pairs, 2]: read from the run dir when stored for these pairs and
+    weights, else scored by the initial ``model`` (before any step, or on a resume before its weights load) and
+    stored."""
     path = Path(cfg.run.dir) / REFERENCE_FILE
-    fingerprint = pairs_fingerprint(list(data.pairs), cfg.model.init_from)
+    fingerprint = pairs_fingerprint(sets, cfg.model.init_from)
     if path.is_file():
         stored = torch.load(path, weights_only=True)
-        if stored["fingerprint"] == fingerprint:
-            return stored["logps"]
-    logps = compute_reference_logps(model, cfg, ctx, data, micro)
+        if stored.pop("fingerprint") == fingerprint:
+            return stored
+    logps = {name: score_pairs(model, cfg, ctx, data, ctx.micro_batch_size(cfg)) for name, data in sets.items()}
     if ctx.rank == 0:
-        atomic_write(path, lambda tmp: torch.save({"fingerprint": fingerprint, "logps": logps}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"fingerprint": fingerprint, **logps}, tmp))
     if dist.is_initialized():
         dist.barrier()
     return logps
+
+
+class HeldOutPreferences:
+    """Part of the loop's ``eval_fn``: reward accuracy and margin on held-out pairs (every rank scores its share)."""
+
+    def __init__(self, cfg: DPOJobConfig, ctx: RunContext, data: PreferenceBatches, reference: torch.Tensor) -> None:
+        self.cfg, self.ctx, self.data, self.reference = cfg, ctx, data, reference
+
+    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
+        """eval/reward_accuracy (the share of pairs whose implicit reward prefers the chosen answer), eval/margin."""
+        policy = score_pairs(model, self.cfg, self.ctx, self.data, self.ctx.micro_batch_size(self.cfg))
+        ratios = policy - self.reference
+        margin = self.cfg.dpo.beta * (ratios[:, 0] - ratios[:, 1])
+        return {"eval/reward_accuracy": (margin > 0).float().mean().item(), "eval/reward_margin": margin.mean().item()}
+
+
+def heldout_pairs_file(cfg: DPOJobConfig) -> str:
+    """The held-out preference file: eval.pairs_file, else the embedded one when training on the embedded pairs."""
+    if cfg.eval.pairs_file or cfg.data.files:
+        return cfg.eval.pairs_file
+    return str(Path(cfg.data.dir) / HELDOUT_PREFERENCE_FILE)
+
+
+def combined_eval(*evals: EvalFn | None) -> EvalFn | None:
+    """One ``eval_fn`` running each given one (in order, on every rank) and merging their metrics."""
+    present = [e for e in evals if e is not None]
+    if not present:
+        return None
+    return lambda model, step: {k: v for e in present for k, v in e(model, step).items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -211,11 +264,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return run_then_destroy(lambda: _run(cfg, lm_config, ctx))
 
 
+def read_heldout_pairs(cfg: DPOJobConfig, ctx: RunContext) -> PreferenceBatches | None:
+    """The first ``eval.pairs`` held-out pairs, batched as the training pairs are (None: no file or none wanted)."""
+    path = heldout_pairs_file(cfg)
+    if not path or not cfg.eval.pairs:
+        return None
+    pairs, _ = read_preferences([path], ChatFormat(_tokenizer()), max_tokens=cfg.data.seq_len + 1)
+    batch = cfg.train.batch_size
+    return PreferenceBatches(
+        pairs[: cfg.eval.pairs], seq_len=cfg.data.seq_len, batch_size=batch, dp_rank=ctx.dp_rank,
+        dp_size=ctx.dp_size, grad_accum=cfg.train.grad_accum, seed=cfg.data.seed,
+    )  # fmt: skip
+
+
 def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     files = preference_files(cfg, ctx.rank)
     seq = cfg.data.seq_len
     pairs, skipped = read_preferences(
-        files, ChatFormat(Tokenizer()), max_tokens=seq + 1, skip_bad=cfg.data.on_bad_row == "skip"
+        files, ChatFormat(_tokenizer()), max_tokens=seq + 1, skip_bad=cfg.data.on_bad_row == "skip"
     )
     data = PreferenceBatches(
         pairs,
@@ -229,7 +295,10 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     model = parallelize_llama(cfg, lm_config, ctx)
     if ctx.rank == 0:
         write_lm_config(lm_config, cfg.run.dir)
-    reference = reference_logps(model, cfg, ctx, data, ctx.micro_batch_size(cfg))
+    heldout = read_heldout_pairs(cfg, ctx)
+    sets = {"train": data, **({"heldout": heldout} if heldout is not None else {})}
+    reference = reference_logps(model, cfg, ctx, sets)
+    preferences = None if heldout is None else HeldOutPreferences(cfg, ctx, heldout, reference["heldout"])
     if ctx.rank == 0:
         log.info(
             "Llama 3 DPO: %.1fM parameters from %s, %d pairs (%d bad rows skipped) from %s, seq %d, global batch %d "
@@ -247,9 +316,9 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     return train(
         cfg,
         model,
-        make_dpo_loss(cfg, ctx, reference),
+        make_dpo_loss(cfg, ctx, reference["train"]),
         data,
-        eval_fn=held_out_grader(cfg, lm_config, ctx),
+        eval_fn=combined_eval(held_out_grader(cfg, lm_config, ctx), preferences),
         tokens_per_sample=2 * seq,
         flops_per_sample=lm_config.flops_per_token(seq) * seq * 2,
         extra_metrics=lambda step: {**data.stats(), "data/bad_rows_skipped": skipped},
