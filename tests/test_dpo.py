@@ -223,3 +223,31 @@ def test_resumed_onto_two_ranks_continues_exactly(dpo_setup, one_rank):
     assert sorted(got) == list(range(STEPS // 2 + 1, STEPS + 1))
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+def test_the_stored_reference_is_read_back_for_the_same_pairs_and_weights_only(tmp_path, chat):
+    """A resume in the same run dir reads the stored reference (whatever the model's weights are by then); other
+    pairs or other initial weights recompute it."""
+    from types import SimpleNamespace
+
+    from lm import LMConfig, Transformer
+    from train.config import load_config
+    from train.dpo import DPOJobConfig, reference_logps
+
+    write_preference_data(tmp_path, pairs=6)
+    pairs, _ = read_preferences([tmp_path / PREFERENCE_FILE], chat, max_tokens=129)
+    cfg = load_config(DPOJobConfig, "configs/posttrain/dpo_tiny.toml", [f"--run.dir={tmp_path}", "--model.init_from=a"])
+    ctx = SimpleNamespace(
+        rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"), dims=SimpleNamespace(cp=1),
+        micro_batch_size=lambda cfg: 4,
+    )  # fmt: skip
+    data = PreferenceBatches(pairs, seq_len=128, batch_size=4, dp_rank=0, dp_size=1, grad_accum=1, seed=0)
+    torch.manual_seed(0)
+    model = Transformer(LMConfig.from_preset("debug", dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    model.init_weights()
+    first = reference_logps(model, cfg, ctx, {"train": data})["train"]
+    assert first.shape == (len(pairs), 2) and (first < 0).all()
+    model.init_weights()  # other weights: as a resumed run's model after its checkpoint loads
+    assert torch.equal(reference_logps(model, cfg, ctx, {"train": data})["train"], first)
+    cfg.model.init_from = "b"
+    assert not torch.equal(reference_logps(model, cfg, ctx, {"train": data})["train"], first)
