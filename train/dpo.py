@@ -8,10 +8,11 @@ and padded into rows, chosen and rejected side by side. The policy starts from `
 exported to HF) and is built and sharded as SFT builds it. The reference is that same initial policy: before step
 1 one pass of it over the whole training set stores each pair's chosen and rejected log-likelihoods in
 ``RUN_DIR/reference_logps.pt`` (a resume reads them back, or recomputes them identically from ``init_from``), so no
-second copy of the model exists. Per-token log-probs come from ``lm.loss.token_logprobs`` as the model's ``output=``
-function (inside forward, where FSDP has the output weight gathered). The loss is ``train.posttrain.losses.dpo_loss``:
-DPO's sigmoid loss (beta 0.1) on the answers without their formatting tokens, plus 0.2 x the chosen answers' token
-NLL (end of turn included), whose mean is over the whole global batch under every layout. ``metrics.jsonl`` logs
+second copy of the model exists. The answers' per-token log-probs come from ``lm.loss.token_logprobs`` in the model's
+``output=`` function (inside forward, where FSDP has the output weight gathered). The loss is
+``train.posttrain.losses.dpo_loss``: DPO's sigmoid loss (beta 0.1) on the answers without their formatting tokens,
+plus 0.2 x the chosen answers' token NLL (end of turn included), its mean over the whole global batch under every
+layout. ``metrics.jsonl`` logs
 ``rewards/accuracy``, ``rewards/margin``, ``rewards/chosen`` and ``rewards/rejected`` of the training batches;
 held-out prompts are answered greedily and graded (``eval/accuracy`` beside ``eval/chance``) as in SFT, and held-out
 pairs (their reference scored in the same pass) give ``eval/reward_accuracy`` and ``eval/reward_margin``.
@@ -33,6 +34,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Literal  # noqa: E402
@@ -51,7 +53,7 @@ from data.preference import (  # noqa: E402
     read_preferences,
 )
 from lm.config import LMConfig  # noqa: E402
-from lm.loss import token_logprobs_output_fn  # noqa: E402
+from lm.loss import token_logprobs  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse_cli  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
@@ -115,6 +117,21 @@ def preference_files(cfg: DPOJobConfig, rank: int) -> list[str]:
     )
 
 
+def answer_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's ``output`` function for per-token log-probs [B, S] of the labelled ``targets`` (0 elsewhere).
+
+    Only the labelled positions go through ``token_logprobs``: the answers are a small part of each padded row, and
+    the [tokens, vocab] work is most of a small model's.
+    """
+    labelled = targets != IGNORE_INDEX
+
+    def output(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        picked = token_logprobs(hidden[labelled], weight, targets[labelled])
+        return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(labelled, picked)
+
+    return output
+
+
 @functools.cache
 def _tokenizer() -> Tokenizer:
     return Tokenizer()  # a few hundred milliseconds to build: once, not every micro-batch
@@ -128,7 +145,7 @@ def answer_logps(
     tokens, documents, labels = (batch[k].to(ctx.device) for k in ("tokens", "document_ids", "labels"))
     inputs, _, model_kwargs = model_inputs(cfg, ctx, tokens, documents)
     targets = labels[:, 1:]
-    token_logps = model(inputs, **model_kwargs, output=token_logprobs_output_fn(targets))
+    token_logps = model(inputs, **model_kwargs, output=answer_logprobs_output_fn(targets))
     nll_mask = targets != IGNORE_INDEX
     dpo_mask = nll_mask & ~formatting_mask(tokens[:, 1:], _tokenizer())
     return token_logps, dpo_mask, nll_mask
