@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lm.tokenizer import ChatFormat, Tokenizer
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 
 
@@ -73,12 +74,13 @@ def check_messages(messages: Any) -> None:
         raise ValueError("the dialog has no assistant answer to train on")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, row) of a JSONL file, or (row number from 1, row) of a Parquet file."""
+def _rows(path: Path, columns: Sequence[str] | None) -> Iterator[tuple[int, Any]]:
+    """(line number, row) of a JSONL file, or (row number from 1, row) of a Parquet file (``columns`` of it)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # only for Parquet input
 
-        for number, row in enumerate(pq.read_table(path, columns=["messages"]).to_pylist(), start=1):
+        table = pq.read_table(path, columns=None if columns is None else [c for c in columns if c in _names(path)])
+        for number, row in enumerate(table.to_pylist(), start=1):
             yield number, row
         return
     with open(path, encoding="utf-8") as f:
@@ -91,6 +93,51 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, ValueError(f"not JSON ({e.msg})")
 
 
+def _names(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
+
+
+def read_encoded_rows(
+    paths: Sequence[str | Path],
+    encode: Callable[[Mapping[str, Any]], T],
+    *,
+    columns: Sequence[str] | None = None,
+    skip_bad: bool = False,
+) -> tuple[list[T], int]:
+    """``encode(row)`` of every row of JSONL/Parquet ``paths``; returns them and how many bad rows were skipped.
+
+    A row that is not a JSON object, or that ``encode`` rejects with ValueError, raises ChatDataError naming
+    ``file:line``, or with ``skip_bad`` is skipped and counted.
+    """
+    encoded, skipped = [], 0
+    for path in map(Path, paths):
+        for number, row in _rows(path, columns):
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                if not isinstance(row, Mapping):
+                    raise ValueError("the row is not a JSON object")
+                item = encode(row)
+            except ValueError as e:
+                if not skip_bad:
+                    raise ChatDataError(f"{path}:{number}: {e}") from None
+                skipped += 1
+                continue
+            encoded.append(item)
+    return encoded, skipped
+
+
+def encode_checked(messages: Any, chat: ChatFormat, max_tokens: int) -> EncodedDialog:
+    """`check_messages`, then `encode_dialog`; ValueError when the dialog is over ``max_tokens``."""
+    check_messages(messages)
+    dialog = encode_dialog(messages, chat)
+    if len(dialog.ids) > max_tokens:
+        raise ValueError(f"the dialog has {len(dialog.ids)} tokens, over the {max_tokens} a row holds")
+    return dialog
+
+
 def read_dialogs(
     paths: Sequence[str | Path], chat: ChatFormat, *, max_tokens: int, skip_bad: bool = False
 ) -> tuple[list[EncodedDialog], int]:
@@ -99,25 +146,13 @@ def read_dialogs(
     A bad row (not JSON, no messages, a missing or unknown role, an empty assistant answer, a dialog over
     ``max_tokens``) raises ChatDataError naming ``file:line``, or with ``skip_bad`` is skipped and counted.
     """
-    dialogs, skipped = [], 0
-    for path in map(Path, paths):
-        for number, row in _rows(path):
-            try:
-                if isinstance(row, Exception):
-                    raise row
-                if not isinstance(row, Mapping) or "messages" not in row:
-                    raise ValueError("the row has no 'messages'")
-                check_messages(row["messages"])
-                dialog = encode_dialog(row["messages"], chat)
-                if len(dialog.ids) > max_tokens:
-                    raise ValueError(f"the dialog has {len(dialog.ids)} tokens, over the {max_tokens} a row holds")
-            except ValueError as e:
-                if not skip_bad:
-                    raise ChatDataError(f"{path}:{number}: {e}") from None
-                skipped += 1
-                continue
-            dialogs.append(dialog)
-    return dialogs, skipped
+
+    def encode(row: Mapping[str, Any]) -> EncodedDialog:
+        if "messages" not in row:
+            raise ValueError("the row has no 'messages'")
+        return encode_checked(row["messages"], chat, max_tokens)
+
+    return read_encoded_rows(paths, encode, columns=["messages"], skip_bad=skip_bad)
 
 
 def pack_dialogs(dialogs: Sequence[EncodedDialog], width: int, seed: int) -> list[tuple[list, list, list]]:

@@ -25,6 +25,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Literal  # noqa: E402
@@ -99,15 +100,24 @@ def validate(cfg: SFTJobConfig, world_size: int | None = None) -> LMConfig:
     return lm_config
 
 
-def chat_files(cfg: SFTJobConfig, rank: int) -> list[str]:
-    """The configured chat files, or the embedded instruction data (rank 0 writes it, the others wait)."""
-    if cfg.data.files:
-        return [f.strip() for f in cfg.data.files.split(",") if f.strip()]
-    if rank == 0:
-        ensure_instruct_data(cfg.data.dir, seed=cfg.data.seed)
+def configured_or_embedded(files: str, rank: int, write_embedded: Callable[[], Path]) -> list[str]:
+    """The comma-separated ``files``, or the embedded data file ``write_embedded`` makes (rank 0 writes, the
+    others wait)."""
+    if files:
+        return [f.strip() for f in files.split(",") if f.strip()]
+    path = write_embedded() if rank == 0 else None
     if dist.is_initialized():
         dist.barrier()
-    return [str(Path(cfg.data.dir) / TRAIN_FILE)]
+    return [str(path or write_embedded())]  # the others find it written
+
+
+def chat_files(cfg: SFTJobConfig, rank: int) -> list[str]:
+    """The configured chat files, or the embedded instruction data (rank 0 writes it, the others wait)."""
+
+    def embedded() -> Path:
+        return ensure_instruct_data(cfg.data.dir, seed=cfg.data.seed) / TRAIN_FILE
+
+    return configured_or_embedded(cfg.data.files, rank, embedded)
 
 
 def held_out_grader(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> HeldOutGrader | None:

@@ -35,13 +35,16 @@ def dpo_loss(
     chosen_nll_mask: torch.Tensor,
     beta: float = DPO_BETA,
     nll_weight: float = DPO_NLL_WEIGHT,
+    nll_tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO's sigmoid loss (mean over pairs) + ``nll_weight`` x the chosen responses' mean token NLL; and metrics.
 
     ``*_token_logps`` [B, T]: the policy's log-prob of each target token. ``ref_*_logps`` [B]: the reference
     model's sequence log-likelihoods over the same DPO masks (precomputed, no gradient). The DPO masks select the
     response tokens without the formatting tokens (:func:`data.chat.formatting_mask`); ``chosen_nll_mask`` selects
-    every trained token of the chosen response, its end of turn included.
+    every trained token of the chosen response, its end of turn included. ``nll_tokens``: the count the chosen
+    NLL sum is divided by (default this batch's chosen tokens; under data parallel and gradient accumulation the
+    global batch's count / (ranks x micro-batches), so that the mean over them is the global token mean).
     """
     chosen_logratios = sequence_logps(chosen_token_logps, chosen_dpo_mask) - ref_chosen_logps
     rejected_logratios = sequence_logps(rejected_token_logps, rejected_dpo_mask) - ref_rejected_logps
@@ -49,7 +52,8 @@ def dpo_loss(
     loss = -F.logsigmoid(margin).mean()
     if nll_weight:
         nll_mask = chosen_nll_mask.to(chosen_token_logps.dtype)
-        nll = -(chosen_token_logps * nll_mask).sum() / nll_mask.sum().clamp(min=1)
+        denominator = nll_mask.sum().clamp(min=1) if nll_tokens is None else nll_tokens
+        nll = -(chosen_token_logps * nll_mask).sum() / denominator
         loss = loss + nll_weight * nll
     metrics = {
         "rewards/chosen": beta * chosen_logratios.detach().mean(),

@@ -1,0 +1,346 @@
+"""Direct preference optimization of a Llama 3 chat model (paper section 4.1.4), after SFT.
+
+    torchrun --nproc-per-node N train/dpo.py --config configs/posttrain/dpo_tiny.toml [--section.key=value ...]
+
+Preference rows (``data.preference``: a prompt, a chosen and a rejected answer; by default the embedded pairs made
+from ``data.instruct``'s tasks) are encoded in the Llama 3 chat format, labelled on each answer and its end of turn,
+and padded into rows, chosen and rejected side by side. The policy starts from ``--model.init_from`` (the SFT run
+exported to HF) and is built and sharded as SFT builds it. The reference is that same initial policy: before step
+1 one pass of it over the whole training set stores each pair's chosen and rejected log-likelihoods in
+``RUN_DIR/reference_logps.pt`` (a resume reads them back, or recomputes them identically from ``init_from``), so no
+second copy of the model exists. The answers' per-token log-probs come from ``lm.loss.token_logprobs`` in the model's
+``output=`` function (inside forward, where FSDP has the output weight gathered). The loss is
+``train.posttrain.losses.dpo_loss``: DPO's sigmoid loss (beta 0.1) on the answers without their formatting tokens,
+plus 0.2 x the chosen answers' token NLL (end of turn included), its mean over the whole global batch under every
+layout. ``metrics.jsonl`` logs
+``rewards/accuracy``, ``rewards/margin``, ``rewards/chosen`` and ``rewards/rejected`` of the training batches;
+held-out prompts are answered greedily and graded (``eval/accuracy`` beside ``eval/chance``) as in SFT, and held-out
+pairs (their reference scored in the same pass) give ``eval/reward_accuracy`` and ``eval/reward_margin``.
+This slice runs data parallel (FSDP/HSDP) only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # `torchrun train/dpo.py` puts train/ first on sys.path, where train/lm.py would shadow the `lm` package.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
+
+from common.atomic import atomic_write  # noqa: E402
+from data.chat import IGNORE_INDEX, formatting_mask  # noqa: E402
+from data.preference import (  # noqa: E402
+    HELDOUT_PREFERENCE_FILE,
+    PreferenceBatches,
+    ensure_preference_data,
+    read_preferences,
+)
+from lm.config import LMConfig  # noqa: E402
+from lm.loss import token_logprobs  # noqa: E402
+from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
+from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse_cli  # noqa: E402
+from train.export import write_lm_config  # noqa: E402
+from train.lm import LMModelConfig  # noqa: E402
+from train.loop import EvalFn, LossFn, RunContext, init_run, train  # noqa: E402
+from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
+from train.parallel.mesh import run_then_destroy  # noqa: E402
+from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
+from train.sft import SFTEvalConfig, configured_or_embedded, held_out_grader, validate  # noqa: E402
+
+log = logging.getLogger("train.dpo")
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclass
+class DPODataConfig:
+    """Preference files, each answer encoded after its prompt and padded into a row of ``seq_len + 1`` tokens."""
+
+    # Comma-separated JSONL/Parquet files of {prompt | prompt_messages, chosen, rejected[, edited]} rows;
+    # "" = the embedded preference pairs in dir (written there on first use, beside data.instruct's files).
+    files: str = ""
+    dir: str = "runs/data/instruct"
+    seq_len: PositiveInt = 256
+    # A bad row (no prompt, a missing or empty answer, an unknown role, over seq_len + 1 tokens) stops the run
+    # naming its file:line, or is skipped and counted.
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    seed: NonNegativeInt = 0
+
+
+@dataclass
+class DPOLossConfig:
+    """The DPO objective's coefficients (paper: beta 0.1, NLL 0.2 on the chosen answers)."""
+
+    beta: PositiveFloat = DPO_BETA
+    nll_weight: NonNegativeFloat = DPO_NLL_WEIGHT
+
+
+@dataclass
+class DPOEvalConfig(SFTEvalConfig):
+    """SFT's held-out grading, plus reward accuracy and margin on held-out preference pairs."""
+
+    # A preference file of held-out pairs; "" = the embedded held-out pairs when training on the embedded data.
+    pairs_file: str = ""
+    pairs: NonNegativeInt = 64
+
+
+@dataclass
+class DPOJobConfig(JobConfig):
+    """Root config of ``train/dpo.py``."""
+
+    model: LMModelConfig = field(default_factory=LMModelConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+
+def preference_files(cfg: DPOJobConfig, rank: int) -> list[str]:
+    """The configured preference files, or the embedded pairs (rank 0 writes them, the others wait)."""
+    return configured_or_embedded(
+        cfg.data.files, rank, lambda: ensure_preference_data(cfg.data.dir, seed=cfg.data.seed)
+    )
+
+
+def answer_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's ``output`` function for per-token log-probs [B, S] of the labelled ``targets`` (0 elsewhere).
+
+    Only the labelled positions go through ``token_logprobs``: the answers are a small part of each padded row, and
+    the [tokens, vocab] work is most of a small model's.
+    """
+    labelled = targets != IGNORE_INDEX
+
+    def output(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        picked = token_logprobs(hidden[labelled], weight, targets[labelled])
+        return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(labelled, picked)
+
+    return output
+
+
+@functools.cache
+def _tokenizer() -> Tokenizer:
+    return Tokenizer()  # a few hundred milliseconds to build: once, not every micro-batch
+
+
+def answer_logps(
+    model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's per-token log-probs [R, T] of the rows' targets, the DPO mask (answer tokens without formatting)
+    and the NLL mask (every labelled token: the answer and its end of turn)."""
+    tokens, documents, labels = (batch[k].to(ctx.device) for k in ("tokens", "document_ids", "labels"))
+    inputs, _, model_kwargs = model_inputs(cfg, ctx, tokens, documents)
+    targets = labels[:, 1:]
+    token_logps = model(inputs, **model_kwargs, output=answer_logprobs_output_fn(targets))
+    nll_mask = targets != IGNORE_INDEX
+    dpo_mask = nll_mask & ~formatting_mask(tokens[:, 1:], _tokenizer())
+    return token_logps, dpo_mask, nll_mask
+
+
+def make_dpo_loss(cfg: DPOJobConfig, ctx: RunContext, reference: torch.Tensor) -> LossFn:
+    """``loss_fn(model, batch)``: ``dpo_loss`` of the micro-batch's pairs against the precomputed ``reference``
+    [pairs, 2] (chosen, rejected), its chosen NLL divided by the batch's ``nll_tokens``; and the reward metrics."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        token_logps, dpo_mask, nll_mask = answer_logps(model, cfg, ctx, batch)
+        pairs = batch["index"].numel()
+        ref = reference[batch["index"]].to(ctx.device)
+        return dpo_loss(
+            token_logps[:pairs],
+            token_logps[pairs:],
+            ref[:, 0],
+            ref[:, 1],
+            chosen_dpo_mask=dpo_mask[:pairs],
+            rejected_dpo_mask=dpo_mask[pairs:],
+            chosen_nll_mask=nll_mask[:pairs],
+            beta=cfg.dpo.beta,
+            nll_weight=cfg.dpo.nll_weight,
+            nll_tokens=batch["nll_tokens"].to(ctx.device),
+        )
+
+    return loss_fn
+
+
+@torch.no_grad()
+def score_pairs(
+    model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, data: PreferenceBatches, micro: int
+) -> torch.Tensor:
+    """Every pair's (chosen, rejected) log-likelihood [pairs, 2] over the DPO masks, by ``model`` as it is now.
+
+    Each rank scores ``micro`` pairs per forward, every rank the same number of forwards (FSDP gathers weights in
+    each: a rank out of pairs repeats pair 0 and drops it); the shares are gathered onto every rank.
+    """
+    world, n = ctx.dp_size, len(data.pairs)
+    per_round = world * micro
+    result = torch.zeros(n, 2, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    for start in range(0, n, per_round):
+        mine = [start + ctx.dp_rank * micro + k for k in range(micro)]
+        token_logps, dpo_mask, _ = answer_logps(model, cfg, ctx, data.rows([i if i < n else 0 for i in mine]))
+        scored = sequence_logps(token_logps, dpo_mask).float().view(2, micro).T  # rows: chosen, rejected
+        shares = [scored]
+        if dist.is_initialized() and world > 1:
+            shares = [torch.empty_like(scored) for _ in range(world)]
+            dist.all_gather(shares, scored.contiguous())
+        for share, first in zip(shares, range(start, start + per_round, micro), strict=True):
+            keep = max(0, min(micro, n - first))
+            result[first : first + keep] = share[:keep].cpu()
+    model.train(was_training)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # A forward without backward leaves the root's weights gathered (no reshard after its forward): the
+            # optimizer built next must see the sharded parameters.
+            module.reshard()
+    return result
+
+
+def pairs_fingerprint(sets: dict[str, PreferenceBatches], init_from: str) -> str:
+    """What the stored reference was computed from: the initial weights' path and every pair's tokens."""
+    digest = hashlib.sha256(init_from.encode())
+    for name, data in sorted(sets.items()):
+        digest.update(name.encode())
+        for pair in data.pairs:
+            for dialog in (pair.chosen, pair.rejected):
+                digest.update(repr((dialog.ids, dialog.labels)).encode())
+    return digest.hexdigest()
+
+
+def reference_logps(
+    model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, sets: dict[str, PreferenceBatches]
+) -> dict[str, torch.Tensor]:
+    """Each set's reference log-likelihoods [pairs, 2]: read from the run dir when stored for these pairs and
+    weights, else scored by the initial ``model`` (before any step, or on a resume before its weights load) and
+    stored."""
+    path = Path(cfg.run.dir) / REFERENCE_FILE
+    fingerprint = pairs_fingerprint(sets, cfg.model.init_from)
+    if path.is_file():
+        stored = torch.load(path, weights_only=True)
+        if stored.pop("fingerprint") == fingerprint:
+            return stored
+    logps = {name: score_pairs(model, cfg, ctx, data, ctx.micro_batch_size(cfg)) for name, data in sets.items()}
+    if ctx.rank == 0:
+        atomic_write(path, lambda tmp: torch.save({"fingerprint": fingerprint, **logps}, tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    return logps
+
+
+class HeldOutPreferences:
+    """Part of the loop's ``eval_fn``: reward accuracy and margin on held-out pairs (every rank scores its share)."""
+
+    def __init__(self, cfg: DPOJobConfig, ctx: RunContext, data: PreferenceBatches, reference: torch.Tensor) -> None:
+        self.cfg, self.ctx, self.data, self.reference = cfg, ctx, data, reference
+
+    def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
+        """eval/reward_accuracy (the share of pairs whose implicit reward prefers the chosen answer), eval/margin."""
+        policy = score_pairs(model, self.cfg, self.ctx, self.data, self.ctx.micro_batch_size(self.cfg))
+        ratios = policy - self.reference
+        margin = self.cfg.dpo.beta * (ratios[:, 0] - ratios[:, 1])
+        return {"eval/reward_accuracy": (margin > 0).float().mean().item(), "eval/reward_margin": margin.mean().item()}
+
+
+def heldout_pairs_file(cfg: DPOJobConfig) -> str:
+    """The held-out preference file: eval.pairs_file, else the embedded one when training on the embedded pairs."""
+    if cfg.eval.pairs_file or cfg.data.files:
+        return cfg.eval.pairs_file
+    return str(Path(cfg.data.dir) / HELDOUT_PREFERENCE_FILE)
+
+
+def combined_eval(*evals: EvalFn | None) -> EvalFn | None:
+    """One ``eval_fn`` running each given one (in order, on every rank) and merging their metrics."""
+    present = [e for e in evals if e is not None]
+    if not present:
+        return None
+    return lambda model, step: {k: v for e in present for k, v in e(model, step).items()}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse and validate, set up the mesh, read the pairs, build the model, score the reference, train."""
+    parser = argparse.ArgumentParser(prog="train/dpo.py", description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_cli(DPOJobConfig, argv, parser)
+    try:
+        lm_config = validate(cfg)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    ctx = init_run(cfg)
+    return run_then_destroy(lambda: _run(cfg, lm_config, ctx))
+
+
+def read_heldout_pairs(cfg: DPOJobConfig, ctx: RunContext) -> PreferenceBatches | None:
+    """The first ``eval.pairs`` held-out pairs, batched as the training pairs are (None: no file or none wanted)."""
+    path = heldout_pairs_file(cfg)
+    if not path or not cfg.eval.pairs:
+        return None
+    pairs, _ = read_preferences([path], ChatFormat(_tokenizer()), max_tokens=cfg.data.seq_len + 1)
+    batch = cfg.train.batch_size
+    return PreferenceBatches(
+        pairs[: cfg.eval.pairs], seq_len=cfg.data.seq_len, batch_size=batch, dp_rank=ctx.dp_rank,
+        dp_size=ctx.dp_size, grad_accum=cfg.train.grad_accum, seed=cfg.data.seed,
+    )  # fmt: skip
+
+
+def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
+    files = preference_files(cfg, ctx.rank)
+    seq = cfg.data.seq_len
+    pairs, skipped = read_preferences(
+        files, ChatFormat(_tokenizer()), max_tokens=seq + 1, skip_bad=cfg.data.on_bad_row == "skip"
+    )
+    data = PreferenceBatches(
+        pairs,
+        seq_len=seq,
+        batch_size=cfg.train.batch_size,
+        dp_rank=ctx.dp_rank,
+        dp_size=ctx.dp_size,
+        grad_accum=cfg.train.grad_accum,
+        seed=cfg.data.seed,
+    )
+    model = parallelize_llama(cfg, lm_config, ctx)
+    if ctx.rank == 0:
+        write_lm_config(lm_config, cfg.run.dir)
+    heldout = read_heldout_pairs(cfg, ctx)
+    sets = {"train": data, **({"heldout": heldout} if heldout is not None else {})}
+    reference = reference_logps(model, cfg, ctx, sets)
+    preferences = None if heldout is None else HeldOutPreferences(cfg, ctx, heldout, reference["heldout"])
+    if ctx.rank == 0:
+        log.info(
+            "Llama 3 DPO: %.1fM parameters from %s, %d pairs (%d bad rows skipped) from %s, seq %d, global batch %d "
+            "pairs, beta %g, NLL weight %g",
+            lm_config.num_params() / 1e6,
+            cfg.model.init_from or f"a random preset {cfg.model.preset}",
+            len(pairs),
+            skipped,
+            ", ".join(files),
+            seq,
+            cfg.train.batch_size,
+            cfg.dpo.beta,
+            cfg.dpo.nll_weight,
+        )
+    return train(
+        cfg,
+        model,
+        make_dpo_loss(cfg, ctx, reference["train"]),
+        data,
+        eval_fn=combined_eval(held_out_grader(cfg, lm_config, ctx), preferences),
+        tokens_per_sample=2 * seq,
+        flops_per_sample=lm_config.flops_per_token(seq) * seq * 2,
+        extra_metrics=lambda step: {**data.stats(), "data/bad_rows_skipped": skipped},
+    )
+
+
+if __name__ == "__main__":
+    main()
