@@ -84,6 +84,34 @@ def test_resume_onto_another_layout(setup, reference, fsdp2):
         assert not torch.equal(wa, w0), f"{name} did not train"
 
 
+def kill_processes_naming(path, timeout: float = 60.0) -> None:
+    """SIGKILL every process whose command line names ``path`` and wait until none runs (zombies aside): killing
+    torchrun's process group leaves its workers running, each in a session of its own, as on a real node."""
+    from train.rundir import is_zombie
+
+    def running() -> list[int]:
+        pids = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        if str(path).encode() in f.read() and not is_zombie(int(entry.name)):
+                            pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    deadline = time.monotonic() + timeout
+    while pids := running():
+        assert time.monotonic() < deadline, f"processes of {path} still running: {pids}"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
 def test_killed_run_resumes_exactly(setup, fsdp2):
     """SIGKILL the whole job once step 6 is committed, run the same command again: the losses of an unbroken run."""
     run_dir = setup / "killed"
@@ -101,6 +129,7 @@ def test_killed_run_resumes_exactly(setup, fsdp2):
             assert time.monotonic() < deadline, "no step-6 checkpoint within 300 s"
             time.sleep(0.05)
         os.killpg(job.pid, signal.SIGKILL)
+        kill_processes_naming(run_dir)  # torchrun starts each worker in a session of its own
     finally:
         job.wait()
     assert max(losses(run_dir)) < STEPS
