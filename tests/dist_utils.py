@@ -130,11 +130,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from train.config import parse_cli
     from train.loop import compile_default, init_run, train
     from train.parallel.fsdp import parallelize
-    from train.parallel.mesh import destroy_distributed
+    from train.parallel.mesh import run_then_destroy
 
     cfg, _ = parse_cli(ToyConfig, argv)
     ctx = init_run(cfg)
-    try:
+
+    def run() -> list[dict]:
         model = ToyModel(cfg.toy.dim, cfg.toy.n_blocks, cfg.toy.dropout)
         parallelize(model, ctx.mesh, ac=cfg.train.ac, compile=compile_default(cfg))
         data = ToyData(cfg.toy.dim, cfg.train.batch_size, cfg.train.grad_accum, ctx.dp_rank, ctx.dp_size)
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return {}
 
         return train(cfg, model, loss_fn, data, extra_metrics=extra_metrics)
-    finally:
-        destroy_distributed()
+
+    return run_then_destroy(run)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -172,15 +172,12 @@ def compare(modality: str, rank: int, mesh) -> dict[str, Any]:
 def worker(out_dir: str) -> None:
     """Every modality on this rank; writes OUT_DIR/rank{R}.json."""
     from train.config import ParallelConfig
-    from train.parallel.mesh import destroy_distributed, setup
+    from train.parallel.mesh import run_then_destroy, setup
 
     torch.set_num_threads(1)
     _, mesh = setup(ParallelConfig())
     rank = torch.distributed.get_rank()
-    try:
-        results = {modality: compare(modality, rank, mesh) for modality in MODALITIES}
-    finally:
-        destroy_distributed()
+    results = run_then_destroy(lambda: {modality: compare(modality, rank, mesh) for modality in MODALITIES})
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
 
 

@@ -148,22 +148,21 @@ def save_built_weights(argv: list[str] | None = None) -> None:
     from train.lm import LMJobConfig, validate
     from train.loop import init_run
     from train.parallel.llama import parallelize_llama
-    from train.parallel.mesh import destroy_distributed
+    from train.parallel.mesh import run_then_destroy
 
     cfg, _ = parse_cli(LMJobConfig, argv)
     lm_config = validate(cfg)
     ctx = init_run(cfg)
-    try:
+
+    def gather() -> None:
         model = parallelize_llama(cfg, lm_config, ctx)
         weights = {
             name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
             for name, p in model.named_parameters()
         }
         torch.save(weights, os.path.join(cfg.run.dir, f"weights-rank{ctx.rank}.pt"))
-        # No rank tears gloo down while another still talks to it (that aborts the process).
-        torch.distributed.barrier()
-    finally:
-        destroy_distributed()
+
+    run_then_destroy(gather)  # no rank tears gloo down while another still talks to it
 
 
 if __name__ == "__main__":
