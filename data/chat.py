@@ -13,6 +13,7 @@ DPO leaves them out of the chosen and rejected log-likelihoods (paper section 4.
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -187,7 +188,46 @@ def _close_row(ids: list, labels: list, docs: list, width: int) -> tuple[list, l
 _PAD_ID = 0  # any valid id: padding is never a target and never attended to by a dialog
 
 
-class PackedDialogs:
+class StepBatches(abc.ABC):
+    """A global batch of ``batch_size`` per optimizer step, this rank's share cut into ``grad_accum`` micro-batches;
+    the state is the steps taken, the same on every rank, so it resumes onto any layout."""
+
+    def __init__(
+        self, *, seq_len: int, batch_size: int, dp_rank: int, dp_size: int, grad_accum: int, seed: int
+    ) -> None:
+        if batch_size % (dp_size * grad_accum):
+            raise ValueError(f"batch_size={batch_size} is not divisible by dp ({dp_size}) x grad_accum ({grad_accum})")
+        self.width, self.seed = seq_len + 1, seed
+        self.batch_size, self.dp_rank, self.dp_size, self.grad_accum = batch_size, dp_rank, dp_size, grad_accum
+        self.share = batch_size // dp_size  # this rank's part of each global batch
+        self.steps_taken = 0
+        self._pending: list[dict[str, torch.Tensor]] = []
+
+    @abc.abstractmethod
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's ``grad_accum`` micro-batches of global batch ``step``."""
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not self._pending:
+            self._pending = self.micro_batches(self.steps_taken)
+            self.steps_taken += 1
+        return self._pending.pop(0)
+
+    def state_dict(self) -> dict:
+        """The optimizer steps taken (the same on every rank)."""
+        if self._pending:
+            raise RuntimeError("data state taken in the middle of an optimizer step's micro-batches")
+        return {"steps_taken": self.steps_taken, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after ``state['steps_taken']`` global batches."""
+        self.steps_taken, self._pending = int(state["steps_taken"]), []
+
+
+class PackedDialogs(StepBatches):
     """Packed rows of ``seq_len + 1`` tokens, a global batch per optimizer step, this rank's micro-batches.
 
     Every rank packs the same rows (the data is small and in memory) and takes rows ``dp_rank * B / D ...`` of
@@ -210,17 +250,15 @@ class PackedDialogs:
     ) -> None:
         if not dialogs:
             raise ValueError("no dialogs to train on")
-        if batch_size % (dp_size * grad_accum):
-            raise ValueError(f"batch_size={batch_size} is not divisible by dp ({dp_size}) x grad_accum ({grad_accum})")
+        super().__init__(
+            seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, grad_accum=grad_accum, seed=seed
+        )
         longest = max(len(d.ids) for d in dialogs)
         if longest > seq_len + 1:
             raise ValueError(f"a dialog of {longest} tokens does not fit a row of seq_len + 1 = {seq_len + 1}")
-        self.dialogs, self.width, self.seed = dialogs, seq_len + 1, seed
-        self.batch_size, self.dp_rank, self.dp_size, self.grad_accum = batch_size, dp_rank, dp_size, grad_accum
-        self.steps_taken = 0
+        self.dialogs = dialogs
         self._epoch_rows: tuple[int, list] | None = None
         self._epoch_sizes: dict[int, int] = {}
-        self._pending: list[dict[str, torch.Tensor]] = []
 
     def _rows(self, epoch: int) -> list:
         if self._epoch_rows is None or self._epoch_rows[0] != epoch:
@@ -243,32 +281,15 @@ class PackedDialogs:
             start, epoch = 0, epoch + 1
         return rows
 
-    def __iter__(self) -> PackedDialogs:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if not self._pending:
-            rows = self._global_batch(self.steps_taken)
-            self.steps_taken += 1
-            ids, labels, docs = (torch.tensor(column) for column in zip(*rows, strict=True))
-            scale = self.dp_size * self.grad_accum / max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
-            share = self.batch_size // self.dp_size
-            mine = slice(self.dp_rank * share, (self.dp_rank + 1) * share)
-            self._pending = [
-                {"tokens": t, "labels": lab, "document_ids": d, "loss_scale": torch.tensor(scale)}
-                for t, lab, d in zip(*(x[mine].chunk(self.grad_accum) for x in (ids, labels, docs)), strict=True)
-            ]
-        return self._pending.pop(0)
-
-    def state_dict(self) -> dict:
-        """The optimizer steps taken (the same on every rank)."""
-        if self._pending:
-            raise RuntimeError("data state taken in the middle of an optimizer step's micro-batches")
-        return {"steps_taken": self.steps_taken, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue after ``state['steps_taken']`` global batches."""
-        self.steps_taken, self._pending = int(state["steps_taken"]), []
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's packed micro-batches of global batch ``step``, each with the global batch's loss scale."""
+        ids, labels, docs = (torch.tensor(column) for column in zip(*self._global_batch(step), strict=True))
+        scale = self.dp_size * self.grad_accum / max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
+        mine = slice(self.dp_rank * self.share, (self.dp_rank + 1) * self.share)
+        return [
+            {"tokens": t, "labels": lab, "document_ids": d, "loss_scale": torch.tensor(scale)}
+            for t, lab, d in zip(*(x[mine].chunk(self.grad_accum) for x in (ids, labels, docs)), strict=True)
+        ]
 
     def stats(self) -> dict[str, Any]:
         """Metrics: the epoch the next batch comes from (fractional)."""

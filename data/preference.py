@@ -30,7 +30,7 @@ import torch
 
 from common.atomic import atomic_write_text
 from data import scenes
-from data.chat import IGNORE_INDEX, EncodedDialog, encode_checked, encode_dialog, read_encoded_rows
+from data.chat import IGNORE_INDEX, EncodedDialog, StepBatches, encode_checked, encode_dialog, read_encoded_rows
 from data.instruct import HELDOUT_FILE, ensure_instruct_data, make_dialogs, prompt_of
 from lm.tokenizer import ChatFormat
 
@@ -87,7 +87,7 @@ def read_preferences(
     )
 
 
-class PreferenceBatches:
+class PreferenceBatches(StepBatches):
     """Global batches of ``batch_size`` pairs per step, reshuffled each epoch from ``seed + epoch``; this rank's
     ``batch_size / dp_size`` pairs split into ``grad_accum`` micro-batches.
 
@@ -111,12 +111,10 @@ class PreferenceBatches:
     ) -> None:
         if not pairs:
             raise ValueError("no preference pairs to train on")
-        if batch_size % (dp_size * grad_accum):
-            raise ValueError(f"batch_size={batch_size} is not divisible by dp ({dp_size}) x grad_accum ({grad_accum})")
-        self.pairs, self.width, self.seed = pairs, seq_len + 1, seed
-        self.batch_size, self.dp_rank, self.dp_size, self.grad_accum = batch_size, dp_rank, dp_size, grad_accum
-        self.steps_taken = 0
-        self._pending: list[dict[str, torch.Tensor]] = []
+        super().__init__(
+            seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, grad_accum=grad_accum, seed=seed
+        )
+        self.pairs = pairs
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.pairs)))
@@ -136,32 +134,14 @@ class PreferenceBatches:
         dialogs = [self.pairs[i].chosen for i in indices] + [self.pairs[i].rejected for i in indices]
         return {**pad_rows(dialogs, self.width), "index": torch.tensor(list(indices))}
 
-    def __iter__(self) -> PreferenceBatches:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if not self._pending:
-            indices = self.global_indices(self.steps_taken)
-            self.steps_taken += 1
-            chosen_tokens = sum(_targets(self.pairs[i].chosen) for i in indices)
-            nll_tokens = torch.tensor(max(1, chosen_tokens) / (self.dp_size * self.grad_accum))
-            share = self.batch_size // self.dp_size
-            mine = indices[self.dp_rank * share : (self.dp_rank + 1) * share]
-            micro = share // self.grad_accum
-            self._pending = [
-                {**self.rows(mine[k : k + micro]), "nll_tokens": nll_tokens} for k in range(0, share, micro)
-            ]
-        return self._pending.pop(0)
-
-    def state_dict(self) -> dict:
-        """The optimizer steps taken (the same on every rank)."""
-        if self._pending:
-            raise RuntimeError("data state taken in the middle of an optimizer step's micro-batches")
-        return {"steps_taken": self.steps_taken, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue after ``state['steps_taken']`` global batches."""
-        self.steps_taken, self._pending = int(state["steps_taken"]), []
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of pairs of global batch ``step``, each with the global batch's NLL tokens."""
+        indices = self.global_indices(step)
+        chosen_tokens = sum(_targets(self.pairs[i].chosen) for i in indices)
+        nll_tokens = torch.tensor(max(1, chosen_tokens) / (self.dp_size * self.grad_accum))
+        mine = indices[self.dp_rank * self.share : (self.dp_rank + 1) * self.share]
+        micro = self.share // self.grad_accum
+        return [{**self.rows(mine[k : k + micro]), "nll_tokens": nll_tokens} for k in range(0, self.share, micro)]
 
     def stats(self) -> dict[str, Any]:
         """Metrics: the epoch the next batch comes from (fractional)."""
