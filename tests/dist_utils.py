@@ -231,4 +231,7 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
+    from train.parallel.mesh import exit_rank
+
     main()
+    exit_rank()

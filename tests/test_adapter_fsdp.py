@@ -222,4 +222,7 @@ def test_media_kv_returns_fresh_tensors_with_unchanged_values(n_kv_heads, media_
 
 
 if __name__ == "__main__":
+    from train.parallel.mesh import exit_rank
+
     worker(sys.argv[1])
+    exit_rank()

@@ -166,7 +166,10 @@ def save_built_weights(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from train.parallel.mesh import exit_rank
+
     save_built_weights()
+    exit_rank()
 
 
 def test_values_are_drawn_on_the_cpu_under_any_default_device():

@@ -52,7 +52,7 @@ from train import stage  # noqa: E402
 from train.config import JobConfig, NonNegativeInt, PositiveInt  # noqa: E402
 from train.loop import RunContext  # noqa: E402
 from train.media import MEDIA_KINDS  # noqa: E402
-from train.parallel.mesh import world_size  # noqa: E402
+from train.parallel.mesh import exit_rank, world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
 
 if TYPE_CHECKING:
@@ -504,3 +504,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    exit_rank()

@@ -60,7 +60,7 @@ from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
 from train.loop import EvalFn, LossFn, RunContext, init_run, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
-from train.parallel.mesh import run_then_destroy  # noqa: E402
+from train.parallel.mesh import exit_rank, run_then_destroy  # noqa: E402
 from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
 from train.sft import SFTEvalConfig, configured_or_embedded, held_out_grader, validate  # noqa: E402
 
@@ -344,3 +344,4 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    exit_rank()

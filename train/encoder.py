@@ -37,7 +37,7 @@ from train import stage  # noqa: E402
 from train.checkpoint import full_state_dict  # noqa: E402
 from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: E402
 from train.loop import EvalFn, RunContext  # noqa: E402
-from train.parallel.mesh import world_size  # noqa: E402
+from train.parallel.mesh import exit_rank, world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
 
 if TYPE_CHECKING:  # the encoders import open_clip, torchvision and torchaudio: loaded only where used
@@ -345,3 +345,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    exit_rank()

@@ -37,7 +37,7 @@ from train.loop import RunContext, init_run, micro_batch_size, train  # noqa: E4
 from train.losses import make_loss, uses_fused_loss  # noqa: E402
 from train.parallel.cp import check_cp  # noqa: E402
 from train.parallel.llama import make_forward_backward, parallelize_llama, pipeline_plan  # noqa: E402
-from train.parallel.mesh import ParallelDims, run_then_destroy, submesh  # noqa: E402
+from train.parallel.mesh import ParallelDims, exit_rank, run_then_destroy, submesh  # noqa: E402
 from train.parallel.tp import check_tp  # noqa: E402
 
 log = logging.getLogger("train.lm")
@@ -195,3 +195,4 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    exit_rank()

@@ -45,7 +45,7 @@ from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig, build_lm_config  # noqa: E402
 from train.loop import LossFn, RunContext, init_run, micro_batch_size, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
-from train.parallel.mesh import ParallelDims, run_then_destroy  # noqa: E402
+from train.parallel.mesh import ParallelDims, exit_rank, run_then_destroy  # noqa: E402
 from train.posttrain.heldout import HeldOutGrader, read_graded_rows  # noqa: E402
 
 log = logging.getLogger("train.sft")
@@ -206,3 +206,4 @@ def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    exit_rank()

@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -146,6 +147,23 @@ def run_then_destroy(work: Callable[[], T]) -> T:
         raise
     destroy_distributed(together=True)
     return result
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End this rank's process now, its output flushed, skipping the interpreter's finalization.
+
+    Called by entry scripts once ``main`` has returned (the process group already destroyed). Gloo's C++ threads
+    and the tensors they hold can outlive ``destroy_process_group`` until finalization, where freeing them races
+    the interpreter's own teardown and, now and then, aborts the rank ("terminate called without an active
+    exception") with its work done and saved. Nothing is left to run at that point, so skip finalization.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:
