@@ -48,6 +48,9 @@ _META_TO_HF = {
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
 }
 _HF_TO_META = {hf: meta for meta, hf in _META_TO_HF.items()}
+# A score head (LMConfig.num_labels > 0) is HF's LlamaForSequenceClassification `score`, our `output`.
+HF_SCORE_HEAD = "score.weight"
+_HF_TO_META[HF_SCORE_HEAD] = "output.weight"
 
 
 def _rename(name: str, table: dict[str, str]) -> str | None:
@@ -307,7 +310,8 @@ def _save_hf(state: dict[str, torch.Tensor], config: LMConfig, path: Path, max_s
             tensor = meta_to_hf_rotary(tensor, config.n_heads)
         elif name.endswith("attention.wk.weight"):
             tensor = meta_to_hf_rotary(tensor, config.n_kv_heads)
-        hf_state[meta_to_hf_name(name)] = tensor.contiguous()
+        hf_name = HF_SCORE_HEAD if name == "output.weight" and config.num_labels else meta_to_hf_name(name)
+        hf_state[hf_name] = tensor.contiguous()
     shards = list(_split_by_size(hf_state, max_shard_bytes))
     dtype = next(iter(hf_state.values())).dtype
     weight_map = {}

@@ -38,6 +38,9 @@ class LMConfig:
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
     attn_backend: str = "sdpa"
+    # 0: a language model (the output projects onto the vocabulary). N > 0: the output is a head of N scores read
+    # at a sequence's last token (HF's LlamaForSequenceClassification); 1 is the paper's reward model.
+    num_labels: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -50,12 +53,21 @@ class LMConfig:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.num_labels < 0:
+            raise ValueError(f"num_labels={self.num_labels} must be >= 0 (0: a language model)")
+        if self.num_labels and self.tie_word_embeddings:
+            raise ValueError("a score head (num_labels > 0) cannot be tied to the embeddings")
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r}; expected one of {ATTENTION_BACKENDS}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the output projection: the vocabulary, or the score head's labels."""
+        return self.num_labels or self.vocab_size
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -74,7 +86,7 @@ class LMConfig:
         feed_forward = 3 * self.dim * self.ffn_hidden_dim
         per_layer = attention + feed_forward + 2 * self.dim
         embeddings = self.vocab_size * self.dim
-        output = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
+        output = 0 if self.tie_word_embeddings else self.output_dim * self.dim
         total = self.n_layers * per_layer + self.dim + output
         return total if exclude_embeddings else total + embeddings
 
@@ -125,6 +137,7 @@ class LMConfig:
             rope_theta=params.get("rope_theta", 500000.0),
             rope_scaling=scaling,
             max_seq_len=params.get("max_seq_len", 131072 if scaling else 8192),
+            num_labels=params.get("num_labels", 0),
         )
 
     def to_meta_params(self) -> dict:
@@ -151,6 +164,8 @@ class LMConfig:
             if self.rope_scaling.original_max_position_embeddings != 8192:
                 params["rope_original_max_position_embeddings"] = self.rope_scaling.original_max_position_embeddings
         params["max_seq_len"] = self.max_seq_len
+        if self.num_labels:  # not Meta's: its reference has no score head; recorded so the layout round-trips
+            params["num_labels"] = self.num_labels
         return params
 
     @classmethod
@@ -195,6 +210,7 @@ class LMConfig:
             rope_scaling=scaling,
             max_seq_len=config.get("max_position_embeddings", 8192),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
+            num_labels=_hf_num_labels(config),
         )
 
     def to_hf_config(self) -> dict:
@@ -218,6 +234,8 @@ class LMConfig:
             "mlp_bias": False,
             "torch_dtype": "float32",
         }
+        if self.num_labels:
+            config.update(architectures=["LlamaForSequenceClassification"], num_labels=self.num_labels)
         if self.vocab_size >= 128256:  # the Llama 3 vocabulary: begin_of_text, end_of_text, eom, eot
             config.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -225,7 +243,20 @@ class LMConfig:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
             config["rope_scaling"] = dict(rope)
         config["rope_parameters"] = rope
+        if self.num_labels and self.vocab_size >= 128256:
+            # HF scores a row at its last token before padding: <|finetune_right_pad_id|>, never in a dialog.
+            config["pad_token_id"] = FINETUNE_PAD_ID
         return config
+
+
+FINETUNE_PAD_ID = 128004  # <|finetune_right_pad_id|>
+
+
+def _hf_num_labels(config: dict) -> int:
+    """The score head's width of an HF ...ForSequenceClassification config.json, else 0 (a causal LM)."""
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return 0
+    return int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
 
 
 def _meta_default_rope_factor(params: dict) -> float:

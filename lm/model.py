@@ -265,7 +265,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, config) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.dim, config.output_dim, bias=False)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rope = RotaryEmbedding(config)

@@ -39,6 +39,8 @@ def check_tp(config: LMConfig, tp: int) -> None:
         problems.append(f"n_heads={config.n_heads}")
     if config.ffn_hidden_dim % tp:
         problems.append(f"the feed-forward width {config.ffn_hidden_dim}")
+    if config.output_dim % tp:
+        problems.append(f"the score head's num_labels={config.num_labels}")
     if problems:
         raise TensorParallelError(
             f"parallel.tp={tp} must divide {' and '.join(problems)}: each rank holds whole attention heads "
