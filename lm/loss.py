@@ -1,6 +1,7 @@
 """Cross-entropy of the output projection without the full logits (`linear_cross_entropy`), and the LM's
 next-token losses built on it (`fused_loss_output_fn`) or on whole logits (`token_cross_entropy`); per-token
-log-probs without the full logits for post-training's sequence losses (`token_logprobs`).
+log-probs without the full logits for post-training's sequence losses (`token_logprobs`, also over an output
+weight sharded by vocabulary under tensor parallel, which SFT's loss uses there too).
 
 With a 128K vocabulary the logits of a training batch are its largest tensor (1024 tokens: 525 MB in
 fp32), and autograd keeps them, their log-softmax and their gradient alive at once. Here the tokens are
