@@ -1,6 +1,7 @@
 """Cross-entropy of the output projection without the full logits (`linear_cross_entropy`), and the LM's
 next-token losses built on it (`fused_loss_output_fn`) or on whole logits (`token_cross_entropy`); per-token
-log-probs without the full logits for post-training's sequence losses (`token_logprobs`).
+log-probs without the full logits for post-training's sequence losses (`token_logprobs`, also over an output
+weight sharded by vocabulary under tensor parallel, which SFT's loss uses there too).
 
 With a 128K vocabulary the logits of a training batch are its largest tensor (1024 tokens: 525 MB in
 fp32), and autograd keeps them, their log-softmax and their gradient alive at once. Here the tokens are
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 # Tokens per chunk. On CPU the three matmuls run at full speed from ~1K rows, and a larger chunk means
 # fewer read-modify-write passes over the [vocab, dim] weight gradient; the chunk's fp32 logits cost
@@ -166,13 +169,62 @@ def token_logprobs(
 
     Unlike the cross-entropy, the gradient reaching each token's log-prob is known only in backward (a DPO
     loss weighs whole sequences), so backward recomputes each chunk's logits: one chunk of [tokens, vocab]
-    exists at a time, in forward and in backward, and only hidden, weight and targets are saved.
+    exists at a time, in forward and in backward, and only hidden, weight, targets and each token's log-sum-exp
+    are saved.
+
+    Under tensor parallel the model's ``output=`` function gets the output weight as a DTensor sharded by
+    vocabulary rows over the TP mesh, and the hidden states as a sequence-sharded DTensor (sequence parallel):
+    the hidden states are then all-gathered, each rank computes the logits of its vocabulary rows only, the
+    log-sum-exps and the targets' logits are combined over the TP group, and in backward the hidden states'
+    gradient is all-reduced over it. The result is the same plain tensor on every TP rank.
     """
     _check_shapes(hidden, weight, targets, chunk_size)
+    hidden = replicated_hidden(hidden)
+    local_weight, shard = _vocab_shard(weight)
     flat = _TokenLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, chunk_size
+        hidden.reshape(-1, hidden.shape[-1]), local_weight, targets.reshape(-1), ignore_index, chunk_size, shard
     )
     return flat.view(targets.shape)
+
+
+def replicated_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` as a plain tensor over every position: a sequence-sharded DTensor (TP's sequence parallel) is
+    all-gathered.
+
+    Its gradient must then be whole and the same on every TP rank (``token_logprobs`` all-reduces it), for the
+    backward of the all-gather keeps each rank's own slice of it.
+    """
+    if isinstance(hidden, DTensor):
+        return hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim).to_local()
+    return hidden
+
+
+@dataclass(frozen=True)
+class _VocabShard:
+    """This rank's rows [start, start + local vocabulary) of a weight sharded by vocabulary over ``group``."""
+
+    group: dist.ProcessGroup
+    ranks: int
+    start: int
+
+
+def _vocab_shard(weight: torch.Tensor) -> tuple[torch.Tensor, _VocabShard | None]:
+    """The local rows of the output weight and where they sit; a plain tensor is the whole vocabulary."""
+    if not isinstance(weight, DTensor):
+        return weight, None
+    if weight.device_mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(
+            f"the output weight is a DTensor placed {weight.placements} on a {weight.device_mesh.ndim}-D mesh; "
+            "expected it sharded by vocabulary rows (Shard(0)) over one tensor-parallel mesh dimension"
+        )
+    mesh, vocab = weight.device_mesh, weight.shape[0]
+    # DTensor's Shard(0) splits as torch.chunk does: ceil(vocab / ranks) rows each, the last ranks short or empty.
+    per_rank = -(-vocab // mesh.size())
+    start = min(mesh.get_local_rank() * per_rank, vocab)
+    local = weight.to_local()
+    if local.shape[0] != min(per_rank, vocab - start):
+        raise ValueError(f"local output weight rows {local.shape[0]} do not match a torch.chunk split of {vocab}")
+    return local, _VocabShard(mesh.get_group(), mesh.size(), start)
 
 
 def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> None:
@@ -188,44 +240,69 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(hidden, weight.t()).float()
 
 
+def _combine_over_vocab_shards(
+    log_sum_exp: torch.Tensor, target_logit: torch.Tensor, shard: _VocabShard
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole vocabulary's log-sum-exp and target logits from each rank's (its rows only; a target's logit is
+    0 on the ranks that do not hold it): one all-gather of 2 floats per token."""
+    mine = torch.stack([log_sum_exp, target_logit])
+    every = [torch.empty_like(mine) for _ in range(shard.ranks)]
+    dist.all_gather(every, mine, group=shard.group)
+    every = torch.stack(every)  # [ranks, 2, tokens]
+    return every[:, 0].logsumexp(0), every[:, 1].sum(0)
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, shard):
         valid = targets != ignore_index
-        safe_targets = torch.where(valid, targets, 0)
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
+        # Targets as rows of the local weight: under TP each rank holds rows [start, start + local vocabulary).
+        local_targets = torch.where(valid, targets, 0) - (shard.start if shard else 0)
+        owned = valid & (local_targets >= 0) & (local_targets < weight.shape[0])
+        local_targets = torch.where(owned, local_targets, 0)
+        n_tokens = hidden.shape[0]
+        target_logit = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
+        log_sum_exp = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
             logits = _chunk_logits(hidden[start:end], weight)
-            out[start:end] = logits.gather(1, safe_targets[start:end, None]).squeeze(1) - logits.logsumexp(1)
-        ctx.save_for_backward(hidden, weight, safe_targets, valid)
-        ctx.chunk_size = chunk_size
-        return torch.where(valid, out, 0.0)
+            target_logit[start:end] = logits.gather(1, local_targets[start:end, None]).squeeze(1)
+            log_sum_exp[start:end] = logits.logsumexp(1)
+        target_logit = torch.where(owned, target_logit, 0.0)
+        if shard is not None:
+            log_sum_exp, target_logit = _combine_over_vocab_shards(log_sum_exp, target_logit, shard)
+        ctx.save_for_backward(hidden, weight, local_targets, owned, valid, log_sum_exp)
+        ctx.chunk_size, ctx.shard = chunk_size, shard
+        return torch.where(valid, target_logit - log_sum_exp, 0.0)
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, targets, valid = ctx.saved_tensors
+        hidden, weight, targets, owned, valid, log_sum_exp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        # d logp_t / d logits = one-hot(t) - softmax, weighted by each token's incoming gradient (0 where ignored).
+        # d logp_t / d logits = one-hot(t) - softmax, weighted by each token's incoming gradient (0 where ignored);
+        # the one-hot lands on the rank whose rows hold t.
         token_grad = torch.where(valid, grad_output.float(), 0.0)
+        owned_grad = torch.where(owned, token_grad, 0.0)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # fp32 sum over chunks
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
-            g = token_grad[start:end, None]
-            grad = torch.softmax(_chunk_logits(hidden[start:end], weight), 1).mul_(-g)
-            grad = grad.scatter_add_(1, targets[start:end, None], g).to(hidden.dtype)
+            logits = _chunk_logits(hidden[start:end], weight)
+            grad = logits.sub_(log_sum_exp[start:end, None]).exp_().mul_(-token_grad[start:end, None])
+            grad = grad.scatter_add_(1, targets[start:end, None], owned_grad[start:end, None]).to(hidden.dtype)
             if need_hidden:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
             if need_weight:
                 chunk_grad = torch.mm(grad.t(), hidden[start:end]).float()
                 grad_weight = chunk_grad if grad_weight is None else grad_weight.add_(chunk_grad)
+        if need_hidden and ctx.shard is not None:  # each rank's part is its vocabulary rows' share of the sum
+            dist.all_reduce(grad_hidden, group=ctx.shard.group)
         if need_weight:
             grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy", "token_logprobs"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "free_cpu_buffer", "linear_cross_entropy", "replicated_hidden", "token_logprobs"]
 
 
 def token_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -234,9 +311,21 @@ def token_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, t
 
 
 def fused_loss_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The model's ``output`` function for the chunked loss: linear + cross-entropy without whole logits."""
+    """The model's ``output`` function for the chunked loss: linear + cross-entropy without whole logits.
+
+    Under tensor parallel (the weight a vocabulary-sharded DTensor) it is the mean of ``-token_logprobs``, which
+    combines the vocabulary shards; that path recomputes each chunk's logits in backward (one matmul more than
+    ``linear_cross_entropy``, which takes its gradients in forward and knows nothing of shards).
+    """
     flat_targets = targets.flatten()
-    return lambda hidden, weight: linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets)
+
+    def output(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if isinstance(weight, DTensor):
+            counted = (targets != -100).sum().clamp(min=1)
+            return -token_logprobs(hidden, weight, targets).sum() / counted
+        return linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets)
+
+    return output
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -229,11 +229,13 @@ def test_resumed_onto_two_ranks_continues_exactly(sft_setup, one_rank):
 @pytest.mark.parametrize(
     "overrides,world,message",
     [
-        (["--parallel.tp=2"], 2, "data parallel only"),
+        (["--parallel.cp=2"], 2, "data and tensor parallel only"),
+        (["--parallel.pp=2"], 2, "data and tensor parallel only"),
+        (["--parallel.tp=2", "--model.n_kv_heads=1"], 2, "parallel.tp=2 must divide n_kv_heads=1"),
         (["--model.vocab_size=1000"], 1, "lacks the Llama 3 chat format's tokens"),
         (["--data.seq_len=200000"], 1, "exceeds the model's max_seq_len"),
     ],
-    ids=["tp", "small-vocab", "long-rows"],
+    ids=["cp", "pp", "tp-heads", "small-vocab", "long-rows"],
 )
 def test_config_errors_before_any_process_group(overrides, world, message):
     from train.config import load_config

@@ -16,7 +16,8 @@ layout. ``metrics.jsonl`` logs
 ``rewards/accuracy``, ``rewards/margin``, ``rewards/chosen`` and ``rewards/rejected`` of the training batches;
 held-out prompts are answered greedily and graded (``eval/accuracy`` beside ``eval/chance``) as in SFT, and held-out
 pairs (their reference scored in the same pass) give ``eval/reward_accuracy`` and ``eval/reward_margin``.
-This slice runs data parallel (FSDP/HSDP) only.
+It runs data and tensor parallel (FSDP/HSDP, ``--parallel.tp``: ``token_logprobs`` combines the vocabulary shards of
+the output weight); context and pipeline parallel are refused.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ from data.preference import (  # noqa: E402
     read_preferences,
 )
 from lm.config import LMConfig  # noqa: E402
-from lm.loss import token_logprobs  # noqa: E402
+from lm.loss import replicated_hidden, token_logprobs  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse_cli  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
 from train.loop import EvalFn, LossFn, RunContext, init_run, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
-from train.parallel.mesh import exit_rank, run_then_destroy  # noqa: E402
+from train.parallel.mesh import exit_rank, run_then_destroy, submesh  # noqa: E402
 from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
 from train.sft import SFTEvalConfig, configured_or_embedded, held_out_grader, validate  # noqa: E402
 
@@ -126,7 +127,8 @@ def answer_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, 
     labelled = targets != IGNORE_INDEX
 
     def output(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        picked = token_logprobs(hidden[labelled], weight, targets[labelled])
+        # Under TP the hidden states arrive sequence-sharded: gathered whole before the answers are picked out.
+        picked = token_logprobs(replicated_hidden(hidden)[labelled], weight, targets[labelled])
         return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(labelled, picked)
 
     return output
@@ -181,8 +183,9 @@ def score_pairs(
 ) -> torch.Tensor:
     """Every pair's (chosen, rejected) log-likelihood [pairs, 2] over the DPO masks, by ``model`` as it is now.
 
-    Each rank scores ``micro`` pairs per forward, every rank the same number of forwards (FSDP gathers weights in
-    each: a rank out of pairs repeats pair 0 and drops it); the shares are gathered onto every rank.
+    Each data-parallel rank scores ``micro`` pairs per forward, every rank the same number of forwards (FSDP
+    gathers weights in each: a rank out of pairs repeats pair 0 and drops it); the shares are gathered over the
+    data-parallel group onto every rank (the TP ranks of one group score the same pairs together).
     """
     world, n = ctx.dp_size, len(data.pairs)
     per_round = world * micro
@@ -196,7 +199,7 @@ def score_pairs(
         shares = [scored]
         if dist.is_initialized() and world > 1:
             shares = [torch.empty_like(scored) for _ in range(world)]
-            dist.all_gather(shares, scored.contiguous())
+            dist.all_gather(shares, scored.contiguous(), group=submesh(ctx.mesh, "dp").get_group())
         for share, first in zip(shares, range(start, start + per_round, micro), strict=True):
             keep = max(0, min(micro, n - first))
             result[first : first + keep] = share[:keep].cpu()

@@ -9,7 +9,9 @@ and end of turn, and packed with document ids so that no dialog attends to anoth
 (``train.parallel.llama``); ``train.loop.train`` runs the steps, DCP checkpoints, resume and ``metrics.jsonl``,
 and held-out prompts are answered greedily and graded (``eval/accuracy`` beside ``eval/chance``).
 The loss of a step is the mean cross-entropy over the target tokens of the whole global batch, under every layout.
-This slice runs data parallel (FSDP/HSDP) only: tensor, context and pipeline parallel are refused.
+It runs data parallel (FSDP/HSDP) and tensor parallel (``--parallel.tp``: the chunked loss combines the vocabulary
+shards in ``lm.loss``; whole logits go through the vocabulary-parallel cross-entropy); context and pipeline parallel
+are refused.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from data.chat import IGNORE_INDEX, PackedDialogs, read_dialogs  # noqa: E402
 from data.instruct import HELDOUT_FILE, TRAIN_FILE, ensure_instruct_data  # noqa: E402
@@ -44,8 +47,9 @@ from train.config import JobConfig, NonNegativeInt, PositiveInt, parse_cli  # no
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig, build_lm_config  # noqa: E402
 from train.loop import LossFn, RunContext, init_run, micro_batch_size, train  # noqa: E402
-from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
+from train.parallel.llama import make_forward_backward, model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import ParallelDims, exit_rank, run_then_destroy  # noqa: E402
+from train.parallel.tp import check_tp  # noqa: E402
 from train.posttrain.heldout import HeldOutGrader, read_graded_rows  # noqa: E402
 
 log = logging.getLogger("train.sft")
@@ -89,9 +93,12 @@ def validate(cfg: SFTJobConfig, world_size: int | None = None) -> LMConfig:
     """Everything that can be checked before any process group or data work; returns the model's config."""
     world = world_size or int(os.environ.get("WORLD_SIZE", 1))
     dims = ParallelDims.from_config(cfg.parallel, world)
-    if (dims.tp, dims.cp, dims.pp) != (1, 1, 1):
-        raise ValueError("train/sft.py runs data parallel only (FSDP/HSDP): set parallel.tp, cp and pp to 1")
+    if (dims.cp, dims.pp) != (1, 1):
+        raise ValueError(
+            "post-training runs data and tensor parallel only (FSDP/HSDP, TP): set parallel.cp and parallel.pp to 1"
+        )
     lm_config = build_lm_config(cfg.model)
+    check_tp(lm_config, dims.tp)
     if cfg.data.seq_len > lm_config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={lm_config.max_seq_len}")
     micro_batch_size(cfg.train.batch_size, dims.dp, cfg.train.grad_accum)
@@ -145,8 +152,12 @@ def make_sft_loss(cfg: SFTJobConfig, ctx: RunContext) -> LossFn:
             # The chunked loss's mean, times the count: a sum without the [tokens, vocab] logits.
             token_sum = model(inputs, **model_kwargs, output=fused_loss_output_fn(targets)) * count
         else:
+            # Under TP the logits are vocabulary-sharded and this runs inside loss_parallel() (the forward_backward
+            # of train.parallel.llama.make_forward_backward); its sum comes back a replicated DTensor.
             logits = model(inputs, **model_kwargs).flatten(0, 1).float()
             token_sum = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            if isinstance(token_sum, DTensor):
+                token_sum = token_sum.full_tensor()
         return token_sum * batch["loss_scale"].to(ctx.device), {}
 
     return loss_fn
@@ -192,11 +203,15 @@ def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
             seq,
             cfg.train.batch_size,
         )
+    loss_fn = make_sft_loss(cfg, ctx)
     return train(
         cfg,
         model,
-        make_sft_loss(cfg, ctx),
+        loss_fn,
         data,
+        forward_backward=make_forward_backward(
+            cfg, lm_config, ctx, model, loss_fn, fused_loss=cfg.model.loss == "fused"
+        ),
         eval_fn=held_out_grader(cfg, lm_config, ctx),
         tokens_per_sample=seq,
         flops_per_sample=lm_config.flops_per_token(seq) * seq,
