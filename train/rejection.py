@@ -86,7 +86,7 @@ class RejectionModelsConfig:
     """The policy that samples and the reward model that scores (checkpoint dirs, Meta or HF layout)."""
 
     policy: str = "runs/posttrain/sft_tiny/hf"
-    reward: str = "runs/posttrain/rm_tiny/hf"
+    reward: str = "runs/posttrain/reward_tiny/hf"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: as stored
 
 
@@ -294,7 +294,8 @@ def rejection_sample(
 
 
 def summarize(records: Sequence[Mapping[str, Any]], samples: int) -> dict[str, Any]:
-    """Accuracy of one answer, of the reward model's choice and of the grader's (any answer right), stop rate..."""
+    """Over the graded prompts: the accuracy of one answer (the mean grade of all), of the reward model's choice (a
+    prompt without one counts as wrong) and of the grader's (any answer right); the stop rate, rewards, counts."""
     graded = [r for r in records if "kind" in r]
     every = [s for r in records for s in r["samples"]]
     rewards = [s["reward"] for s in every if s["reward"] is not None]
