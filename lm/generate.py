@@ -128,15 +128,23 @@ def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor
 
     Sorting a 128K vocabulary costs tens of ms on a CPU. The nucleus is almost always small, so take the top k,
     growing k until the k hold more than top_p of the mass: then every token outside them falls outside the
-    nucleus, and the result equals a full sort's.
+    nucleus, and the result equals a full sort's. Only the rows still short of top_p grow k (one broad row must
+    not sort the whole batch); the others are padded with zero probabilities, which are never drawn.
     """
     vocab = probs.shape[-1]
     k = min(256, vocab)
-    while True:
-        top, indices = torch.topk(probs, k, dim=-1)
-        if k == vocab or bool((top.sum(dim=-1) > top_p).all()):
-            return top, indices
+    top, indices = torch.topk(probs, k, dim=-1)
+    short = top.sum(dim=-1) <= top_p
+    while k < vocab and bool(short.any()):
         k = min(k * 8, vocab)
+        rows = short.nonzero().squeeze(1)
+        more, more_indices = torch.topk(probs[rows], k, dim=-1)
+        width = k - top.shape[1]
+        top = F.pad(top, (0, width))
+        indices = torch.cat([indices, indices[:, :1].expand(-1, width)], dim=1)  # any real token: never drawn
+        top[rows], indices[rows] = more, more_indices
+        short[rows] = more.sum(dim=-1) <= top_p
+    return top, indices
 
 
 def draw_index(weights: torch.Tensor, generator: Generators = None) -> torch.Tensor:
