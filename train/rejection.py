@@ -244,15 +244,14 @@ def choose(samples: Sequence[Mapping[str, Any]], require_stop: bool) -> int | No
 def prompt_record(
     prompt: Prompt,
     answers: Sequence[tuple[list[int], bool]],
+    texts: Sequence[str],
     rewards: Sequence[float | None],
-    chat: ChatFormat,
     require_stop: bool,
     grader: Grader,
 ) -> dict[str, Any]:
     """One prompt's row of ``samples.jsonl``: its answers, their rewards and grades, and the chosen one."""
     samples = []
-    for (ids, stopped), reward in zip(answers, rewards, strict=True):
-        text = chat.decode_assistant(ids)
+    for (ids, stopped), text, reward in zip(answers, texts, rewards, strict=True):
         sample = {"text": text, "reward": reward, "stopped": stopped, "tokens": len(ids)}
         if prompt.kind is not None:
             sample["grade"] = bool(grader(prompt.kind, text, prompt.answer))
@@ -284,7 +283,7 @@ def rejection_sample(
         for prompt, answers in zip(batch, drawn, strict=True):
             texts = [chat.decode_assistant(ids) for ids, _ in answers]
             rewards = score_answers(reward, chat, prompt, texts, sampling.score_batch_size)
-            records.append(prompt_record(prompt, answers, rewards, chat, sampling.require_stop, grader))
+            records.append(prompt_record(prompt, answers, texts, rewards, sampling.require_stop, grader))
         done += len(batch)
         now = time.perf_counter()
         if now - last_log > 10 or done == total:
