@@ -194,3 +194,13 @@ def test_a_finished_run_is_skipped_unless_overwritten(setup, runs, tmp_path, sin
     rejection.main(_argv(setup, out, "--overwrite"))
     assert (out / rejection.SAMPLES_FILE).stat().st_mtime_ns != stamps[rejection.SAMPLES_FILE]
     assert _records(out) == _records(runs[1])
+
+
+def test_the_configs_parse():
+    """The tiny config and the 8B one (K within the paper's 10 to 30)."""
+    from train.config import load_config
+
+    tiny = load_config(rejection.RejectionConfig, "configs/posttrain/rejection_tiny.toml")
+    assert tiny.models.reward == "runs/posttrain/reward_tiny/hf" and tiny.sampling.samples == 8
+    large = load_config(rejection.RejectionConfig, "configs/posttrain/rejection_llama3_8b.toml")
+    assert 10 <= large.sampling.samples <= 30 and large.models.dtype == "bfloat16"
