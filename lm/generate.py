@@ -64,7 +64,8 @@ def _is_prompt(x) -> bool:
 @dataclass(frozen=True)
 class SamplingConfig:
     """How new tokens are drawn, checked once: temperature 0 is greedy; top_p None (or 1) and top_k None (or 0)
-    leave the distribution whole; stop_tokens None means the tokenizer's."""
+    leave the distribution whole; stop_tokens None means the tokenizer's. row_seeds (one per prompt of the batch,
+    over seed) give each row a generator of its own, so a row's draws do not depend on the rows beside it."""
 
     max_new_tokens: int = 256
     temperature: float = 0.6
@@ -72,6 +73,7 @@ class SamplingConfig:
     top_k: int | None = None
     seed: int | None = None
     stop_tokens: tuple[int, ...] | None = None
+    row_seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         positive = isinstance(self.max_new_tokens, numbers.Integral) and self.max_new_tokens >= 1
@@ -86,6 +88,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be an int >= 0 (or None), got {self.top_k!r}")
         if self.stop_tokens is not None:
             object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        if self.row_seeds is not None:
+            object.__setattr__(self, "row_seeds", tuple(int(s) for s in self.row_seeds))
 
     @classmethod
     def of(cls, sampling: SamplingConfig | None = None, **settings: Any) -> SamplingConfig:
@@ -93,7 +97,10 @@ class SamplingConfig:
         return dataclasses.replace(sampling or cls(), **settings)
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: Generators) -> torch.Tensor:
     """Pick the next token of each row from logits [B, V]; temperature 0 is greedy (argmax)."""
     temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
     if temperature <= 0 or top_k == 1:
@@ -121,23 +128,37 @@ def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor
 
     Sorting a 128K vocabulary costs tens of ms on a CPU. The nucleus is almost always small, so take the top k,
     growing k until the k hold more than top_p of the mass: then every token outside them falls outside the
-    nucleus, and the result equals a full sort's.
+    nucleus, and the result equals a full sort's. Only the rows still short of top_p grow k (one broad row must
+    not sort the whole batch); the others are padded with zero probabilities, which are never drawn.
     """
     vocab = probs.shape[-1]
     k = min(256, vocab)
-    while True:
-        top, indices = torch.topk(probs, k, dim=-1)
-        if k == vocab or bool((top.sum(dim=-1) > top_p).all()):
-            return top, indices
+    top, indices = torch.topk(probs, k, dim=-1)
+    short = top.sum(dim=-1) <= top_p
+    while k < vocab and bool(short.any()):
         k = min(k * 8, vocab)
+        rows = short.nonzero().squeeze(1)
+        more, more_indices = torch.topk(probs[rows], k, dim=-1)
+        width = k - top.shape[1]
+        top = F.pad(top, (0, width))
+        indices = torch.cat([indices, indices[:, :1].expand(-1, width)], dim=1)  # any real token: never drawn
+        top[rows], indices[rows] = more, more_indices
+        short[rows] = more.sum(dim=-1) <= top_p
+    return top, indices
 
 
-def draw_index(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of weights [B, N] (not necessarily normalized), with probability ~ weight."""
+def draw_index(weights: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """One index per row of weights [B, N] (not necessarily normalized), with probability ~ weight; `generator` may
+    be one per row."""
     # Inverse CDF with one uniform per row: torch.multinomial draws one exponential per entry
     # instead, which costs milliseconds on a 128K vocabulary.
     cdf = weights.cumsum(dim=-1)
-    u = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device, dtype=cdf.dtype)
+    if isinstance(generator, Sequence):
+        if len(generator) != weights.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {weights.shape[0]} rows")
+        u = torch.cat([torch.rand(1, 1, generator=g, device=weights.device, dtype=cdf.dtype) for g in generator])
+    else:
+        u = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device, dtype=cdf.dtype)
     # right=True skips zero-weight entries (their cdf equals the previous one).
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return index.clamp_(max=weights.shape[-1] - 1).squeeze(-1)
@@ -224,10 +245,7 @@ def _stream_rows(
     device = output_weight.device
     stops = frozenset(int(t) for t in stop_tokens)
     batch = _left_pad(rows, total_len, device)
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed)
+    generator = _generators(sampling, len(rows), device)
     # The last sampled token is never fed back, so the cache needs one column less than the sequence.
     model.setup_cache(len(rows), total_len - 1)
     try:
@@ -246,6 +264,17 @@ def _stream_rows(
             logits = _decode_logits(model, next_token[:, None], batch, cur, compile)
     finally:
         model.clear_cache()
+
+
+def _generators(sampling: SamplingConfig, rows: int, device: torch.device) -> Generators:
+    """The batch's generator (seeded, or None for the global one), or one per row for `row_seeds`."""
+    if sampling.row_seeds is not None:
+        if len(sampling.row_seeds) != rows:
+            raise ValueError(f"row_seeds has {len(sampling.row_seeds)} seeds for a batch of {rows} prompts")
+        return [torch.Generator(device=device).manual_seed(seed) for seed in sampling.row_seeds]
+    if sampling.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(sampling.seed)
 
 
 _GEMV_THREADS: ThreadPoolExecutor | None = None
@@ -307,9 +336,10 @@ def generate(
 ) -> list[int] | list[list[int]]:
     """New token ids (stop token excluded) for one prompt, or a list of them for a batch of prompts.
 
-    `settings` are SamplingConfig's fields (max_new_tokens, temperature, top_p, top_k, seed, stop_tokens), over
-    `sampling` when both are given. compile=True runs decode steps through torch.compile: a one-time compile (tens
-    of seconds on a CPU) buys fused kernels and far less per-token overhead, worth it for long or repeated runs.
+    `settings` are SamplingConfig's fields (max_new_tokens, temperature, top_p, top_k, seed, row_seeds,
+    stop_tokens), over `sampling` when both are given. compile=True runs decode steps through torch.compile: a
+    one-time compile (tens of seconds on a CPU) buys fused kernels and far less per-token overhead, worth it for
+    long or repeated runs.
     """
     sampling = SamplingConfig.of(sampling, **settings)
     rows, batched = _encode_prompts(tokenizer, prompt)

@@ -179,6 +179,35 @@ def test_top_k_and_top_p_restrict_the_candidates(models):
     assert seen_p <= nucleus
 
 
+def test_a_broad_row_does_not_change_the_narrow_rows_beside_it():
+    """Per-row generators (row_seeds) and the nucleus search grown only for the rows that need it: in a batch of a
+    peaked and a near-flat next-token distribution, each row draws what it draws alone, within its own nucleus."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    model.init_weights()
+    with torch.no_grad():
+        # No residual branches: the logits depend on the last token only. Token 1 puts nearly all the mass on
+        # token 5; token 2 spreads it over the whole vocabulary (a nucleus of over 256 tokens).
+        for name, param in model.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                param.zero_()
+        model.tok_embeddings.weight[1:3] = torch.eye(2, model.config.dim)
+        model.output.weight.zero_()
+        model.output.weight[5, 0] = 2.0
+        model.output.weight[:, 1] = 0.01 * torch.randn(VOCAB)
+    rows, seeds, top_p = [[1], [2], [1], [2]], (11, 12, 13, 14), 0.9
+    batch = generate(model, None, rows, max_new_tokens=1, temperature=1.0, top_p=top_p, row_seeds=seeds)
+    alone = [generate(model, None, [r], max_new_tokens=1, temperature=1.0, top_p=top_p, row_seeds=(s,))[0]
+             for r, s in zip(rows, seeds, strict=True)]  # fmt: skip
+    assert batch == alone
+    assert batch[0] == batch[2] == [5] and len({batch[1][0], batch[3][0]}) == 2
+    with torch.inference_mode():
+        probs = model(torch.tensor([[2]]))[0, -1].softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus = order[: int((probs[order].cumsum(0) < top_p).sum()) + 1].tolist()
+    assert len(nucleus) > 256 and {batch[1][0], batch[3][0]} <= set(nucleus)
+
+
 def test_draw_follows_the_weights():
     weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 6.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
     generator = torch.Generator().manual_seed(0)
