@@ -1,16 +1,18 @@
-"""The reward model's training, `train/reward.py`: the edited > chosen > rejected ranking's pairs and loss, runs whose
-2-rank FSDP losses equal one rank's and which resume exactly, a trunk loaded strictly, the export read by
-transformers' LlamaForSequenceClassification, and held-out pairs ranked better than chance after a short run."""
+"""The reward model's training, `train/reward.py`: the edited > chosen > rejected ranking's pairs and loss, a short
+run that ranks held-out pairs right, 2-rank FSDP losses equal to one rank's, an exact resume, a trunk loaded
+strictly, TP refused, and the export scored as transformers' LlamaForSequenceClassification scores it."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.preference import HELDOUT_PREFERENCE_FILE, PREFERENCE_FILE, read_preferences, write_preference_data
+from data.preference import read_preferences
 from lm.tokenizer import ChatFormat, Tokenizer
 from tests.dist_utils import torchrun
 from train.metrics import read_metrics
@@ -61,16 +63,43 @@ def test_an_edited_row_gives_its_three_ordered_pairs_and_the_loss_is_the_ranking
 
 # ---------------------------------------------------------------- torchrun train/reward.py
 
-STEPS, SAVED = 8, 4
+# A preference that a 2-layer random LM learns in a few steps and that holds on prompts it never saw: the embedded
+# pairs differ in a fact the model would have to compute (a count, a sum, which shape is red), which a randomly
+# initialised LM does not learn in a short run (tried: 75 steps of 16 pairs, held-out accuracy 0.49-0.51).
+GOOD, BAD = ("fine", "great", "lovely", "useful", "bright", "kind"), ("awful", "broken", "ugly", "dull", "cruel")
+TOPICS = "apple river stone cloud chair garden window bottle forest violin candle mirror ladder pillow rocket tiger"
+
+
+def _lexical_rows(count, seed, topics, edited_every=0):
+    """Rows preferring a kind word about the topic; every ``edited_every``-th has an edited answer above it."""
+    rng = random.Random(seed)
+    rows = []
+    for k in range(count):
+        topic = rng.choice(topics)
+        row = {"prompt": f"What do you think of the {topic}?", "chosen": f"The {topic} is {rng.choice(GOOD)}.",
+               "rejected": f"The {topic} is {rng.choice(BAD)}."}  # fmt: skip
+        if edited_every and k % edited_every == 0:
+            row["edited"] = f"The {topic} is truly {rng.choice(GOOD)}."
+        rows.append(row)
+    return rows
+
+
+STEPS, SAVED, SHORT = 16, 12, 4
 
 
 @pytest.fixture(scope="module")
 def rm_setup(tmp_path_factory):
-    """A tiny Llama 3 LM (full vocabulary) as init_from, the embedded pairs and their held-out pairs."""
+    """A tiny Llama 3 LM (full vocabulary) as init_from; 64 training rows (a third with an edited answer) and 32
+    held-out pairs on topics none of them has."""
     from lm import LMConfig, Transformer, save_pretrained
 
     root = tmp_path_factory.mktemp("reward")
-    write_preference_data(root / "data", pairs=48)
+    topics = TOPICS.split()
+    for name, rows in (
+        ("train.jsonl", _lexical_rows(64, 0, topics[:12], 3)),
+        ("held.jsonl", _lexical_rows(32, 1, topics[12:])),
+    ):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     model = Transformer(LMConfig.from_preset("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
     model.init_weights()
@@ -82,16 +111,18 @@ def _reward(root, run_dir, nproc, *extra, check=True):
     argv = [
         "--config", "configs/posttrain/reward_tiny.toml",
         f"--run.dir={run_dir}",
-        f"--data.files={root / 'data' / PREFERENCE_FILE}",
+        f"--data.files={root / 'train.jsonl'}",
+        "--data.seq_len=64",
         f"--model.init_from={root / 'init'}",
-        "--train.batch_size=4",
+        "--train.batch_size=8",
         f"--train.steps={STEPS}",
+        f"--train.eval_interval={SHORT}",
         "--optim.lr=3e-3",
-        "--optim.warmup_steps=1",
+        "--optim.warmup_steps=2",
+        f"--optim.schedule_steps={STEPS}",
         "--metrics.log_interval=1",
         "--checkpoint.enable=false",
-        f"--eval.pairs_file={root / 'data' / HELDOUT_PREFERENCE_FILE}",
-        "--eval.pairs=6",
+        f"--eval.pairs_file={root / 'held.jsonl'}",
         *extra,
     ]  # fmt: skip
     proc = torchrun("train/reward.py", nproc, argv, timeout=600)
@@ -106,25 +137,34 @@ def _losses(run_dir):
 
 @pytest.fixture(scope="module")
 def one_rank(rm_setup):
-    """One rank, checkpointed halfway and at the end."""
+    """One rank, checkpointed near the end."""
     run_dir = rm_setup / "rm1"
     _reward(rm_setup, run_dir, 1, "--checkpoint.enable=true", f"--checkpoint.interval={SAVED}")
     return run_dir
 
 
-def test_the_first_loss_is_log_2_and_two_rank_fsdp_matches_one_rank(rm_setup, one_rank):
-    """The head starts at zero (every reward 0, loss log 2, ties counted half); FSDP with gradient accumulation
-    gives one rank's losses, step by step, and the same held-out figures."""
+def test_a_short_run_ranks_held_out_pairs_right(one_rank):
+    """The head starts at zero (every reward 0: loss log 2, ties counted half); 16 steps later the reward model
+    ranks nearly every held-out pair right, on topics it never saw."""
     records = {r["step"]: r for r in read_metrics(str(one_rank))}
     assert sorted(records) == list(range(1, STEPS + 1))
-    assert records[1]["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+    assert records[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[1]["rewards/pairwise_accuracy"] == 0.5 and records[1]["rewards/margin"] == 0
-    _reward(rm_setup, rm_setup / "rm2", 2, "--train.grad_accum=2")
+    assert records[STEPS]["eval/pairwise_accuracy"] >= 0.9 and records[STEPS]["eval/margin"] > 0.1, records[STEPS]
+    assert records[STEPS]["loss"] < records[1]["loss"] - 0.2
+
+
+def test_two_rank_fsdp_matches_one_rank(rm_setup, one_rank):
+    """FSDP with gradient accumulation gives one rank's losses step by step (the first steps of the same schedule),
+    and the same held-out figures."""
+    records = {r["step"]: r for r in read_metrics(str(one_rank))}
+    _reward(rm_setup, rm_setup / "rm2", 2, "--train.grad_accum=2", f"--train.steps={SHORT}")
     got = {r["step"]: r for r in read_metrics(str(rm_setup / "rm2"))}
-    for step in range(1, STEPS + 1):
+    assert sorted(got) == list(range(1, SHORT + 1))
+    for step in got:
         assert got[step]["loss"] == pytest.approx(records[step]["loss"], rel=1e-5), step
     for key in ("eval/pairwise_accuracy", "eval/margin"):
-        assert got[STEPS][key] == pytest.approx(records[STEPS][key], rel=1e-4, abs=1e-6), key
+        assert got[SHORT][key] == pytest.approx(records[SHORT][key], rel=1e-4, abs=1e-6), key
 
 
 def test_resumed_onto_two_ranks_continues_exactly(rm_setup, one_rank):
@@ -149,7 +189,7 @@ def test_the_export_scores_as_transformers_sequence_classification(rm_setup, one
     assert export_main([str(one_rank), "--out", str(tmp_path / "hf")]) == 0
     ours_model = load_pretrained(tmp_path / "hf")
     assert ours_model.config.num_labels == 1 and ours_model.output.weight.abs().sum() > 0
-    pairs, _ = read_preferences([rm_setup / "data" / HELDOUT_PREFERENCE_FILE], chat, max_tokens=128)
+    pairs, _ = read_preferences([rm_setup / "held.jsonl"], chat, max_tokens=128)
     rows = [d.ids for p in pairs[:3] for d in (p.chosen, p.rejected)]
     ours = score_sequences(ours_model, rows, batch_size=4)
     hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
