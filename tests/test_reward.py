@@ -219,3 +219,25 @@ def test_a_missing_trunk_weight_is_an_error_naming_it_and_tensor_parallel_is_ref
     cfg.parallel.tp = 2
     with pytest.raises(TensorParallelError, match="num_labels=1"):
         validate(cfg, world_size=2)
+
+
+@pytest.mark.parametrize(("size", "world"), [("8b", 64), ("70b", 256), ("405b", 512)])
+def test_cluster_configs_validate_for_their_gpus(tmp_path, size, world):
+    """Each paper-size config resolves on the GPU count its header names (a checkpoint of that shape as init_from):
+    a head of one score on the checkpoint's trunk, the batch split evenly, and a TP override refused."""
+    from lm import LMConfig
+    from train.config import load_config
+    from train.parallel.tp import TensorParallelError
+    from train.reward import RewardJobConfig, validate
+
+    preset = LMConfig.from_preset(f"llama3-{size}")
+    (tmp_path / "config.json").write_text(json.dumps(preset.to_hf_config()))
+    (tmp_path / "model.safetensors").touch()  # validate reads the config only
+    path = f"configs/posttrain/reward_llama3_{size}.toml"
+    cfg = load_config(RewardJobConfig, path, [f"--model.init_from={tmp_path}"])
+    config = validate(cfg, world_size=world)
+    assert (config.num_labels, config.n_layers, config.dim) == (1, preset.n_layers, preset.dim)
+    assert cfg.train.batch_size == 512 and cfg.parallel.param_dtype == "bfloat16"
+    cfg.parallel.tp = 8
+    with pytest.raises(TensorParallelError, match="num_labels=1"):
+        validate(cfg, world_size=world)
