@@ -241,3 +241,25 @@ def test_cluster_configs_validate_for_their_gpus(tmp_path, size, world):
     cfg.parallel.tp = 8
     with pytest.raises(TensorParallelError, match="num_labels=1"):
         validate(cfg, world_size=world)
+
+
+def test_an_lm_gets_a_zero_head_and_a_reward_model_loads_whole(rm_setup, tmp_path):
+    """``fresh_head`` (the load's adapt_state) swaps only an LM's output projection for a zero head; a reward
+    model's checkpoint keeps its own head, and its config passes validation as it is (training continues)."""
+    from lm import LMConfig, Transformer, save_pretrained
+    from lm.checkpoint import read_state_dict
+    from train.config import load_config
+    from train.reward import RewardJobConfig, fresh_head, validate
+
+    config, state = read_state_dict(rm_setup / "init")
+    adapted = fresh_head(config, state)
+    assert adapted["output.weight"].shape == (1, config.dim) and not adapted["output.weight"].any()
+    assert all(adapted[k] is v for k, v in state.items() if k != "output.weight")
+    torch.manual_seed(1)
+    rm = Transformer(LMConfig.from_preset("debug", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, num_labels=1))
+    rm.init_weights()
+    save_pretrained(rm, tmp_path / "rm", format="hf")
+    config, state = read_state_dict(tmp_path / "rm")
+    assert torch.equal(fresh_head(config, state)["output.weight"], rm.output.weight.detach())
+    cfg = load_config(RewardJobConfig, "configs/posttrain/reward_tiny.toml", [f"--model.init_from={tmp_path / 'rm'}"])
+    assert validate(cfg, world_size=1).num_labels == 1

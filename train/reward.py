@@ -292,7 +292,7 @@ def _run(cfg: RewardJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dic
         write_lm_config(lm_config, cfg.run.dir)
         log.info(
             "Llama 3 reward model: %.1fM parameters from %s, %d preference rows (%d with an edited answer, %d bad "
-            "rows skipped) from %s, seq %d, global batch %d rows",
+            "rows skipped) from %s, seq %d, global batch %d preference rows",
             lm_config.num_params() / 1e6,
             cfg.model.init_from or f"a random preset {cfg.model.preset}",
             len(pairs),
