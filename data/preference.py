@@ -40,10 +40,12 @@ COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected", "edited")
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A prompt's chosen and rejected dialogs, each labelled on its final answer only."""
+    """A prompt's chosen and rejected dialogs (and the edited one, when the row has it), each labelled on its final
+    answer only."""
 
     chosen: EncodedDialog
     rejected: EncodedDialog
+    edited: EncodedDialog | None = None  # the reward model ranks it above chosen; DPO does not use it
 
 
 def row_prompt(row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -72,10 +74,9 @@ def encode_preference(row: Mapping[str, Any], chat: ChatFormat, max_tokens: int)
     prompt = row_prompt(row)
     if prompt[-1].get("role") == "assistant":
         raise ValueError("the prompt ends with an assistant turn: the answers would follow it")
-    if row.get("edited") is not None:
-        encode_answer(prompt, row["edited"], chat, max_tokens)
+    edited = None if row.get("edited") is None else encode_answer(prompt, row["edited"], chat, max_tokens)
     chosen, rejected = (encode_answer(prompt, row.get(k), chat, max_tokens) for k in ("chosen", "rejected"))
-    return PreferencePair(chosen, rejected)
+    return PreferencePair(chosen, rejected, edited)
 
 
 def read_preferences(

@@ -8,6 +8,7 @@ LM job config (``train.lm.LMJobConfig``: the shared ``[train]``/``[parallel]`` s
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,12 +29,18 @@ from train.parallel.mesh import ParallelDims, submesh
 from train.parallel.pp import Pipeline, PipelinePlan, PipelineStages, plan_pipeline, rank_stages, split_stage
 from train.parallel.tp import apply_tp
 
+# (the checkpoint's config, its weights) -> the weights to load
+StateAdapter = Callable[[LMConfig, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
-def parallelize_llama(cfg: JobConfig, lm_config: LMConfig, ctx: RunContext) -> nn.Module:
+
+def parallelize_llama(
+    cfg: JobConfig, lm_config: LMConfig, ctx: RunContext, *, adapt_state: StateAdapter | None = None
+) -> nn.Module:
     """Meta-device model -> TP plan -> CP -> activation checkpointing -> compile -> FSDP -> shards materialised.
 
     Under pipeline parallel each of this rank's stages is cut from the meta model and sharded on its own; the
-    result is a ``PipelineStages`` view of them that carries the full model's parameter names.
+    result is a ``PipelineStages`` view of them that carries the full model's parameter names. ``adapt_state``:
+    see :func:`load_full_weights`.
     """
     model, stages = _meta_stages(cfg, lm_config, ctx)
     for stage in stages:
@@ -56,7 +63,7 @@ def parallelize_llama(cfg: JobConfig, lm_config: LMConfig, ctx: RunContext) -> n
         )
     model.to_empty(device=ctx.device)
     if cfg.model.init_from:
-        load_full_weights(model, cfg.model.init_from, ctx.rank, partial=ctx.dims.pp > 1)
+        load_full_weights(model, cfg.model.init_from, ctx.rank, partial=ctx.dims.pp > 1, adapt_state=adapt_state)
     else:
         init_sharded_weights(model, lm_config, cfg.run.seed)
     return model
@@ -76,11 +83,15 @@ def _meta_stages(cfg: JobConfig, lm_config: LMConfig, ctx: RunContext) -> tuple[
     return PipelineStages(stages), list(stages.values())
 
 
-def load_full_weights(model: nn.Module, path: str, rank: int, *, partial: bool = False) -> None:
+def load_full_weights(
+    model: nn.Module, path: str, rank: int, *, partial: bool = False, adapt_state: StateAdapter | None = None
+) -> None:
     """Rank 0 reads the checkpoint (memory-mapped) and broadcasts; every rank keeps only its own shards.
 
     ``partial``: ``model`` holds only some of the model's tensors (pipeline stages), so the load cannot be strict;
-    ``read_state_dict`` has already checked the checkpoint against the full model.
+    ``read_state_dict`` has already checked the checkpoint against the full model. ``adapt_state(config, state)``
+    (rank 0, before the broadcast) returns the state to load from the checkpoint's config and checked weights:
+    the reward model's fresh score head in place of an LM's output projection.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -88,7 +99,9 @@ def load_full_weights(model: nn.Module, path: str, rank: int, *, partial: bool =
     error: list[str | None] = [None]
     if rank == 0:
         try:
-            _, state = read_state_dict(path)
+            config, state = read_state_dict(path)
+            if adapt_state is not None:
+                state = adapt_state(config, state)
         except (OSError, KeyError, ValueError) as e:
             error[0] = f"model.init_from={path}: {e}"
     # Agree on failure first: a rank waiting in the weight broadcast would otherwise hang on rank 0's error.
