@@ -8,6 +8,7 @@ generation. Rank 0 generates with an unsharded copy of the trained weights; ever
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from data.grading import majority_rate
-from data.instruct import grade, prompt_of
+from data.instruct import KINDS, grade, prompt_of
 from lm.config import LMConfig
 from lm.generate import generate
 from lm.model import Transformer
@@ -40,21 +41,28 @@ def read_graded_rows(path: str | Path, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _kind_order(kinds: Iterable[str]) -> list[str]:
+    """The kinds in ``data.instruct.KINDS`` order, any others after them sorted."""
+    kinds = set(kinds)
+    return [kind for kind in KINDS if kind in kinds] + sorted(kinds - set(KINDS))
+
+
 def graded_accuracy(
     model: Transformer, chat: ChatFormat, rows: list[dict[str, Any]], max_new_tokens: int
 ) -> dict[str, float]:
-    """eval/accuracy of greedy answers to the rows' prompts, and eval/chance (always the commonest answer)."""
-    hits = 0
+    """eval/accuracy of greedy answers to the rows' prompts, eval/chance (always the commonest answer), and
+    eval/accuracy/<kind> for each kind of question (``data.instruct.KINDS`` order; kinds absent from rows left out)."""
+    hits: dict[str, list[bool]] = {}
     for start in range(0, len(rows), GENERATION_BATCH):
         batch = rows[start : start + GENERATION_BATCH]
         prompts = [chat.encode_dialog_prompt(prompt_of(row)) for row in batch]
         outputs = generate(model, chat.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
-        hits += sum(
-            grade(row["kind"], chat.decode_assistant(out), row["answer"])
-            for row, out in zip(batch, outputs, strict=True)
-        )
+        for row, out in zip(batch, outputs, strict=True):
+            hits.setdefault(row["kind"], []).append(grade(row["kind"], chat.decode_assistant(out), row["answer"]))
     chance = majority_rate([{row["answer"]} for row in rows])
-    return {"eval/accuracy": hits / max(1, len(rows)), "eval/chance": chance}
+    result = {"eval/accuracy": sum(map(sum, hits.values())) / max(1, len(rows)), "eval/chance": chance}
+    result.update({f"eval/accuracy/{kind}": sum(hits[kind]) / len(hits[kind]) for kind in _kind_order(hits)})
+    return result
 
 
 class HeldOutGrader:
@@ -70,14 +78,21 @@ class HeldOutGrader:
     def __call__(self, model: nn.Module, step: int) -> dict[str, float]:
         """Gather the weights onto rank 0, grade its greedy answers, share the scores."""
         state = full_state_dict(model)
-        scores = torch.zeros(2, dtype=torch.float64)
+        # Every rank knows the metric names (the rows' kinds), so only the values need broadcasting.
+        names = self.metric_names
+        scores = torch.zeros(len(names), dtype=torch.float64)
         if self.shadow is not None:
             self.shadow.load_state_dict(state)
             self.shadow.eval()
             result = graded_accuracy(self.shadow, self.chat, self.rows, self.max_new_tokens)
-            scores = torch.tensor([result["eval/accuracy"], result["eval/chance"]], dtype=torch.float64)
+            scores = torch.tensor([result[name] for name in names], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             scores = scores.to(self.device)
             dist.broadcast(scores, src=0)  # the others wait here while rank 0 generates
-        accuracy, chance = scores.tolist()
-        return {"eval/accuracy": accuracy, "eval/chance": chance}
+        return dict(zip(names, scores.tolist(), strict=True))
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names ``__call__`` returns: eval/accuracy, eval/chance, then eval/accuracy/<kind> per kind present."""
+        kinds = _kind_order({row["kind"] for row in self.rows})
+        return ["eval/accuracy", "eval/chance", *(f"eval/accuracy/{kind}" for kind in kinds)]
