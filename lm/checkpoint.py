@@ -140,10 +140,9 @@ def load_config(path: str | os.PathLike) -> LMConfig:
     return LMConfig.from_hf_config(path / "config.json")
 
 
-def read_state_dict(path: str | os.PathLike, *, check: bool = True) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+def read_state_dict(path: str | os.PathLike) -> tuple[LMConfig, dict[str, torch.Tensor]]:
     """The config and the (memory-mapped, Meta-named) weights of a Meta or HF checkpoint directory, checked
-    against the config unless ``check`` is False (a reward model's [1, dim] head differs from its LM config's);
-    tied models get ``output.weight`` as the embedding table."""
+    against the config; tied models get ``output.weight`` as the embedding table."""
     path = Path(path)
     config = load_config(path)
     with torch.device("meta"):
@@ -156,8 +155,7 @@ def read_state_dict(path: str | os.PathLike, *, check: bool = True) -> tuple[LMC
         config.tie_word_embeddings = True  # Llama 3.2 1B/3B: the output projection is the embedding matrix
     if config.tie_word_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    if check:
-        check_state_dict(model, state, source=str(path))
+    check_state_dict(model, state, source=str(path))
     return config, state
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from data.instruct import make_dialogs
 from lm import Transformer, load_pretrained, save_pretrained
 from lm.generate import generate
 from lm.tokenizer import ChatFormat, Tokenizer
-from train.average import REWARD_MARKER, AverageError, average_state_dicts, main, normalized_weights
+from train.average import AverageError, average_state_dicts, main, normalized_weights
 from train.checkpoint import Checkpointer
 from train.config import CheckpointConfig
 from train.export import write_lm_config
@@ -100,38 +99,17 @@ def test_mismatched_configs_and_shapes_name_the_file_and_key(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def _reward_model(seed: int) -> Transformer:
-    """A tiny LM whose vocabulary head is replaced by a scalar one, as a reward model saves it."""
-    model = tiny_model(seed=seed)
-    model.output = torch.nn.Linear(model.config.dim, 1, bias=False)
-    torch.nn.init.normal_(model.output.weight, generator=torch.Generator().manual_seed(seed))
-    return model
-
-
-def _reward_dir(path: Path, model: torch.nn.Module) -> Path:
-    _saved(path, model)
-    (path / REWARD_MARKER).write_text(json.dumps({"head": "scalar"}))
-    return path
-
-
-def test_reward_models_average_by_name_and_keep_the_marker(tmp_path):
-    first, second = _reward_model(0), _reward_model(1)
-    a, b = _reward_dir(tmp_path / "a", first), _reward_dir(tmp_path / "b", second)
+def test_reward_models_average_like_language_models(tmp_path):
+    first, second = tiny_model(seed=0, num_labels=1), tiny_model(seed=1, num_labels=1)
+    a, b = _saved(tmp_path / "a", first), _saved(tmp_path / "b", second)
     assert main([str(tmp_path / "avg"), str(a), str(b)]) == 0
-    out = tmp_path / "avg"
-    assert json.loads((out / REWARD_MARKER).read_text()) == {"head": "scalar"}
-    stored = load_file(out / "model.safetensors")
-    assert stored["lm_head.weight"].shape == (1, 64)
+    stored = load_file(tmp_path / "avg" / "model.safetensors")
+    assert stored["score.weight"].shape == (1, 64)
     expected = (first.output.weight + second.output.weight).detach() / 2
-    torch.testing.assert_close(stored["lm_head.weight"], expected)
-    # Reward heads are checked against each other: another width, or a model without the marker, is refused.
-    odd = _reward_model(2)
-    odd.output = torch.nn.Linear(64, 2, bias=False)
-    c = _reward_dir(tmp_path / "c", odd)
-    with pytest.raises(AverageError, match=rf"{c}: output.weight has shape \(2, 64\) but \(1, 64\) in {a}"):
-        average_state_dicts([a, c], None)
+    torch.testing.assert_close(stored["score.weight"], expected)
+    # A reward model is not averaged with a language model: their configs differ (the head's width).
     plain = _saved(tmp_path / "plain", tiny_model(seed=3))
-    with pytest.raises(AverageError, match=f"{plain} has no {REWARD_MARKER}"):
+    with pytest.raises(AverageError, match=rf"{plain}: config differs from the first input {a}: architectures"):
         average_state_dicts([a, plain], None)
 
 

@@ -9,9 +9,8 @@ same model config and the same tensor names and shapes; the first that differs i
 The weights are relative, as ``numpy.average``'s: ``2,1`` means 2/3 and 1/3 (they must be non-negative with a
 positive sum; default: equal). The sum is kept in fp32 and built one input at a time, so memory holds the sum and one
 input's tensors; the average is written in the inputs' dtype (the wider one where they differ) into a staging
-directory that replaces OUT only once complete. Reward models (a ``reward.json`` beside the weights, a [1, dim]
-output head) average tensor by tensor the same way, their shapes checked against each other rather than against an
-LM built from the config, and OUT gets the first input's ``reward.json``.
+directory that replaces OUT only once complete. Reward models (``LMConfig.num_labels = 1``: a [1, dim] score head)
+average the same way; a reward model and an LM differ in config and are refused together.
 """
 
 from __future__ import annotations
@@ -38,9 +37,6 @@ from train.export import LM_CONFIG_FILE, load_checkpoint_model, read_lm_config, 
 
 log = logging.getLogger("train.average")
 
-REWARD_MARKER = "reward.json"
-
-
 class AverageError(ValueError):
     """Inputs that cannot be averaged: differing configs, names or shapes, bad weights, an unreadable input."""
 
@@ -54,15 +50,12 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return True
 
 
-def read_input(path: str | os.PathLike, *, reward: bool = False) -> tuple[LMConfig, dict[str, torch.Tensor]]:
-    """The config and Meta-named weights of one input: an LM checkpoint directory or a run's newest checkpoint.
-
-    ``reward``: the tensors as stored, unchecked against the config (whose vocabulary head a reward model replaces).
-    """
+def read_input(path: str | os.PathLike) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+    """The config and Meta-named weights of one input: an LM checkpoint directory or a run's newest checkpoint."""
     path = Path(path)
     if is_model_dir(path):
         try:
-            return read_state_dict(path, check=not reward)
+            return read_state_dict(path)
         except (KeyError, ValueError, OSError) as error:
             raise AverageError(str(error).strip("'\"")) from None
     try:
@@ -115,16 +108,6 @@ def _check_tensors(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
             raise AverageError(f"{path}: {key} is {tensor.dtype}, not a floating-point weight")
 
 
-def _reward_inputs(paths: Sequence[Path]) -> bool:
-    """Whether the inputs are reward models (each has the marker); a mix of reward models and LMs is refused."""
-    marked = [(path / REWARD_MARKER).is_file() for path in paths]
-    if any(marked) and not all(marked):
-        lacking = next(path for path, has in zip(paths, marked, strict=True) if not has)
-        with_marker = next(path for path, has in zip(paths, marked, strict=True) if has)
-        raise AverageError(f"{lacking} has no {REWARD_MARKER} but {with_marker} has: reward models and LMs do not mix")
-    return all(marked)
-
-
 def average_checkpoints(
     paths: Sequence[str | os.PathLike], weights: Sequence[float] | None = None
 ) -> tuple[LMConfig, dict[str, torch.Tensor]]:
@@ -133,11 +116,10 @@ def average_checkpoints(
     if len(paths) < 2:
         raise AverageError(f"averaging needs at least 2 inputs, got {len(paths)}")
     weights = normalized_weights(weights, len(paths))
-    reward = _reward_inputs(paths)
     reference, shapes, total, dtype = None, {}, {}, None
     for index, (path, weight) in enumerate(zip(paths, weights, strict=True)):
         started = time.perf_counter()
-        config, state = read_input(path, reward=reward)
+        config, state = read_input(path)
         if reference is None:
             reference, shapes = config, {key: tuple(t.shape) for key, t in state.items()}
         _check_config(config, reference, path, paths[0])
@@ -172,7 +154,7 @@ def average_state_dicts(
 
 
 def model_with(config: LMConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """A Transformer holding ``state`` by name, whatever the shapes (a reward model's [1, dim] output included)."""
+    """A Transformer holding ``state`` by name (tensors assigned, not copied)."""
     with torch.device("meta"):
         model = Transformer(config)
     for key, tensor in state.items():
@@ -209,9 +191,6 @@ def write_average(
     shutil.rmtree(staging, ignore_errors=True)  # left by a crashed process of the same id
     try:
         save_pretrained(model_with(config, state), staging, format=format)
-        marker = Path(paths[0]) / REWARD_MARKER
-        if marker.is_file():
-            shutil.copyfile(marker, staging / REWARD_MARKER)
         commit_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
