@@ -1,0 +1,105 @@
+"""`python -m train.rounds`: one round of the paper's post-training (reward model, rejection sampling, SFT, DPO,
+policy) runs end to end from a small random LM, each stage feeding the next; a rerun skips every finished stage and
+redoes only what is missing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from lm import LMConfig, Transformer, load_pretrained, save_pretrained
+from tests.dist_utils import PYTHON, ROOT
+from train.metrics import read_metrics
+
+TINY = {
+    "sft": ["--train.steps=2", "--train.batch_size=2", "--data.seq_len=128", "--eval.samples=2"],
+    "reward": ["--train.steps=2", "--train.batch_size=2", "--eval.pairs=4"],
+    "rejection": [
+        "--data.limit=3",
+        "--sampling.samples=2",
+        "--sampling.max_new_tokens=6",
+        "--sampling.batch_size=6",
+        "--sampling.require_stop=false",
+    ],
+    "dpo": ["--train.steps=2", "--train.batch_size=2", "--eval.samples=2", "--eval.pairs=2"],
+}
+COMMON = ["--train.eval_interval=2", "--checkpoint.interval=2", "--metrics.log_interval=1", "--eval.max_new_tokens=4"]
+
+
+def _config(root, base) -> str:
+    lines = [
+        "[pipeline]",
+        f'dir = "{root / "rounds"}"',
+        f'base = "{base}"',
+        f'data_dir = "{root / "data"}"',
+        "nproc_per_node = 1",
+        "heldout_samples = 2",
+    ]
+    for stage, overrides in TINY.items():
+        extra = overrides + (COMMON if stage != "rejection" else [])
+        if stage == "reward":
+            extra = [o for o in extra if not o.startswith("--eval.max_new_tokens")]
+        lines += [f"[{stage}]", f"overrides = {json.dumps(extra)}"]
+    path = root / "rounds.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _rounds(config: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [PYTHON, "-m", "train.rounds", "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    model = Transformer(LMConfig.from_preset("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
+    model.init_weights(seed=0)
+    save_pretrained(model, root / "base", format="hf")
+    config = _config(root, root / "base")
+    return root, config, _rounds(config)
+
+
+def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
+    root, _, proc = pipeline
+    out = root / "rounds"
+    round1 = out / "round1"
+    # Each stage's output is the next one's input.
+    assert load_pretrained(round1 / "reward" / "hf").config.num_labels == 1
+    samples = [json.loads(line) for line in (round1 / "rejection" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(len(row["samples"]) == 2 for row in samples)
+    sft_config = (round1 / "sft" / "config.toml").read_text()
+    assert str(round1 / "rejection" / "sft.jsonl") in sft_config and str(root / "base") in sft_config
+    dpo_config = (round1 / "dpo_seed0" / "config.toml").read_text()
+    assert str(round1 / "sft" / "hf") in dpo_config and str(round1 / "rejection" / "preference.jsonl") in dpo_config
+    policy = load_pretrained(round1 / "policy")
+    assert policy.config.num_labels == 0
+    # The summary names every stage beside the base LM, with held-out figures from each run.
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary)[:2] == ["base LM", "bootstrap SFT"]
+    assert "accuracy" in summary["base LM"] and "accuracy" in summary["round 1 SFT"]
+    assert "pairwise_accuracy" in summary["round 1 reward model"]
+    assert summary["round 1 rejection sampling"]["prompts"] == 3
+    assert "demo --checkpoint" in proc.stdout and str(round1 / "policy") in proc.stdout
+
+
+def test_a_rerun_redoes_only_what_is_missing(pipeline):
+    root, config, _ = pipeline
+    round1 = root / "rounds" / "round1"
+    sft_steps = [r["step"] for r in read_metrics(str(round1 / "sft"))]
+    policy = (round1 / "policy" / "model.safetensors").read_bytes()
+    for gone in ("policy", "dpo_seed0/hf"):
+        subprocess.run(["rm", "-rf", str(round1 / gone)], check=True)
+    proc = _rounds(config)
+    log = proc.stderr
+    for stage in ("bootstrap SFT", "round 1 reward model", "round 1 rejection sampling", "round 1 SFT"):
+        assert f"{stage}: done" in log, log[-3000:]
+    assert "round 1 DPO (seed 0): finished" in log and "round 1 policy: finished" in log
+    assert [r["step"] for r in read_metrics(str(round1 / "sft"))] == sft_steps
+    # The DPO run had finished: its checkpoint is exported again, giving the same policy.
+    assert (round1 / "policy" / "model.safetensors").read_bytes() == policy

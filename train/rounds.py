@@ -1,0 +1,274 @@
+"""Post-training in rounds (paper section 4.1, figure 7), one command: each round trains a reward model, samples
+the current policy and keeps the reward model's best answers, finetunes on them, runs DPO and averages.
+
+    python -m train.rounds --config configs/posttrain/rounds_tiny.toml [--section.key=value ...]
+
+Before round 1 a bootstrap SFT on the instruction data gives the first policy (the paper's first round samples a
+model finetuned on annotated data). Then, in round r (every stage a process of its own, its outputs under
+``pipeline.dir/round{r}``):
+
+1. ``reward``: ``train/reward.py`` on the preference pairs (the embedded ones and every earlier round's sampled
+   pairs), exported to ``reward/hf``;
+2. ``rejection``: ``train/rejection.py`` draws K answers per training prompt from the current policy and keeps the
+   reward model's best (``sft.jsonl``), the grader labelling right-vs-wrong pairs for later rounds
+   (``preference.jsonl``) and every score recorded (``samples.jsonl``);
+3. ``sft``: ``train/sft.py`` from the base LM on the instruction data plus every round's chosen samples;
+4. ``dpo``: ``train/dpo.py`` from that SFT model, once per seed of ``pipeline.dpo_seeds``;
+5. ``policy``: the DPO models averaged (``train.average``; one seed: its export), the next round's policy.
+
+A stage whose output exists is skipped, so an interrupted pipeline picks up where it stopped (a training stage
+stopped midway resumes from its own last checkpoint). The end prints, beside the base LM, what each stage
+achieved on held-out prompts, and writes ``pipeline.dir/summary.json``; ``round{R}/policy`` is a chat model
+(``python -m demo --checkpoint ...`` serves it in the chat format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+from train.config import NonNegativeInt, PositiveInt, parse_cli
+from train.metrics import read_metrics
+
+log = logging.getLogger("train.rounds")
+EXPORT_MARKER = "config.json"
+
+
+@dataclass
+class PipelineConfig:
+    """Where the rounds live, what they start from and how many run."""
+
+    dir: str = "runs/posttrain/rounds"
+    # The pretrained LM (Meta or HF layout): SFT starts from it in every round.
+    base: str = "runs/lm/debug/hf"
+    # The embedded instruction and preference data (written there on first use).
+    data_dir: str = "runs/data/instruct"
+    rounds: PositiveInt = 1
+    nproc_per_node: PositiveInt = 2
+    # One DPO run per seed in each round, their weights averaged into the round's policy (paper: model averaging).
+    dpo_seeds: list[NonNegativeInt] = field(default_factory=lambda: [0])
+    # The reward model's trunk: "base" (the paper: the pretrained LM) or "policy" (the round's policy, which has
+    # already seen the chat format: a tiny LM ranks answers far better from there).
+    reward_init: str = "policy"
+    # Held-out prompts graded for the base LM in the summary (0: not graded).
+    heldout_samples: NonNegativeInt = 100
+
+
+@dataclass
+class StageConfig:
+    """One stage's TOML config and the extra ``--section.key=value`` overrides it gets in every round."""
+
+    # "" = the stage's tiny config, configs/posttrain/<stage>_tiny.toml.
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RoundsConfig:
+    """Root config of ``python -m train.rounds``."""
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sft: StageConfig = field(default_factory=StageConfig)
+    reward: StageConfig = field(default_factory=StageConfig)
+    rejection: StageConfig = field(default_factory=StageConfig)
+    dpo: StageConfig = field(default_factory=StageConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        """Stage ``name``'s config with its TOML file resolved."""
+        stage = getattr(self, name)
+        return StageConfig(stage.config or f"configs/posttrain/{name}_tiny.toml", list(stage.overrides))
+
+
+class Pipeline:
+    """Runs the stages as processes, skipping those whose output exists, and keeps the record of each."""
+
+    def __init__(self, cfg: RoundsConfig) -> None:
+        self.cfg, self.dir = cfg, Path(cfg.pipeline.dir)
+        self.python = sys.executable
+        self.torchrun = [self.python, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.pipeline.nproc_per_node}"]
+
+    def run(self, name: str, done: Path, *commands: Sequence[str]) -> bool:
+        """Run ``commands`` in turn unless ``done`` exists; True when they ran."""
+        if done.exists():
+            log.info("%s: done (%s exists), skipped", name, done)
+            return False
+        start = time.monotonic()
+        for command in commands:
+            log.info("%s: %s", name, " ".join(command))
+            finished = subprocess.run(list(command), check=False)
+            if finished.returncode != 0:
+                raise SystemExit(f"train.rounds: stage {name} failed (exit {finished.returncode}): {' '.join(command)}")
+        if not done.exists():
+            raise SystemExit(f"train.rounds: stage {name} ended without writing {done}")
+        log.info("%s: finished in %.0f s", name, time.monotonic() - start)
+        return True
+
+    def train(self, name: str, script: str, stage: StageConfig, run_dir: Path, *overrides: str) -> Path:
+        """A torchrun training stage exported to ``run_dir/hf``; returns that directory."""
+        hf = run_dir / "hf"
+        command = [*self.torchrun, script, "--config", stage.config, f"--run.dir={run_dir}", *stage.overrides]
+        export = [self.python, "-m", "train.export", str(run_dir), "--out", str(hf), "--overwrite"]
+        self.run(name, hf / EXPORT_MARKER, [*command, *overrides], export)
+        return hf
+
+    def data_file(self, name: str) -> str:
+        """An embedded data file (instruction train set, preference pairs), written on first use."""
+        from data.instruct import TRAIN_FILE, ensure_instruct_data
+        from data.preference import PREFERENCE_FILE, ensure_preference_data
+
+        data_dir = self.cfg.pipeline.data_dir
+        path = (ensure_instruct_data(data_dir) / TRAIN_FILE) if name == "instruct" else None
+        if name == "preference":
+            ensure_preference_data(data_dir)
+            path = Path(data_dir) / PREFERENCE_FILE
+        return str(path)
+
+    def round(self, number: int, policy: Path) -> Path:
+        """Round ``number`` from ``policy``; returns the round's new policy."""
+        cfg, here = self.cfg, self.dir / f"round{number}"
+        earlier = [self.dir / f"round{r}" / "rejection" for r in range(1, number)]
+        pairs = ",".join([self.data_file("preference"), *(str(d / "preference.jsonl") for d in earlier)])
+        trunk = cfg.pipeline.base if cfg.pipeline.reward_init == "base" else str(policy)
+        reward = self.train(
+            f"round {number} reward model", "train/reward.py", cfg.stage("reward"), here / "reward",
+            f"--model.init_from={trunk}", f"--data.files={pairs}", f"--data.dir={cfg.pipeline.data_dir}",
+            f"--eval.pairs_file={Path(cfg.pipeline.data_dir) / 'preference_heldout.jsonl'}",
+        )  # fmt: skip
+        samples, rejection = here / "rejection", cfg.stage("rejection")
+        self.run(
+            f"round {number} rejection sampling",
+            samples / "summary.json",
+            [*self.torchrun, "train/rejection.py", "--config", rejection.config, *rejection.overrides,
+             f"--run.dir={samples}", f"--models.policy={policy}", f"--models.reward={reward}",
+             f"--data.files={self.data_file('instruct')}"],
+        )  # fmt: skip
+        chats = ",".join([self.data_file("instruct"), *(str(d / "sft.jsonl") for d in [*earlier, samples])])
+        sft = self.train(
+            f"round {number} SFT", "train/sft.py", cfg.stage("sft"), here / "sft",
+            f"--model.init_from={cfg.pipeline.base}", f"--data.files={chats}",
+            f"--eval.file={Path(cfg.pipeline.data_dir) / 'heldout.jsonl'}",
+        )  # fmt: skip
+        pairs = f"{pairs},{samples / 'preference.jsonl'}"
+        dpo_runs = [
+            self.train(
+                f"round {number} DPO (seed {seed})",
+                "train/dpo.py",
+                cfg.stage("dpo"),
+                here / f"dpo_seed{seed}",
+                f"--model.init_from={sft}",
+                f"--data.files={pairs}",
+                f"--run.seed={seed}",
+                f"--data.seed={seed}",
+                f"--eval.file={Path(cfg.pipeline.data_dir) / 'heldout.jsonl'}",
+                f"--eval.pairs_file={Path(cfg.pipeline.data_dir) / 'preference_heldout.jsonl'}",
+            )  # fmt: skip
+            for seed in cfg.pipeline.dpo_seeds
+        ]
+        return self.average(number, here / "policy", dpo_runs)
+
+    def average(self, number: int, out: Path, models: list[Path]) -> Path:
+        """The round's policy: the models' average (one model: a copy of it)."""
+        if len(models) == 1:
+            self.run(
+                f"round {number} policy", out / EXPORT_MARKER, [self.python, "-c", _COPY, str(models[0]), str(out)]
+            )
+        else:
+            command = [self.python, "-m", "train.average", str(out), *map(str, models)]
+            self.run(f"round {number} policy (average of {len(models)})", out / EXPORT_MARKER, command)
+        return out
+
+
+# Copied to a temporary name, then renamed: an interrupted copy is never taken for a finished policy.
+_COPY = (
+    "import shutil, sys, pathlib; src, out = map(pathlib.Path, sys.argv[1:]); tmp = out.with_name(out.name + '.tmp');"
+    " shutil.rmtree(tmp, ignore_errors=True); shutil.copytree(src, tmp); tmp.rename(out)"
+)
+
+
+def last_eval(run_dir: Path) -> dict[str, float]:
+    """The held-out figures (``eval/*``) of a run's last evaluation, without the prefix."""
+    records = [r for r in read_metrics(str(run_dir)) if any(k.startswith("eval/") for k in r)]
+    return {k.removeprefix("eval/"): v for k, v in (records[-1] if records else {}).items() if k.startswith("eval/")}
+
+
+def summarize(cfg: RoundsConfig, base_accuracy: dict[str, float]) -> dict[str, dict[str, float]]:
+    """What each stage achieved on held-out data, by stage name, the base LM first."""
+    root = Path(cfg.pipeline.dir)
+    summary = {"base LM": base_accuracy, "bootstrap SFT": last_eval(root / "bootstrap" / "sft")}
+    for number in range(1, cfg.pipeline.rounds + 1):
+        here = root / f"round{number}"
+        summary[f"round {number} reward model"] = last_eval(here / "reward")
+        rejection = here / "rejection" / "summary.json"
+        summary[f"round {number} rejection sampling"] = json.loads(rejection.read_text()) if rejection.is_file() else {}
+        summary[f"round {number} SFT"] = last_eval(here / "sft")
+        for seed in cfg.pipeline.dpo_seeds:
+            summary[f"round {number} DPO (seed {seed})"] = last_eval(here / f"dpo_seed{seed}")
+    return summary
+
+
+def base_accuracy(cfg: RoundsConfig) -> dict[str, float]:
+    """The base LM's greedy answers to the held-out prompts, graded (stored, so a rerun does not grade again)."""
+    path = Path(cfg.pipeline.dir) / "base_eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not cfg.pipeline.heldout_samples:
+        return {}
+    from data.instruct import HELDOUT_FILE, ensure_instruct_data
+    from lm import load_pretrained
+    from lm.tokenizer import ChatFormat, Tokenizer
+    from train.posttrain.heldout import graded_accuracy, read_graded_rows
+
+    rows = read_graded_rows(ensure_instruct_data(cfg.pipeline.data_dir) / HELDOUT_FILE, cfg.pipeline.heldout_samples)
+    result = graded_accuracy(load_pretrained(cfg.pipeline.base), ChatFormat(Tokenizer()), rows, max_new_tokens=48)
+    figures = {k.removeprefix("eval/"): v for k, v in result.items()}
+    atomic_write_text(path, json.dumps(figures))
+    return figures
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    """One line per stage: its held-out figures."""
+    lines = []
+    for stage, figures in summary.items():
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in sorted(figures.items()) if isinstance(v, (int, float)))
+        lines.append(f"{stage:<32} {shown or '(no held-out figures)'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Run the bootstrap SFT and the rounds, then print and store what each stage achieved."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m train.rounds", description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_cli(RoundsConfig, argv, parser)
+    if cfg.pipeline.reward_init not in ("base", "policy"):
+        parser.error(f"pipeline.reward_init={cfg.pipeline.reward_init!r}: expected 'base' or 'policy'")
+    for name in ("sft", "reward", "rejection", "dpo"):
+        stage = cfg.stage(name)
+        if not Path(stage.config).is_file():
+            parser.error(f"stage config {stage.config} does not exist")
+    if not Path(cfg.pipeline.base).is_dir():
+        parser.error(f"pipeline.base={cfg.pipeline.base} is not a checkpoint directory (run `make quickstart` first)")
+    pipeline = Pipeline(cfg)
+    root = Path(cfg.pipeline.dir)
+    policy = pipeline.train(
+        "bootstrap SFT", "train/sft.py", cfg.stage("sft"), root / "bootstrap" / "sft",
+        f"--model.init_from={cfg.pipeline.base}", f"--data.dir={cfg.pipeline.data_dir}",
+    )  # fmt: skip
+    for number in range(1, cfg.pipeline.rounds + 1):
+        policy = pipeline.round(number, policy)
+    summary = summarize(cfg, base_accuracy(cfg))
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2))
+    print("post-training: what each stage achieved on held-out prompts and pairs:\n" + format_summary(summary))
+    print(f"post-training: the chat model is {policy}; serve it with: {sys.executable} -m demo --checkpoint {policy}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
