@@ -130,6 +130,17 @@ def test_reward_models_average_by_name_and_keep_the_marker(tmp_path):
     c = _reward_dir(tmp_path / "c", odd)
     with pytest.raises(AverageError, match=rf"{c}: output.weight has shape \(2, 64\) but \(1, 64\) in {a}"):
         average_state_dicts([a, c], None)
+    # Unchecked against the config, a reward model's names are checked against the first input's.
+    partial = shutil.copytree(b, tmp_path / "partial")
+    tensors = load_file(partial / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(partial / "model.safetensors"))
+    with pytest.raises(AverageError, match=rf"{partial}: missing layers.1.feed_forward.w3.weight \(present in .*{a}\)"):
+        average_state_dicts([a, partial], None)
+    with pytest.raises(
+        AverageError, match=rf"{a}: unexpected layers.1.feed_forward.w3.weight \(absent from .*{partial}"
+    ):
+        average_state_dicts([partial, a], None)
     plain = _saved(tmp_path / "plain", tiny_model(seed=3))
     with pytest.raises(AverageError, match=f"{plain} has no {REWARD_MARKER}"):
         average_state_dicts([a, plain], None)
