@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local package mirrors on these machines print one harmless warning per package; keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: install system-deps test lint quickstart bench clean
+.PHONY: install system-deps test lint quickstart posttrain bench clean
 
 # Bytecode is compiled after the install on every core (pip compiles its ~15,000 files on one): about half a
 # minute of the 20 that make test may take. Compiled it must be: with PYTHONDONTWRITEBYTECODE set, as on these
@@ -86,6 +86,17 @@ if mm.vision_adapter is not None:
     print("generated:", mm.generate(mm.prompts["image"], images=[draw_scene(scene)], max_new_tokens=24, temperature=0))
 endef
 export ADAPTER_DEMO
+
+# Post-training (the paper's section 4) of the quickstart's LM: one tiny round of train.rounds (bootstrap SFT, reward
+# model, rejection sampling, SFT, DPO) on the embedded instruction and preference data, each stage skipped when its
+# output exists. It prints each stage's held-out figures beside the base LM's and leaves a chat model in
+# runs/posttrain/rounds/round1/policy, which the demo serves in the chat format (`make posttrain DEMO=0` stops before).
+posttrain: install
+	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
+	test -f $(LM_RUN)/hf/config.json || { $(TORCHRUN) train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
+	  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
+	$(PY) -m train.rounds --config configs/posttrain/rounds_tiny.toml
+	@if [ "$(DEMO)" = 1 ]; then $(PY) -m demo --checkpoint runs/posttrain/rounds/round1/policy; fi
 
 bench: install
 	$(PY) bench/train_step.py
