@@ -310,20 +310,27 @@ def token_logprobs_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, t
     return lambda hidden, weight: token_logprobs(hidden, weight, targets)
 
 
-def fused_loss_output_fn(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def fused_loss_output_fn(
+    targets: torch.Tensor, *, labelled_only: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model's ``output`` function for the chunked loss: linear + cross-entropy without whole logits.
 
     Under tensor parallel (the weight a vocabulary-sharded DTensor) it is the mean of ``-token_logprobs``, which
     combines the vocabulary shards; that path recomputes each chunk's logits in backward (one matmul more than
     ``linear_cross_entropy``, which takes its gradients in forward and knows nothing of shards).
+    ``labelled_only``: only the positions with a target (not -100) meet the output projection. In SFT's packed
+    rows the prompts are most of the tokens, and the [tokens, vocab] work is most of a small model's.
     """
-    flat_targets = targets.flatten()
 
     def output(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        picked = targets
+        if labelled_only:
+            labelled = targets != -100
+            hidden, picked = replicated_hidden(hidden)[labelled], targets[labelled]
         if isinstance(weight, DTensor):
-            counted = (targets != -100).sum().clamp(min=1)
-            return -token_logprobs(hidden, weight, targets).sum() / counted
-        return linear_cross_entropy(hidden.flatten(0, 1), weight, flat_targets)
+            counted = (picked != -100).sum().clamp(min=1)
+            return -token_logprobs(hidden, weight, picked).sum() / counted
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, picked.flatten())
 
     return output
 

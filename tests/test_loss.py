@@ -95,3 +95,24 @@ def test_shape_mismatch_fails_clearly():
         linear_cross_entropy(hidden, weight, targets[:-1])
     with pytest.raises(ValueError, match="vocab"):
         linear_cross_entropy(hidden, weight[:, :-1], targets)
+
+
+def test_the_loss_on_labelled_positions_only_equals_the_loss_over_every_position():
+    """SFT's output function skips the prompts' positions: the same mean and gradients as the ignore-index loss."""
+    from lm.loss import fused_loss_output_fn
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, dtype=torch.float64)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (3, 10))
+    targets[:, :6] = -100  # a prompt of six tokens in every row
+    targets[1, 8] = -100
+    results = []
+    for labelled_only in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fused_loss_output_fn(targets, labelled_only=labelled_only)(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for every, labelled in zip(*results, strict=True):
+        torch.testing.assert_close(labelled, every, rtol=1e-6, atol=1e-7)  # the loss is accumulated in fp32
+    assert results[1][1][:, :6].abs().max() == 0  # the prompt positions get no gradient

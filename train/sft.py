@@ -149,8 +149,9 @@ def make_sft_loss(cfg: SFTJobConfig, ctx: RunContext) -> LossFn:
         targets = labels[:, 1:]
         count = (targets != IGNORE_INDEX).sum()
         if cfg.model.loss == "fused":
-            # The chunked loss's mean, times the count: a sum without the [tokens, vocab] logits.
-            token_sum = model(inputs, **model_kwargs, output=fused_loss_output_fn(targets)) * count
+            # The chunked loss's mean over the answer tokens, times the count: a sum without the [tokens, vocab]
+            # logits, and without the prompts' positions ever meeting the output projection.
+            token_sum = model(inputs, **model_kwargs, output=fused_loss_output_fn(targets, labelled_only=True)) * count
         else:
             # Under TP the logits are vocabulary-sharded and this runs inside loss_parallel() (the forward_backward
             # of train.parallel.llama.make_forward_backward); its sum comes back a replicated DTensor.
