@@ -47,9 +47,13 @@ def _config(root, base) -> str:
     return str(path)
 
 
-def _rounds(config: str) -> subprocess.CompletedProcess:
+def _rounds(config: str, *overrides: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [PYTHON, "-m", "train.rounds", "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [PYTHON, "-m", "train.rounds", "--config", config, *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -88,18 +92,24 @@ def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
     assert "demo --checkpoint" in proc.stdout and str(round1 / "policy") in proc.stdout
 
 
-def test_a_rerun_redoes_only_what_is_missing(pipeline):
+def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_first(pipeline):
     root, config, _ = pipeline
-    round1 = root / "rounds" / "round1"
+    round1, round2 = root / "rounds" / "round1", root / "rounds" / "round2"
     sft_steps = [r["step"] for r in read_metrics(str(round1 / "sft"))]
     policy = (round1 / "policy" / "model.safetensors").read_bytes()
     for gone in ("policy", "dpo_seed0/hf"):
         subprocess.run(["rm", "-rf", str(round1 / gone)], check=True)
-    proc = _rounds(config)
-    log = proc.stderr
+    log = _rounds(config, "--pipeline.rounds=2").stderr
     for stage in ("bootstrap SFT", "round 1 reward model", "round 1 rejection sampling", "round 1 SFT"):
         assert f"{stage}: done" in log, log[-3000:]
     assert "round 1 DPO (seed 0): finished" in log and "round 1 policy: finished" in log
     assert [r["step"] for r in read_metrics(str(round1 / "sft"))] == sft_steps
     # The DPO run had finished: its checkpoint is exported again, giving the same policy.
     assert (round1 / "policy" / "model.safetensors").read_bytes() == policy
+    # Round 2 samples round 1's policy and trains on round 1's samples and pairs as well as its own.
+    assert str(round1 / "policy") in (round2 / "rejection" / "config.toml").read_text()
+    sft_files = (round2 / "sft" / "config.toml").read_text()
+    assert str(round1 / "rejection" / "sft.jsonl") in sft_files and str(round2 / "rejection" / "sft.jsonl") in sft_files
+    reward_files = (round2 / "reward" / "config.toml").read_text()
+    assert str(round1 / "rejection" / "preference.jsonl") in reward_files
+    assert load_pretrained(round2 / "policy").config.num_labels == 0
