@@ -236,6 +236,8 @@ def _stream_rows(
     compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per decode step, each row's new token, or None once that row has finished."""
+    if model.config.num_labels:
+        raise ValueError("the model has a score head (a reward model): it scores text, it does not generate")
     max_seq_len = model.config.max_seq_len
     prompt_len = max(len(r) for r in rows)
     if prompt_len >= max_seq_len:

@@ -10,6 +10,7 @@ from transformers import LlamaForSequenceClassification
 
 from lm import load_pretrained, save_pretrained
 from lm.config import LMConfig
+from lm.generate import generate
 from lm.reward import score_sequences
 
 ROWS = [[5, 17, 300, 42, 7], [9, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19], [401]]
@@ -44,6 +45,8 @@ def test_a_language_model_is_not_scored_and_configs_are_checked(tmp_path):
         LMConfig(num_labels=-1)
     with pytest.raises(ValueError, match="tied"):
         LMConfig(num_labels=1, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="reward model"):
+        generate(tiny_model(num_labels=1), None, [1, 2, 3], max_new_tokens=2)
     with pytest.raises(ValueError, match="empty"):
         score_sequences(tiny_model(num_labels=1), [[1, 2], []])
     # A reward model's checkpoint is not an LM's: loading one as the other fails naming the weight.
