@@ -64,6 +64,29 @@ def test_a_preference_rows_masks_train_the_final_answer_dpo_without_formatting(t
     )
 
 
+def test_the_formatting_mask_ablation_keeps_every_labelled_token_in_the_dpo_term(tmp_path, chat):
+    """--dpo.mask_formatting=false (the ablation): the DPO term counts the end of turn as the NLL term does."""
+    from types import SimpleNamespace
+
+    from lm import LMConfig, Transformer
+    from train.dpo import DPOJobConfig, answer_logps
+
+    (pair,), _ = read_preferences([_write(tmp_path / "p.jsonl", [ROW])], chat, max_tokens=257)
+    data = PreferenceBatches([pair], seq_len=64, batch_size=1, dp_rank=0, dp_size=1, grad_accum=1, seed=0)
+    model = Transformer(LMConfig.from_preset("debug", dim=64, n_layers=1, n_heads=4, n_kv_heads=2))
+    model.init_weights(seed=0)
+    ctx = SimpleNamespace(dims=SimpleNamespace(cp=1, tp=1), device=torch.device("cpu"))
+    masks = {}
+    for mask_formatting in (True, False):
+        cfg = DPOJobConfig()
+        cfg.dpo.mask_formatting = mask_formatting
+        with torch.no_grad():
+            _, dpo_mask, nll_mask = answer_logps(model, cfg, ctx, data.rows([0]))
+        masks[mask_formatting] = dpo_mask
+    assert torch.equal(masks[False], nll_mask)
+    assert (nll_mask & ~masks[True]).sum() == 2  # each answer's <|eot_id|>, kept only by the ablation
+
+
 @pytest.mark.parametrize(
     "row,reason",
     [

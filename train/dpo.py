@@ -89,6 +89,9 @@ class DPOLossConfig:
     """The DPO objective's coefficients (paper: beta 0.1, NLL 0.2 on the chosen answers)."""
 
     beta: PositiveFloat = DPO_BETA
+    # The paper masks the formatting tokens (headers, role names, end of turn) out of the DPO term: both answers share
+    # them, so their likelihoods pull against each other. False keeps them (an ablation).
+    mask_formatting: bool = True
     nll_weight: NonNegativeFloat = DPO_NLL_WEIGHT
 
 
@@ -149,7 +152,7 @@ def answer_logps(
     targets = labels[:, 1:]
     token_logps = model(inputs, **model_kwargs, output=answer_logprobs_output_fn(targets))
     nll_mask = targets != IGNORE_INDEX
-    dpo_mask = nll_mask & ~formatting_mask(tokens[:, 1:], _tokenizer())
+    dpo_mask = nll_mask & ~formatting_mask(tokens[:, 1:], _tokenizer()) if cfg.dpo.mask_formatting else nll_mask
     return token_logps, dpo_mask, nll_mask
 
 
