@@ -44,4 +44,7 @@ def test_cluster_config_validates_for_its_world_and_keeps_the_paper_recipe(stage
 
 def test_every_llama3_posttrain_config_is_checked():
     names = {p.name for p in CONFIGS.glob("*_llama3_*.toml")}
-    assert names == {f"{stage}_llama3_{size}.toml" for stage in ("sft", "dpo") for size in CLUSTERS}
+    here = {f"{stage}_llama3_{size}.toml" for stage in ("sft", "dpo") for size in CLUSTERS}
+    # The reward model's are validated in test_reward.py, rejection sampling's in test_rejection.py.
+    elsewhere = {f"reward_llama3_{size}.toml" for size in CLUSTERS} | {"rejection_llama3_8b.toml"}
+    assert names == here | elsewhere
