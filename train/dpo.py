@@ -31,7 +31,6 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import argparse  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
@@ -56,14 +55,21 @@ from data.preference import (  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.loss import replicated_hidden, token_logprobs  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
-from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, parse_cli  # noqa: E402
+from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
-from train.loop import EvalFn, LossFn, RunContext, init_run, train  # noqa: E402
+from train.loop import EvalFn, LossFn, RunContext, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
-from train.parallel.mesh import exit_rank, run_then_destroy, submesh  # noqa: E402
+from train.parallel.mesh import exit_rank, submesh  # noqa: E402
 from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
-from train.sft import SFTEvalConfig, configured_or_embedded, held_out_grader, validate  # noqa: E402
+from train.sft import (  # noqa: E402
+    SFTEvalConfig,
+    batch_layout,
+    configured_or_embedded,
+    held_out_grader,
+    run_entry,
+    validate,
+)
 
 log = logging.getLogger("train.dpo")
 REFERENCE_FILE = "reference_logps.pt"
@@ -277,14 +283,7 @@ def combined_eval(*evals: EvalFn | None) -> EvalFn | None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and validate, set up the mesh, read the pairs, build the model, score the reference, train."""
-    parser = argparse.ArgumentParser(prog="train/dpo.py", description=__doc__.split("\n\n")[0])
-    cfg, _ = parse_cli(DPOJobConfig, argv, parser)
-    try:
-        lm_config = validate(cfg)
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
-    ctx = init_run(cfg)
-    return run_then_destroy(lambda: _run(cfg, lm_config, ctx))
+    return run_entry(argv, DPOJobConfig, validate, _run, "train/dpo.py", __doc__)
 
 
 def read_heldout_pairs(cfg: DPOJobConfig, ctx: RunContext) -> PreferenceBatches | None:
@@ -293,11 +292,7 @@ def read_heldout_pairs(cfg: DPOJobConfig, ctx: RunContext) -> PreferenceBatches 
     if not path or not cfg.eval.pairs:
         return None
     pairs, _ = read_preferences([path], ChatFormat(_tokenizer()), max_tokens=cfg.data.seq_len + 1)
-    batch = cfg.train.batch_size
-    return PreferenceBatches(
-        pairs[: cfg.eval.pairs], seq_len=cfg.data.seq_len, batch_size=batch, dp_rank=ctx.dp_rank,
-        dp_size=ctx.dp_size, grad_accum=cfg.train.grad_accum, seed=cfg.data.seed,
-    )  # fmt: skip
+    return PreferenceBatches(pairs[: cfg.eval.pairs], **batch_layout(cfg, ctx, cfg.data.seq_len, cfg.data.seed))
 
 
 def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
@@ -306,15 +301,7 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     pairs, skipped = read_preferences(
         files, ChatFormat(_tokenizer()), max_tokens=seq + 1, skip_bad=cfg.data.on_bad_row == "skip"
     )
-    data = PreferenceBatches(
-        pairs,
-        seq_len=seq,
-        batch_size=cfg.train.batch_size,
-        dp_rank=ctx.dp_rank,
-        dp_size=ctx.dp_size,
-        grad_accum=cfg.train.grad_accum,
-        seed=cfg.data.seed,
-    )
+    data = PreferenceBatches(pairs, **batch_layout(cfg, ctx, seq, cfg.data.seed))
     model = parallelize_llama(cfg, lm_config, ctx)
     if ctx.rank == 0:
         write_lm_config(lm_config, cfg.run.dir)

@@ -27,7 +27,6 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -45,14 +44,15 @@ from data.preference import pad_rows as pad_dialogs  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.reward import last_token_scores_output_fn  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
-from train.config import JobConfig, NonNegativeInt, PositiveInt, parse_cli  # noqa: E402
+from train.config import JobConfig, NonNegativeInt, PositiveInt  # noqa: E402
 from train.dpo import combined_eval, heldout_pairs_file, preference_files  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
-from train.loop import LossFn, RunContext, init_run, train  # noqa: E402
+from train.loop import LossFn, RunContext, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
-from train.parallel.mesh import ParallelDims, exit_rank, run_then_destroy  # noqa: E402
+from train.parallel.mesh import ParallelDims, exit_rank  # noqa: E402
 from train.parallel.tp import check_tp  # noqa: E402
+from train.sft import batch_layout, run_entry  # noqa: E402
 from train.sft import validate as validate_lm  # noqa: E402
 
 log = logging.getLogger("train.reward")
@@ -243,10 +243,7 @@ class HeldOutRankings:
 
 def ranking_batches(pairs: Sequence[PreferencePair], cfg: RewardJobConfig, ctx: RunContext) -> RankingBatches:
     """``pairs`` batched for this rank as the config says."""
-    return RankingBatches(
-        pairs, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
-        grad_accum=cfg.train.grad_accum, seed=cfg.data.seed,
-    )  # fmt: skip
+    return RankingBatches(pairs, **batch_layout(cfg, ctx, cfg.data.seq_len, cfg.data.seed))
 
 
 def read_heldout_rankings(cfg: RewardJobConfig, ctx: RunContext, chat: ChatFormat) -> HeldOutRankings | None:
@@ -260,14 +257,7 @@ def read_heldout_rankings(cfg: RewardJobConfig, ctx: RunContext, chat: ChatForma
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and validate, set up the mesh, read the pairs, build the reward model, train."""
-    parser = argparse.ArgumentParser(prog="train/reward.py", description=__doc__.split("\n\n")[0])
-    cfg, _ = parse_cli(RewardJobConfig, argv, parser)
-    try:
-        lm_config = validate(cfg)
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
-    ctx = init_run(cfg)
-    return run_then_destroy(lambda: _run(cfg, lm_config, ctx))
+    return run_entry(argv, RewardJobConfig, validate, _run, "train/reward.py", __doc__)
 
 
 def build_reward_model(cfg: RewardJobConfig, lm_config: LMConfig, ctx: RunContext) -> nn.Module:

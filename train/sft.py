@@ -30,7 +30,7 @@ import logging  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Literal  # noqa: E402
+from typing import Literal, TypeVar  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -53,6 +53,7 @@ from train.parallel.tp import check_tp  # noqa: E402
 from train.posttrain.heldout import HeldOutGrader, read_graded_rows  # noqa: E402
 
 log = logging.getLogger("train.sft")
+C = TypeVar("C", bound=JobConfig)
 
 
 @dataclass
@@ -164,16 +165,41 @@ def make_sft_loss(cfg: SFTJobConfig, ctx: RunContext) -> LossFn:
     return loss_fn
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse and validate, set up the mesh, read and pack the dialogs, build the model, train."""
-    parser = argparse.ArgumentParser(prog="train/sft.py", description=__doc__.split("\n\n")[0])
-    cfg, _ = parse_cli(SFTJobConfig, argv, parser)
+def run_entry(
+    argv: list[str] | None,
+    config_class: type[C],
+    check: Callable[[C], LMConfig],
+    run: Callable[[C, LMConfig, RunContext], list[dict]],
+    prog: str,
+    doc: str,
+) -> list[dict]:
+    """A post-training entry's ``main``: parse, ``check`` (a bad config is a usage error, before any process group),
+    set up the mesh, then ``run`` with the process group torn down after it."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    cfg, _ = parse_cli(config_class, argv, parser)
     try:
-        lm_config = validate(cfg)
+        lm_config = check(cfg)
     except (ValueError, OSError) as e:
         parser.error(str(e))
     ctx = init_run(cfg)
-    return run_then_destroy(lambda: _run(cfg, lm_config, ctx))
+    return run_then_destroy(lambda: run(cfg, lm_config, ctx))
+
+
+def batch_layout(cfg: JobConfig, ctx: RunContext, seq_len: int, seed: int) -> dict[str, int]:
+    """The keyword arguments every post-training batcher (``data.chat.StepBatches``) takes from the run."""
+    return {
+        "seq_len": seq_len,
+        "batch_size": cfg.train.batch_size,
+        "dp_rank": ctx.dp_rank,
+        "dp_size": ctx.dp_size,
+        "grad_accum": cfg.train.grad_accum,
+        "seed": seed,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse and validate, set up the mesh, read and pack the dialogs, build the model, train."""
+    return run_entry(argv, SFTJobConfig, validate, _run, "train/sft.py", __doc__)
 
 
 def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
@@ -182,15 +208,7 @@ def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     dialogs, skipped = read_dialogs(
         files, ChatFormat(Tokenizer()), max_tokens=seq + 1, skip_bad=cfg.data.on_bad_row == "skip"
     )
-    data = PackedDialogs(
-        dialogs,
-        seq_len=seq,
-        batch_size=cfg.train.batch_size,
-        dp_rank=ctx.dp_rank,
-        dp_size=ctx.dp_size,
-        grad_accum=cfg.train.grad_accum,
-        seed=cfg.data.seed,
-    )
+    data = PackedDialogs(dialogs, **batch_layout(cfg, ctx, seq, cfg.data.seed))
     model = parallelize_llama(cfg, lm_config, ctx)
     if ctx.rank == 0:
         write_lm_config(lm_config, cfg.run.dir)
