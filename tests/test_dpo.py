@@ -237,6 +237,21 @@ def test_two_rank_fsdp_dpo_matches_one_rank_and_its_reference_is_the_initial_pol
             assert stored[index, side].item() == pytest.approx(sequence_logps(logps, mask).item(), abs=1e-4)
 
 
+def test_an_online_frozen_reference_gives_the_precomputed_one_s_losses(dpo_setup, one_rank):
+    """--dpo.reference=online (a frozen sharded copy of the initial policy scoring each micro-batch) on 2 ranks:
+    the 1-rank precomputed run's losses and held-out reward figures, and no stored reference file."""
+    from train.dpo import REFERENCE_FILE
+
+    run_dir = dpo_setup / "dpo_online"
+    records = _dpo(dpo_setup, run_dir, 2, "--dpo.reference=online")
+    want, got = _losses(read_metrics(str(one_rank))), _losses(records)
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    last = read_metrics(str(one_rank))[-1]
+    assert records[-1]["eval/reward_margin"] == pytest.approx(last["eval/reward_margin"], rel=1e-4, abs=1e-6)
+    assert not (run_dir / REFERENCE_FILE).exists()
+
+
 def test_resumed_onto_two_ranks_continues_exactly(dpo_setup, one_rank):
     """Saved by one rank halfway, resumed by two in a fresh run dir: the reference is recomputed from the initial
     weights, and the data position and weights carry over."""

@@ -99,6 +99,9 @@ class DPOLossConfig:
     # them, so their likelihoods pull against each other. False keeps them (an ablation).
     mask_formatting: bool = True
     nll_weight: NonNegativeFloat = DPO_NLL_WEIGHT
+    # "precomputed": the initial policy scores every pair once before step 1 (no second model in memory).
+    # "online": a frozen copy of it, sharded as the policy is, scores each micro-batch (no pass over the data first).
+    reference: Literal["precomputed", "online"] = "precomputed"
 
 
 @dataclass
@@ -162,14 +165,17 @@ def answer_logps(
     return token_logps, dpo_mask, nll_mask
 
 
-def make_dpo_loss(cfg: DPOJobConfig, ctx: RunContext, reference: torch.Tensor) -> LossFn:
-    """``loss_fn(model, batch)``: ``dpo_loss`` of the micro-batch's pairs against the precomputed ``reference``
-    [pairs, 2] (chosen, rejected), its chosen NLL divided by the batch's ``nll_tokens``; and the reward metrics."""
+ReferenceFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def make_dpo_loss(cfg: DPOJobConfig, ctx: RunContext, reference: ReferenceFn) -> LossFn:
+    """``loss_fn(model, batch)``: ``dpo_loss`` of the micro-batch's pairs against ``reference(batch)`` [pairs, 2]
+    (chosen, rejected), its chosen NLL divided by the batch's ``nll_tokens``; and the reward metrics."""
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         token_logps, dpo_mask, nll_mask = answer_logps(model, cfg, ctx, batch)
         pairs = batch["index"].numel()
-        ref = reference[batch["index"]].to(ctx.device)
+        ref = reference(batch).to(ctx.device)
         return dpo_loss(
             token_logps[:pairs],
             token_logps[pairs:],
@@ -184,6 +190,27 @@ def make_dpo_loss(cfg: DPOJobConfig, ctx: RunContext, reference: torch.Tensor) -
         )
 
     return loss_fn
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the weights a forward without backward left gathered: FSDP's root keeps them for the backward."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def online_reference(model: nn.Module, cfg: DPOJobConfig, ctx: RunContext) -> ReferenceFn:
+    """``dpo.reference = "online"``: the frozen ``model`` scores each micro-batch's pairs [pairs, 2] as it comes."""
+
+    @torch.no_grad()
+    def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        token_logps, dpo_mask, _ = answer_logps(model, cfg, ctx, batch)
+        scored = sequence_logps(token_logps, dpo_mask).float()
+        reshard(model)
+        pairs = batch["index"].numel()
+        return torch.stack([scored[:pairs], scored[pairs:]], dim=1)
+
+    return reference
 
 
 @torch.no_grad()
@@ -213,11 +240,7 @@ def score_pairs(
             keep = max(0, min(micro, n - first))
             result[first : first + keep] = share[:keep].cpu()
     model.train(was_training)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            # A forward without backward leaves the root's weights gathered (no reshard after its forward): the
-            # optimizer built next must see the sharded parameters.
-            module.reshard()
+    reshard(model)  # the optimizer built next must see the sharded parameters
     return result
 
 
@@ -306,9 +329,17 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     if ctx.rank == 0:
         write_lm_config(lm_config, cfg.run.dir)
     heldout = read_heldout_pairs(cfg, ctx)
-    sets = {"train": data, **({"heldout": heldout} if heldout is not None else {})}
-    reference = reference_logps(model, cfg, ctx, sets)
-    preferences = None if heldout is None else HeldOutPreferences(cfg, ctx, heldout, reference["heldout"])
+    if cfg.dpo.reference == "online":
+        frozen = parallelize_llama(cfg, lm_config, ctx).requires_grad_(False).eval()
+        reference_fn = online_reference(frozen, cfg, ctx)
+        micro = ctx.micro_batch_size(cfg)
+        held_reference = None if heldout is None else score_pairs(frozen, cfg, ctx, heldout, micro)
+    else:
+        sets = {"train": data, **({"heldout": heldout} if heldout is not None else {})}
+        reference = reference_logps(model, cfg, ctx, sets)
+        reference_fn = lambda batch: reference["train"][batch["index"]]  # noqa: E731
+        held_reference = reference.get("heldout")
+    preferences = None if heldout is None else HeldOutPreferences(cfg, ctx, heldout, held_reference)
     if ctx.rank == 0:
         log.info(
             "Llama 3 DPO: %.1fM parameters from %s, %d pairs (%d bad rows skipped) from %s, seq %d, global batch %d "
@@ -326,7 +357,7 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     return train(
         cfg,
         model,
-        make_dpo_loss(cfg, ctx, reference["train"]),
+        make_dpo_loss(cfg, ctx, reference_fn),
         data,
         eval_fn=combined_eval(held_out_grader(cfg, lm_config, ctx), preferences),
         tokens_per_sample=2 * seq,
