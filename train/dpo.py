@@ -55,7 +55,7 @@ from data.preference import (  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.loss import replicated_hidden, token_logprobs  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
-from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt  # noqa: E402
+from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
 from train.loop import EvalFn, LossFn, RunContext, train  # noqa: E402
@@ -63,6 +63,7 @@ from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import exit_rank, submesh  # noqa: E402
 from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
 from train.sft import (  # noqa: E402
+    SFTDataConfig,
     SFTEvalConfig,
     batch_layout,
     configured_or_embedded,
@@ -76,18 +77,10 @@ REFERENCE_FILE = "reference_logps.pt"
 
 
 @dataclass
-class DPODataConfig:
-    """Preference files, each answer encoded after its prompt and padded into a row of ``seq_len + 1`` tokens."""
-
-    # Comma-separated JSONL/Parquet files of {prompt | prompt_messages, chosen, rejected[, edited]} rows;
-    # "" = the embedded preference pairs in dir (written there on first use, beside data.instruct's files).
-    files: str = ""
-    dir: str = "runs/data/instruct"
-    seq_len: PositiveInt = 256
-    # A bad row (no prompt, a missing or empty answer, an unknown role, over seq_len + 1 tokens) stops the run
-    # naming its file:line, or is skipped and counted.
-    on_bad_row: Literal["fail", "skip"] = "fail"
-    seed: NonNegativeInt = 0
+class DPODataConfig(SFTDataConfig):
+    """Preference files (rows {prompt | prompt_messages, chosen, rejected[, edited]}; "" = the embedded pairs in dir),
+    each answer encoded after its prompt and padded into a row of ``seq_len + 1`` tokens; a bad row (no prompt, a
+    missing or empty answer, an unknown role, too long) fails naming its file:line, or is skipped and counted."""
 
 
 @dataclass

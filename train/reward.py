@@ -31,7 +31,6 @@ import dataclasses  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Literal  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -45,7 +44,7 @@ from lm.config import LMConfig  # noqa: E402
 from lm.reward import last_token_scores_output_fn  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeInt, PositiveInt  # noqa: E402
-from train.dpo import combined_eval, heldout_pairs_file, preference_files  # noqa: E402
+from train.dpo import DPODataConfig, combined_eval, heldout_pairs_file, preference_files  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
 from train.loop import LossFn, RunContext, train  # noqa: E402
@@ -59,18 +58,10 @@ log = logging.getLogger("train.reward")
 
 
 @dataclass
-class RewardDataConfig:
-    """Preference files; each answer is encoded after its prompt and must fit ``seq_len`` tokens."""
+class RewardDataConfig(DPODataConfig):
+    """DPO's preference files; each answer is encoded after its prompt and must fit ``seq_len`` tokens."""
 
-    # Comma-separated JSONL/Parquet files of {prompt | prompt_messages, chosen, rejected[, edited]} rows;
-    # "" = the embedded preference pairs in dir (written there on first use, beside data.instruct's files).
-    files: str = ""
-    dir: str = "runs/data/instruct"
     seq_len: PositiveInt = 128
-    # A bad row (no prompt, a missing or empty answer, an unknown role, over seq_len tokens) stops the run naming
-    # its file:line, or is skipped and counted.
-    on_bad_row: Literal["fail", "skip"] = "fail"
-    seed: NonNegativeInt = 0
 
 
 @dataclass
