@@ -2,7 +2,8 @@
 
 Four sources, each prepared as token shards under DIR/<source>/ (see data/prepare.py):
   general       scene descriptions in varied English sentences, the vocabulary of data/scenes.py, so the
-                words a vision or speech adapter must ground are words the LM already knows
+                words a vision or speech adapter must ground are words the LM already knows; half the
+                documents are one caption sentence alone (see SHORT_DOCUMENTS)
   math          arithmetic and word problems with worked answers
   code          the Python standard library's own .py files of the running interpreter (a deterministic
                 subset: files ordered by a hash of their relative path, taken up to a byte budget)
@@ -95,7 +96,15 @@ def _describe(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+# Share of general documents that are one caption sentence alone, like an image's alt text. A document of one
+# sentence teaches the LM that text can end right after a short description, which the adapters' targets do
+# ("a small red circle." then <|end_of_text|>); without such documents the debug LM continues every caption.
+SHORT_DOCUMENTS = 0.5
+
+
 def _general(rng: random.Random) -> str:
+    if rng.random() < SHORT_DOCUMENTS:
+        return _sentence(scenes.caption(scenes.random_scene(rng)))
     return "\n\n".join(_describe(rng) for _ in range(rng.randint(2, 6)))
 
 

@@ -180,3 +180,32 @@ def test_resumed_run_equals_the_uninterrupted_one(speech_run, assets, tmp_path):
     for a, b in zip(full[12:], resumed[12:], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
     assert resumed[-1]["eval/loss"] == pytest.approx(full[-1]["eval/loss"], rel=1e-5)
+
+
+def test_targets_end_as_a_sentence_then_stop():
+    """A training row is prompt + caption + target_end + <|end_of_text|>, and only the caption, its full stop and
+    the stop token are scored: the pretrained LM ends documents after a sentence's full stop."""
+    from conftest import tiny_model
+    from PIL import Image
+
+    from adapters.vision import VisionAdapter, VisionAdapterConfig
+    from encoders.vision import VisionEncoder, VisionEncoderConfig
+    from llama3mm import Llama3MM
+    from train.adapter import IGNORE, PromptCollator
+
+    lm = tiny_model()
+    encoder = VisionEncoder(VisionEncoderConfig.from_preset("tiny", max_num_tiles=1))
+    mm = Llama3MM(
+        lm,
+        vision_encoder=encoder,
+        vision_adapter=VisionAdapter(VisionAdapterConfig.from_lm(lm.config, encoder.cfg.output_dim, num_layers=1)),
+    )
+    tok = mm.tokenizer
+    samples = [{"text": text, "image": Image.new("RGB", (64, 64))} for text in ("a small red circle", "a large star")]
+    for end, want in ((".", " a small red circle."), ("", " a small red circle")):
+        batch = PromptCollator(mm, "Describe the image.", lambda s: {"images": [s["image"]]}, end)(samples)
+        target = tok.encode(want, bos=False, eos=False) + [tok.eos_id]
+        scored = batch["labels"][0][batch["labels"][0] != IGNORE].tolist()
+        assert scored == target
+        row = batch["tokens"][0].tolist()
+        assert row[row.index(target[0], 3) :][: len(target)] == target

@@ -51,6 +51,19 @@ def test_sources_and_content(corpus):
         assert manifest["tokenizer"]["sha256"] == tok.sha256 and manifest["documents"] > 5
 
 
+def test_general_source_has_one_sentence_captions(corpus):
+    """About half the general documents are a caption sentence alone, so the LM learns that text may end there."""
+    from data.default import SHORT_DOCUMENTS
+
+    tok = Tokenizer()
+    shard = read_manifest(corpus / "general")["shards"][0]["file"]
+    texts = [tok.decode(tokens.tolist()) for _, tokens in iter_tar_documents(corpus / "general" / shard)]
+    one = [
+        t for t in texts if t.count(".") == 1 and t.endswith(".<|end_of_text|>") and t.split()[1] in ("small", "large")
+    ]
+    assert len(texts) > 20 and abs(len(one) / len(texts) - SHORT_DOCUMENTS) < 0.15, (len(one), len(texts))
+
+
 def test_deterministic(corpus, tmp_path):
     again = build_default_corpus(tmp_path / "again", seed=0, scale=SCALE, workers=1)
     for name in DEFAULT_WEIGHTS:

@@ -97,6 +97,10 @@ class AdapterDataConfig:
     on_corrupt: Literal["skip", "fail"] = "skip"
     # The text before the target; empty = the media kind's default (llama3mm.processor.DEFAULT_PROMPTS).
     prompt: str = ""
+    # Written after each target, before the stop token. The frozen LM ends documents after a sentence's full stop
+    # (the debug LM gives <|end_of_text|> about 0.1 after "a small red circle." and about 1e-4 without the "."),
+    # so a target that ends as a sentence gives the adapter a stop it can learn (bench/RESULTS.md, issue 22).
+    target_end: str = "."
 
 
 @dataclass
@@ -253,8 +257,8 @@ def split_samples(batch: dict) -> list[dict]:
 class PromptCollator:
     """Collates samples into prompt + target rows with the model's processor (the path generate takes)."""
 
-    def __init__(self, mm: Llama3MM, prompt: str, media: MediaArgs) -> None:
-        self.mm, self.prompt, self.media = mm, prompt, media
+    def __init__(self, mm: Llama3MM, prompt: str, media: MediaArgs, target_end: str = "") -> None:
+        self.mm, self.prompt, self.media, self.target_end = mm, prompt, media, target_end
         tok = mm.tokenizer
         # <|end_of_text|> closes every document the LM was pretrained on: a stop it already predicts.
         self.tokenizer, self.stop_id, self.pad_id = tok, tok.eos_id, tok.pad_id
@@ -273,7 +277,8 @@ class PromptCollator:
         for sample in samples:
             inputs = self.prompt_inputs(sample)
             prompt = inputs.pop("tokens")[0].tolist()
-            target = self.tokenizer.encode(" " + self.target(sample).strip(), bos=False, eos=False) + [self.stop_id]
+            text = " " + self.target(sample).strip() + self.target_end
+            target = self.tokenizer.encode(text, bos=False, eos=False) + [self.stop_id]
             row = prompt + target
             # Position t predicts token t + 1: only the target's tokens (and the stop token) are scored.
             label = [IGNORE] * (len(prompt) - 1) + target + [IGNORE]
@@ -440,7 +445,8 @@ class AdapterModality:
         }
         # Rank 0 generates with an unsharded copy that shares the frozen LM (never sharded, so never copied).
         shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm}) if ctx.rank == 0 else None
-        collator = PromptCollator(mm, cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[self.name]], self.media)
+        prompt = cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[self.name]]
+        collator = PromptCollator(mm, prompt, self.media, cfg.data.target_end)
         frozen = {p for p in mm.parameters() if not p.requires_grad}
         evaluator = Evaluator(cfg, self, ctx, shadow, collator)
 
