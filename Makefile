@@ -42,7 +42,7 @@ test: install lint
 # encoder + adapter; video, on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
 # checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves out the video
-# stage (about 4.5 minutes).
+# stage (about 2 minutes on an idle machine).
 TORCHRUN := $(VENV)/bin/torchrun --nproc-per-node 2
 LM_RUN := runs/lm/debug
 ADAPTER_STAGES ?= vision video speech

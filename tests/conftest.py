@@ -38,6 +38,24 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     return model.eval()
 
 
+class WordVocab:
+    """Caption words -> ids of the tiny LM's 512-entry vocabulary (id 0: the prompt, 1: the stop)."""
+
+    def __init__(self, texts: list[str]):
+        words = sorted({w for t in texts for w in t.split()})
+        self.ids = {w: i + 2 for i, w in enumerate(words)}
+
+    def rows(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [B, S] (prompt, caption, stop; right-padded) and labels [B, S] scoring caption and stop."""
+        seqs = [[0] + [self.ids[w] for w in t.split()] + [1] for t in texts]
+        width = max(map(len, seqs))
+        tokens, labels = torch.ones(len(seqs), width, dtype=torch.long), torch.full((len(seqs), width), -100)
+        for b, seq in enumerate(seqs):
+            tokens[b, : len(seq)] = torch.tensor(seq)
+            labels[b, : len(seq) - 1] = torch.tensor(seq[1:])
+        return tokens, labels
+
+
 @pytest.fixture
 def model() -> Transformer:
     return tiny_model()

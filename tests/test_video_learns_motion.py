@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import WordVocab, tiny_model
 
 from adapters.video import VideoAdapter, VideoAdapterConfig, encode_frames
 from adapters.vision import VisionAdapter, VisionAdapterConfig
@@ -35,24 +35,6 @@ def clips(tmp_path_factory) -> dict[str, list[dict]]:
         split: list(MediaSamples(root, kind="video", split=split, shuffle=False, epochs=1))
         for split in ("train", "heldout")
     }
-
-
-class WordVocab:
-    """Caption words -> ids of the tiny LM's 512-entry vocabulary (id 0: the prompt, 1: the stop)."""
-
-    def __init__(self, texts: list[str]):
-        words = sorted({w for t in texts + list(DIRECTIONS) for w in t.split()})
-        self.ids = {w: i + 2 for i, w in enumerate(words)}
-
-    def rows(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [B, S] (prompt, caption, stop; right-padded) and labels [B, S] scoring caption and stop."""
-        seqs = [[0] + [self.ids[w] for w in t.split()] + [1] for t in texts]
-        width = max(map(len, seqs))
-        tokens, labels = torch.ones(len(seqs), width, dtype=torch.long), torch.full((len(seqs), width), -100)
-        for b, seq in enumerate(seqs):
-            tokens[b, : len(seq)] = torch.tensor(seq)
-            labels[b, : len(seq) - 1] = torch.tensor(seq[1:])
-        return tokens, labels
 
 
 def direction_of(text: str) -> str:
@@ -100,7 +82,7 @@ def train_video_stage(clips: dict[str, list[dict]], motion: bool) -> float:
 
     encoded = {s: encode_frames(mm.vision_encoder, vision, [c["video"] for c in clips[s]]) for s in clips}
     texts = {s: [c["text"] for c in clips[s]] for s in clips}
-    vocab = WordVocab(texts["train"] + texts["heldout"])
+    vocab = WordVocab(texts["train"] + texts["heldout"] + list(DIRECTIONS))
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-2, weight_decay=0.01, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(0)
     features, counts = encoded["train"]
