@@ -31,4 +31,24 @@ def test_accuracy_per_kind(monkeypatch):
     }
     grader = HeldOutGrader.__new__(HeldOutGrader)  # the names only: no model needed
     grader.rows = [row for row in rows if row["kind"] in ("count", "math")]
-    assert grader.metric_names == ["eval/accuracy", "eval/chance", "eval/accuracy/count", "eval/accuracy/math"]
+    assert grader.metric_names == [
+        "eval/accuracy",
+        "eval/chance",
+        "eval/stopped",
+        "eval/accuracy/count",
+        "eval/accuracy/math",
+    ]
+
+
+def test_stop_rate_counts_answers_that_ended_within_the_budget(monkeypatch):
+    """generate returns no stop token: an answer shorter than max_new_tokens stopped, one that fills it did not."""
+    rows = make_dialogs(8, seed=5)
+    chat = ChatFormat(Tokenizer())
+    lengths = iter([3, 8, 7, 8, 1, 8, 8, 2])
+
+    def fake_generate(model, tokenizer, prompts, **settings):
+        assert settings["max_new_tokens"] == 8
+        return [[tokenizer.encode(" no", bos=False, eos=False)[0]] * next(lengths) for _ in prompts]
+
+    monkeypatch.setattr(heldout, "generate", fake_generate)
+    assert graded_accuracy(None, chat, rows, max_new_tokens=8)["eval/stopped"] == 4 / 8

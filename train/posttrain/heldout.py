@@ -50,17 +50,22 @@ def _kind_order(kinds: Iterable[str]) -> list[str]:
 def graded_accuracy(
     model: Transformer, chat: ChatFormat, rows: list[dict[str, Any]], max_new_tokens: int
 ) -> dict[str, float]:
-    """eval/accuracy of greedy answers to the rows' prompts, eval/chance (always the commonest answer), and
-    eval/accuracy/<kind> for each kind of question (``data.instruct.KINDS`` order; kinds absent from rows left out)."""
+    """eval/accuracy of greedy answers to the rows' prompts, eval/chance (always the commonest answer),
+    eval/stopped (the share of answers that ended with a stop token within ``max_new_tokens``: DPO must not make
+    the model stop less often), and eval/accuracy/<kind> for each kind of question (``data.instruct.KINDS`` order;
+    kinds absent from rows left out)."""
     hits: dict[str, list[bool]] = {}
+    stopped = 0
     for start in range(0, len(rows), GENERATION_BATCH):
         batch = rows[start : start + GENERATION_BATCH]
         prompts = [chat.encode_dialog_prompt(prompt_of(row)) for row in batch]
         outputs = generate(model, chat.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
         for row, out in zip(batch, outputs, strict=True):
             hits.setdefault(row["kind"], []).append(grade(row["kind"], chat.decode_assistant(out), row["answer"]))
+            stopped += len(out) < max_new_tokens  # the stop token is not returned: a full budget never stopped
+    n = max(1, len(rows))
     chance = majority_rate([{row["answer"]} for row in rows])
-    result = {"eval/accuracy": sum(map(sum, hits.values())) / max(1, len(rows)), "eval/chance": chance}
+    result = {"eval/accuracy": sum(map(sum, hits.values())) / n, "eval/chance": chance, "eval/stopped": stopped / n}
     result.update({f"eval/accuracy/{kind}": sum(hits[kind]) / len(hits[kind]) for kind in _kind_order(hits)})
     return result
 
@@ -93,6 +98,7 @@ class HeldOutGrader:
 
     @property
     def metric_names(self) -> list[str]:
-        """The names ``__call__`` returns: eval/accuracy, eval/chance, then eval/accuracy/<kind> per kind present."""
+        """The names ``__call__`` returns: eval/accuracy, eval/chance, eval/stopped, then eval/accuracy/<kind> per
+        kind present."""
         kinds = _kind_order({row["kind"] for row in self.rows})
-        return ["eval/accuracy", "eval/chance", *(f"eval/accuracy/{kind}" for kind in kinds)]
+        return ["eval/accuracy", "eval/chance", "eval/stopped", *(f"eval/accuracy/{kind}" for kind in kinds)]
