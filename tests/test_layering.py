@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = {"common", "lm", "encoders", "adapters", "llama3mm", "data", "train", "demo"}
+PROJECT_PACKAGES = {"common", "lm", "encoders", "adapters", "llama3mm", "data", "train", "demo", "evaluation"}
 # What each package may import from the project (itself always allowed).
 ALLOWED = {
     "common": set(),
@@ -21,6 +21,8 @@ ALLOWED = {
     "data": {"common", "lm"},
     "train": PROJECT_PACKAGES,
     "demo": {"common", "lm", "encoders", "adapters", "llama3mm", "data"},
+    # Scores models: reads checkpoints and the graders, never the training machinery.
+    "evaluation": {"common", "lm", "llama3mm", "data"},
 }
 # Third-party packages lm/ may import at all (docs/ARCHITECTURE.md: torch, tiktoken, safetensors only).
 LM_THIRD_PARTY = {"torch", "tiktoken", "safetensors"}

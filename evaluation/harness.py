@@ -1,0 +1,203 @@
+"""This project's Llama 3 models as an lm-evaluation-harness backend, registered as ``llama3herd``.
+
+    python -m evaluation --model llama3herd --model_args checkpoint=DIR[,dtype=float32] --batch_size 8 \
+        --tasks TASKS [any other lm_eval flag]
+
+The command imports this module (which registers the model) and hands its arguments to lm-eval's own CLI. DIR is
+a checkpoint the project loads (`lm.load_pretrained`: Meta or HF layout). Requests are tokenized by lm-eval's
+``TemplateLM`` with the Llama 3 tokenizer, as its ``hf`` backend tokenizes them, and scored here:
+``loglikelihood`` one forward per batch, projecting only the continuation positions onto the vocabulary (never a
+[tokens, 128K] logits tensor for the context); ``loglikelihood_rolling`` in lm-eval's disjoint windows of the
+model's context; ``generate_until`` with the project's batched KV-cache generation, cut at the stop strings.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from lm import load_pretrained
+from lm.generate import generate
+from lm.model import Transformer
+from lm.tokenizer import ChatFormat, Tokenizer
+
+BOS_TEXT = "<|begin_of_text|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_model("llama3herd")
+class Llama3HerdLM(TemplateLM):
+    """lm-eval's model interface over an ``lm.Transformer`` and the Llama 3 tokenizer (one process)."""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        model: Transformer | None = None,
+        batch_size: int | str = 8,
+        dtype: str = "float32",
+        max_length: int | None = None,
+        device: str | None = None,
+        max_gen_toks: int = 256,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if (checkpoint is None) == (model is None):
+            raise ValueError("llama3herd takes exactly one of checkpoint=DIR or model=")
+        if dtype not in DTYPES:
+            raise ValueError(f"llama3herd: dtype={dtype!r}; choose from {sorted(DTYPES)}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"llama3herd: batch_size={batch_size!r}; give a positive number")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if model is None:
+            model = load_pretrained(checkpoint, device=device, dtype=DTYPES[dtype])
+        self.model = model.eval()
+        self.tok = Tokenizer()
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length or self.model.config.max_seq_len)
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = torch.device(device)
+
+    @property
+    def eot_token_id(self) -> int:
+        """<|end_of_text|>."""
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """<|begin_of_text|>: what an empty context is conditioned on."""
+        return self.tok.bos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """Token ids of ``string``, <|begin_of_text|> first unless ``add_special_tokens`` is False or (None) the
+        text already starts with it. Special-token text (a chat template's headers) becomes its id, as HF's
+        tokenizers read it."""
+        bos = add_special_tokens is not False
+        if add_special_tokens is None and string.startswith(BOS_TEXT):
+            bos = False
+        return self.tok.encode(string, bos=bos, eos=False, allowed_special="all")
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What request caches are keyed by when a chat template is applied."""
+        return "llama3"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The Llama 3 chat format (lm.tokenizer.ChatFormat), named; None when templates are off."""
+        return "llama3" if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The dialog in the Llama 3 chat format, as text (special tokens written out), ending in an open
+        assistant header, or (``add_generation_prompt`` False) in the last message's own turn, left open."""
+        chat = ChatFormat(self.tok)
+        if add_generation_prompt:
+            ids = chat.encode_dialog_prompt(chat_history)
+        else:  # the last message is a prefilled assistant turn that the model continues
+            ids = chat.encode_dialog_prompt(chat_history[:-1])[: -len(chat.encode_header("assistant"))]
+            ids += chat.encode_message(chat_history[-1])[:-1]
+        return self.tok.decode(ids)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        """The text of ``tokens``."""
+        return self.tok.decode(tokens)
+
+    @torch.inference_mode()
+    def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each continuation after its context, one forward for all rows."""
+        inputs, spans = [], []
+        for context, continuation in rows:
+            whole = (context + continuation)[-(self.max_length + 1) :]
+            inputs.append(whole[:-1])
+            spans.append((len(whole) - 1 - len(continuation), continuation))
+        width = max(map(len, inputs))
+        # Right padding: a causal row never attends to what follows it, so the pad value does not matter.
+        tokens = torch.full((len(inputs), width), self.tok.eos_id, dtype=torch.long, device=self._device)
+        for i, row in enumerate(inputs):
+            tokens[i, : len(row)] = torch.tensor(row)
+        hidden = self.model(tokens, output="hidden")
+        rows_idx = torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(spans)])
+        cols_idx = torch.cat([torch.arange(start, start + len(c)) for start, c in spans])
+        targets = torch.tensor([t for _, c in spans for t in c], device=self._device)
+        logits = self.model.output(hidden[rows_idx, cols_idx]).float()
+        logprobs = F.log_softmax(logits, dim=-1)
+        picked = logprobs.gather(1, targets[:, None])[:, 0]
+        hits = logprobs.argmax(-1) == targets
+        results, start = [], 0
+        for _, continuation in spans:
+            end = start + len(continuation)
+            results.append((float(picked[start:end].sum()), bool(hits[start:end].all())))
+            start = end
+        return results
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) per tokenized request, in the requests' order, in batches of similar length."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="llama3herd loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            scored = self._score([(requests[i][1], requests[i][2]) for i in chunk])
+            for i, result in zip(chunk, scored, strict=True):
+                results[i] = result
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+            bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents, in disjoint windows of the model's context (lm-eval's windows)."""
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="llama3herd loglikelihood_rolling"):
+            (text,) = request.args
+            windows = [
+                (None, *make_disjoint_window(window))
+                for window in get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            scores = self._loglikelihood_tokens(windows, disable_tqdm=True)
+            total = sum(score for score, _ in scores)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, per the request's settings) continuations, cut at the first stop string."""
+        out = []
+        for start in tqdm(range(0, len(requests), self.batch_size), disable=disable_tqdm, desc="llama3herd generate"):
+            chunk = requests[start : start + self.batch_size]
+            for request in chunk:  # one at a time where settings differ: lm-eval batches one task's requests
+                context, settings = request.args
+                settings = dict(settings or {})
+                stops = settings.pop("until", None) or []
+                stops = [stops] if isinstance(stops, str) else list(stops)
+                max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
+                temperature = float(settings.pop("temperature", 0.0))
+                prompt = self.tok_encode(context)[-(self.max_length - max_new) :]
+                tokens = generate(self.model, self.tok, [prompt], max_new_tokens=max_new, temperature=temperature)[0]
+                text = self.tok.decode(tokens)
+                for stop in stops:
+                    text = text.split(stop)[0]
+                self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
+                out.append(text)
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's CLI with the ``llama3herd`` model registered (``python -m evaluation``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()

@@ -1,0 +1,169 @@
+"""evaluation.harness: this project's models as an lm-evaluation-harness backend, proven against lm-eval's own
+``hf`` backend on the same weights (a small random Llama 3 in fp32, saved in HF layout with the Llama 3 tokenizer
+converted for transformers): every log-likelihood and greedy flag, rolling perplexity windows and greedy
+generation agree, whatever the batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from lm.config import LMConfig
+from lm.generate import generate
+from lm.model import Transformer
+from lm.tokenizer import PAT_STR, ChatFormat, Tokenizer, default_tokenizer_path
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONTEXT = 64  # the model's context: long requests are cut from the left, long documents go in windows
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random Llama 3 (full vocabulary, tiny widths) in HF layout, with an HF tokenizer made from ours."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from lm.checkpoint import save_pretrained
+
+    path = tmp_path_factory.mktemp("lm_eval") / "model"
+    config = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+    config.max_seq_len = CONTEXT
+    torch.manual_seed(0)
+    model = Transformer(config)
+    model.init_weights(seed=0)
+    save_pretrained(model.eval(), path, format="hf")
+    tok = Tokenizer()
+    specials = [name for name, _ in sorted(tok.special_tokens.items(), key=lambda item: item[1])]
+    fast = TikTokenConverter(
+        vocab_file=str(default_tokenizer_path()), pattern=PAT_STR, additional_special_tokens=specials
+    ).converted()
+    # Like Meta's released tokenizer.json: <|begin_of_text|> before every encoded text.
+    fast.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_id)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=fast, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    ).save_pretrained(path)
+    return path, model.eval()
+
+
+def hf_backend(path, **kwargs):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(path), device="cpu", dtype="float32", max_length=CONTEXT, **kwargs)
+
+
+def ours(model, batch_size: int):
+    from evaluation.harness import Llama3HerdLM
+
+    return Llama3HerdLM(model=model, batch_size=batch_size)
+
+
+PAIRS = [
+    ("The picture shows", " a small red circle"),
+    ("Question: What is 2 + 2?\nAnswer:", " 4"),
+    ("", "Hello world"),  # an empty context is conditioned on <|begin_of_text|>
+    ("A large blue square is ", "above a green star."),  # the context's trailing space moves to the continuation
+    ("one two " * 40, "three four"),  # longer than the context: cut from the left
+]
+
+
+def test_loglikelihood_equals_the_hf_backend_at_every_batch_size(checkpoint):
+    path, model = checkpoint
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
+    theirs = hf_backend(path, batch_size=3).loglikelihood(requests, disable_tqdm=True)
+    for batch_size in (1, 3, 8):
+        mine = ours(model, batch_size).loglikelihood(requests, disable_tqdm=True)
+        for (a, greedy_a), (b, greedy_b) in zip(mine, theirs, strict=True):
+            assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b, (batch_size, mine, theirs)
+
+
+def test_greedy_flags_equal_the_hf_backend_where_the_continuation_is_the_greedy_one(checkpoint):
+    path, model = checkpoint
+    tok = Tokenizer()
+    contexts = [tok.encode(text, bos=True, eos=False) for text in ("The picture shows", "Question: What is")]
+    greedy = generate(model, tok, contexts, max_new_tokens=3, temperature=0.0)
+    requests = [(None, c, g) for c, g in zip(contexts, greedy, strict=True)]
+    requests += [(None, c, g[:1] + [g[0] + 1]) for c, g in zip(contexts, greedy, strict=True)]  # one token off
+    mine = ours(model, 2)._loglikelihood_tokens(requests, disable_tqdm=True)
+    theirs = hf_backend(path, batch_size=2)._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert [g for _, g in mine] == [g for _, g in theirs] == [True, True, False, False]
+    assert [s for s, _ in mine] == pytest.approx([s for s, _ in theirs], abs=1e-4)
+
+
+def test_rolling_loglikelihood_equals_the_hf_backend_over_several_windows(checkpoint):
+    path, model = checkpoint
+    text = "A small red circle is above a large blue square. " * 20  # about 220 tokens: four windows of 64
+    requests = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    # lm-eval's hf backend with a tokenizer that adds <|begin_of_text|> would score the document as "<bos> <bos>
+    # text" (its window prefix and the tokenizer's own); ours scores "text" after one, as the backend does for a
+    # tokenizer that adds none. Compared where the two are the same computation:
+    theirs = hf_backend(path, batch_size=2, add_bos_token=False).loglikelihood_rolling(requests, disable_tqdm=True)
+    for batch_size in (1, 4):
+        mine = ours(model, batch_size).loglikelihood_rolling(requests, disable_tqdm=True)
+        assert mine == pytest.approx(theirs, abs=1e-3), (mine, theirs)
+    # And it is the whole document's log-likelihood: each token predicted once (a single window when it fits).
+    short = "A small red circle."
+    ids = Tokenizer().encode(short, bos=True, eos=False)
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).log_softmax(-1)[0, :-1].gather(1, torch.tensor(ids[1:])[:, None])
+    rolled = ours(model, 1).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (short,), 0)], True)
+    assert rolled[0] == pytest.approx(float(logprobs.sum()), abs=1e-4)
+
+
+def test_generate_until_equals_the_hf_backend(checkpoint):
+    path, model = checkpoint
+    settings = {"until": ["."], "max_gen_toks": 8, "do_sample": False}
+    requests = [Instance("generate_until", {}, (c, settings), i) for i, c in enumerate(["The picture shows", "2 + 2"])]
+    theirs = hf_backend(path, batch_size=2).generate_until(requests, disable_tqdm=True)
+    assert ours(model, 2).generate_until(requests, disable_tqdm=True) == theirs
+
+
+def test_registered_by_name_loaded_from_a_checkpoint_and_chat_template(checkpoint):
+    from lm_eval.api.registry import get_model
+
+    from evaluation.harness import Llama3HerdLM
+
+    path, model = checkpoint
+    assert get_model("llama3herd") is Llama3HerdLM
+    loaded = Llama3HerdLM.create_from_arg_string(f"checkpoint={path},batch_size=2")
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS[:2])]
+    assert loaded.loglikelihood(requests, True) == ours(model, 2).loglikelihood(requests, True)
+    dialog = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What colour is it?"}]
+    text = loaded.apply_chat_template(dialog)
+    assert loaded.tok_encode(text) == ChatFormat(Tokenizer()).encode_dialog_prompt(dialog)
+    with pytest.raises(ValueError, match="dtype"):
+        Llama3HerdLM(checkpoint=str(path), dtype="float8")
+
+
+def test_the_embedded_scene_colour_task_runs_offline_through_lm_eval(checkpoint):
+    """lm-eval reads the committed task (YAML + JSONL, regenerated byte for byte by evaluation.tasks) from local
+    files and scores it with our backend: its accuracy is the share of scenes whose colour gets the highest
+    log-likelihood among the six, computed here from the backend directly."""
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from data.scenes import COLOURS
+    from evaluation.tasks import TASKS_DIR, scene_colour_rows
+
+    rows = scene_colour_rows(200)
+    committed = (TASKS_DIR / "scene_colour.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in committed] == rows
+    _, model = checkpoint
+    backend = ours(model, 16)
+    result = simple_evaluate(
+        model=backend, tasks=["scene_colour"], task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=30
+    )
+    requests = [
+        Instance("loglikelihood", {}, (f"{row['text']} The {row['shape']} is", f" {colour}"), 0)
+        for row in rows[:30]
+        for colour in COLOURS
+    ]
+    scores = torch.tensor([s for s, _ in backend.loglikelihood(requests, True)]).view(30, len(COLOURS))
+    expected = (scores.argmax(1) == torch.tensor([row["gold"] for row in rows[:30]])).float().mean().item()
+    assert result["results"]["scene_colour"]["acc,none"] == pytest.approx(expected)
