@@ -121,8 +121,8 @@ class Llama3HerdLM(TemplateLM):
         for i, row in enumerate(inputs):
             tokens[i, : len(row)] = torch.tensor(row)
         hidden = self.model(tokens, output="hidden")
-        rows_idx = torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(spans)])
-        cols_idx = torch.cat([torch.arange(start, start + len(c)) for start, c in spans])
+        rows_idx = torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(spans)]).to(self._device)
+        cols_idx = torch.cat([torch.arange(start, start + len(c)) for start, c in spans]).to(self._device)
         targets = torch.tensor([t for _, c in spans for t in c], device=self._device)
         logits = self.model.output(hidden[rows_idx, cols_idx]).float()
         logprobs = F.log_softmax(logits, dim=-1)
@@ -174,25 +174,32 @@ class Llama3HerdLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, per the request's settings) continuations, cut at the first stop string."""
-        out = []
-        for start in tqdm(range(0, len(requests), self.batch_size), disable=disable_tqdm, desc="llama3herd generate"):
-            chunk = requests[start : start + self.batch_size]
-            for request in chunk:  # one at a time where settings differ: lm-eval batches one task's requests
-                context, settings = request.args
-                settings = dict(settings or {})
-                stops = settings.pop("until", None) or []
-                stops = [stops] if isinstance(stops, str) else list(stops)
-                max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
-                temperature = float(settings.pop("temperature", 0.0))
-                prompt = self.tok_encode(context)[-(self.max_length - max_new) :]
-                tokens = generate(self.model, self.tok, [prompt], max_new_tokens=max_new, temperature=temperature)[0]
-                text = self.tok.decode(tokens)
-                for stop in stops:
-                    text = text.split(stop)[0]
-                self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
-                out.append(text)
-        return out
+        """Continuations cut at the first stop string; requests with the same settings share a batch."""
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            settings = dict(request.args[1] or {})
+            stops = settings.pop("until", None) or []
+            stops = (stops,) if isinstance(stops, str) else tuple(stops)
+            max_new = int(settings.pop("max_gen_toks", self.max_gen_toks))
+            # lm-eval's HF convention: greedy unless do_sample, which samples at temperature (default 1).
+            temperature = float(settings.get("temperature", 1.0)) if settings.get("do_sample", False) else 0.0
+            groups.setdefault((stops, max_new, temperature), []).append(i)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="llama3herd generate")
+        for (stops, max_new, temperature), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] for i in chunk]
+                generated = generate(self.model, self.tok, prompts, max_new_tokens=max_new, temperature=temperature)
+                for i, tokens in zip(chunk, generated, strict=True):
+                    text = self.tok.decode(tokens)
+                    for stop in stops:
+                        text = text.split(stop)[0]
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    out[i] = text
+                bar.update(len(chunk))
+        bar.close()
+        return out  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> None:
