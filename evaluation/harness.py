@@ -14,6 +14,7 @@ model's context; ``generate_until`` with the project's batched KV-cache generati
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,49 +108,59 @@ class Llama3HerdLM(TemplateLM):
         """The text of ``tokens``."""
         return self.tok.decode(tokens)
 
+    def _model_input(self, context: list[int], continuation: list[int]) -> tuple[int, ...]:
+        """The tokens the model reads for a request: context + continuation but the last, cut from the left."""
+        return tuple((context + continuation)[-(self.max_length + 1) : -1])
+
     @torch.inference_mode()
-    def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(log-likelihood, greedy) of each continuation after its context, one forward for all rows."""
-        inputs, spans = [], []
-        for context, continuation in rows:
-            whole = (context + continuation)[-(self.max_length + 1) :]
-            inputs.append(whole[:-1])
-            spans.append((len(whole) - 1 - len(continuation), continuation))
+    def _score(self, inputs: list[tuple[int, ...]], members: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+        """For each distinct input row, (log-likelihood, greedy) of each of its continuations, one forward in all.
+
+        The continuations of one row have one length and differ at most in their last token (a multiple choice's
+        one-token answers after a shared context), so the row's positions are projected once for all of them.
+        """
         width = max(map(len, inputs))
         # Right padding: a causal row never attends to what follows it, so the pad value does not matter.
         tokens = torch.full((len(inputs), width), self.tok.eos_id, dtype=torch.long, device=self._device)
         for i, row in enumerate(inputs):
             tokens[i, : len(row)] = torch.tensor(row)
         hidden = self.model(tokens, output="hidden")
-        rows_idx = torch.cat([torch.full((len(c),), i) for i, (_, c) in enumerate(spans)]).to(self._device)
-        cols_idx = torch.cat([torch.arange(start, start + len(c)) for start, c in spans]).to(self._device)
-        targets = torch.tensor([t for _, c in spans for t in c], device=self._device)
-        logits = self.model.output(hidden[rows_idx, cols_idx]).float()
-        logprobs = F.log_softmax(logits, dim=-1)
-        picked = logprobs.gather(1, targets[:, None])[:, 0]
-        hits = logprobs.argmax(-1) == targets
+        lengths = [len(conts[0]) for conts in members]
+        rows_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).to(self._device)
+        cols_idx = torch.cat([torch.arange(len(row) - n, len(row)) for row, n in zip(inputs, lengths, strict=True)])
+        logprobs = F.log_softmax(self.model.output(hidden[rows_idx, cols_idx.to(self._device)]).float(), dim=-1)
+        greedy = logprobs.argmax(-1)
         results, start = [], 0
-        for _, continuation in spans:
-            end = start + len(continuation)
-            results.append((float(picked[start:end].sum()), bool(hits[start:end].all())))
-            start = end
+        for n, conts in zip(lengths, members, strict=True):
+            span = slice(start, start + n)
+            targets = torch.tensor(conts, device=self._device)  # [continuations, n]
+            picked = logprobs[span].gather(1, targets.T).T  # [continuations, n]
+            hits = (greedy[span][None] == targets).all(1)
+            results.append([(float(p.sum()), bool(h)) for p, h in zip(picked, hits, strict=True)])
+            start += n
         return results
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
-        """(log-likelihood, greedy) per tokenized request, in the requests' order, in batches of similar length."""
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        """(log-likelihood, greedy) per tokenized request, in the requests' order. Requests that read the same
+        tokens (the choices of one question) share a row; rows of similar length share a batch of batch_size."""
+        rows: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            rows.setdefault((self._model_input(context, continuation), len(continuation)), []).append(i)
+        order = sorted(rows, key=lambda key: (-len(key[0]), key[0]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="llama3herd loglikelihood")
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            scored = self._score([(requests[i][1], requests[i][2]) for i in chunk])
-            for i, result in zip(chunk, scored, strict=True):
-                results[i] = result
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
-            bar.update(len(chunk))
+            keys = order[start : start + self.batch_size]
+            members = [[requests[i][2][-n:] for i in rows[(row, n)]] for row, n in keys]
+            scored = self._score([row for row, _ in keys], members)
+            for key, row_results in zip(keys, scored, strict=True):
+                for i, result in zip(rows[key], row_results, strict=True):
+                    results[i] = result
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                    bar.update(1)
         bar.close()
         return results  # type: ignore[return-value]
 
@@ -200,6 +211,29 @@ class Llama3HerdLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]
+
+
+def save_hf_tokenizer(directory: str | Path) -> None:
+    """Write the Llama 3 tokenizer as transformers' tokenizer files into ``directory`` (converted from the same
+    tokenizer.model by transformers' TikTokenConverter, <|begin_of_text|> before every text as in Meta's release),
+    so HF-layout checkpoints of this project load in tools that need an HF tokenizer (lm-eval's ``hf`` backend)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from lm.tokenizer import PAT_STR, default_tokenizer_path
+
+    tok = Tokenizer()
+    specials = [name for name, _ in sorted(tok.special_tokens.items(), key=lambda item: item[1])]
+    fast = TikTokenConverter(
+        vocab_file=str(default_tokenizer_path()), pattern=PAT_STR, additional_special_tokens=specials
+    ).converted()
+    fast.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TEXT} $A", special_tokens=[(BOS_TEXT, tok.bos_id)]
+    )
+    PreTrainedTokenizerFast(tokenizer_object=fast, bos_token=BOS_TEXT, eos_token="<|end_of_text|>").save_pretrained(
+        str(directory)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

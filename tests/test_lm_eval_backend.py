@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance
 from lm.config import LMConfig
 from lm.generate import generate
 from lm.model import Transformer
-from lm.tokenizer import PAT_STR, ChatFormat, Tokenizer, default_tokenizer_path
+from lm.tokenizer import ChatFormat, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -22,10 +22,7 @@ CONTEXT = 64  # the model's context: long requests are cut from the left, long d
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random Llama 3 (full vocabulary, tiny widths) in HF layout, with an HF tokenizer made from ours."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
+    from evaluation.harness import save_hf_tokenizer
     from lm.checkpoint import save_pretrained
 
     path = tmp_path_factory.mktemp("lm_eval") / "model"
@@ -35,18 +32,7 @@ def checkpoint(tmp_path_factory):
     model = Transformer(config)
     model.init_weights(seed=0)
     save_pretrained(model.eval(), path, format="hf")
-    tok = Tokenizer()
-    specials = [name for name, _ in sorted(tok.special_tokens.items(), key=lambda item: item[1])]
-    fast = TikTokenConverter(
-        vocab_file=str(default_tokenizer_path()), pattern=PAT_STR, additional_special_tokens=specials
-    ).converted()
-    # Like Meta's released tokenizer.json: <|begin_of_text|> before every encoded text.
-    fast.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_id)]
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=fast, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
-    ).save_pretrained(path)
+    save_hf_tokenizer(path)
     return path, model.eval()
 
 
