@@ -46,9 +46,14 @@ class Llama3HerdLM(TemplateLM):
         max_length: int | None = None,
         device: str | None = None,
         max_gen_toks: int = 256,
-        **unused: Any,
+        max_batch_size: int | None = None,  # lm-eval passes it for batch_size=auto, which this backend refuses
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        if unknown:  # a misspelt model_args key would otherwise be dropped without a word
+            raise ValueError(
+                f"llama3herd: unknown model_args {sorted(unknown)}; it takes checkpoint, dtype, max_length"
+            )
         if (checkpoint is None) == (model is None):
             raise ValueError("llama3herd takes exactly one of checkpoint=DIR or model=")
         if dtype not in DTYPES:

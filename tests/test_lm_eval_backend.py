@@ -123,6 +123,8 @@ def test_registered_by_name_loaded_from_a_checkpoint_and_chat_template(checkpoin
     assert loaded.tok_encode(text) == ChatFormat(Tokenizer()).encode_dialog_prompt(dialog)
     with pytest.raises(ValueError, match="dtype"):
         Llama3HerdLM(checkpoint=str(path), dtype="float8")
+    with pytest.raises(ValueError, match="chekpoint"):
+        Llama3HerdLM.create_from_arg_string(f"chekpoint={path}")
 
 
 def test_the_embedded_scene_colour_task_runs_offline_through_lm_eval(checkpoint):
