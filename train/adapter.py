@@ -98,7 +98,7 @@ class AdapterDataConfig:
     # The text before the target; empty = the media kind's default (llama3mm.processor.DEFAULT_PROMPTS).
     prompt: str = ""
     # Written after each target, before the stop token. The frozen LM ends documents after a sentence's full stop
-    # (the debug LM gives <|end_of_text|> about 0.1 after "a small red circle." and about 1e-4 without the "."),
+    # (the 80-step debug LM gave <|end_of_text|> 0.12 after "A small red circle." and under 0.001 without the "."),
     # so a target that ends as a sentence gives the adapter a stop it can learn (bench/RESULTS.md, issue 22).
     target_end: str = "."
 
