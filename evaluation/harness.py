@@ -4,8 +4,9 @@
         --tasks TASKS [any other lm_eval flag]
 
 The command imports this module (which registers the model) and hands its arguments to lm-eval's own CLI. DIR is
-a checkpoint the project loads (`lm.load_pretrained`: Meta or HF layout). Requests are tokenized by lm-eval's
-``TemplateLM`` with the Llama 3 tokenizer, as its ``hf`` backend tokenizes them, and scored here:
+any checkpoint the project reads (`load_lm`: Meta or HF layout, a `train/lm.py` run, a Llama3MM directory).
+Requests are tokenized by lm-eval's ``TemplateLM`` with the Llama 3 tokenizer, as its ``hf`` backend tokenizes
+them, and scored here:
 ``loglikelihood`` one forward per batch, projecting only the continuation positions onto the vocabulary (never a
 [tokens, 128K] logits tensor for the context); ``loglikelihood_rolling`` in lm-eval's disjoint windows of the
 model's context; ``generate_until`` with the project's batched KV-cache generation, cut at the stop strings.
@@ -24,13 +25,28 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lm import load_pretrained
 from lm.generate import generate
 from lm.model import Transformer
 from lm.tokenizer import ChatFormat, Tokenizer
 
 BOS_TEXT = "<|begin_of_text|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_lm(checkpoint: str | Path, device: str, dtype: torch.dtype) -> Transformer:
+    """The LM of any checkpoint the project reads: Meta or HF layout, a ``train/lm.py`` run directory (its newest
+    complete checkpoint) or one of its ``step-N`` checkpoints, or a Llama3MM directory (its frozen LM, for text
+    tasks)."""
+    from llama3mm.checkpoint import MANIFEST
+    from train.average import model_with, read_input
+
+    path = Path(checkpoint)
+    if (path / MANIFEST).is_file():
+        from llama3mm import Llama3MM
+
+        return Llama3MM.from_pretrained(path, device=device).lm.to(dtype=dtype).eval()
+    config, state = read_input(path)
+    return model_with(config, state).to(device=device, dtype=dtype).eval()
 
 
 @register_model("llama3herd")
@@ -62,7 +78,7 @@ class Llama3HerdLM(TemplateLM):
             raise ValueError(f"llama3herd: batch_size={batch_size!r}; give a positive number")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if model is None:
-            model = load_pretrained(checkpoint, device=device, dtype=DTYPES[dtype])
+            model = load_lm(checkpoint, device=device, dtype=DTYPES[dtype])
         self.model = model.eval()
         self.tok = Tokenizer()
         self.batch_size = int(batch_size)

@@ -56,6 +56,25 @@ class WordVocab:
         return tokens, labels
 
 
+def save_run(model: Transformer, run_dir, step: int = 1) -> None:
+    """``model`` as a ``train/lm.py`` run: a DCP checkpoint of ``step`` (with AdamW state) and lm_config.json."""
+    import torch.distributed as dist
+
+    from train.checkpoint import Checkpointer
+    from train.config import CheckpointConfig
+    from train.export import write_lm_config
+    from train.parallel.mesh import destroy_distributed, init_distributed
+
+    started = not dist.is_initialized()
+    init_distributed()
+    try:
+        Checkpointer(CheckpointConfig(), str(run_dir), model, torch.optim.AdamW(model.parameters())).save(step)
+    finally:
+        if started:
+            destroy_distributed()
+    write_lm_config(model.config, run_dir)
+
+
 @pytest.fixture
 def model() -> Transformer:
     return tiny_model()

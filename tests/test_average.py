@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import save_run, tiny_model
 from safetensors.torch import load_file, save_file
 
 from data.chat import IGNORE_INDEX, encode_dialog, pack_dialogs
@@ -18,10 +17,6 @@ from lm import Transformer, load_pretrained, save_pretrained
 from lm.generate import generate
 from lm.tokenizer import ChatFormat, Tokenizer
 from train.average import AverageError, average_state_dicts, main, normalized_weights
-from train.checkpoint import Checkpointer
-from train.config import CheckpointConfig
-from train.export import write_lm_config
-from train.parallel.mesh import destroy_distributed, init_distributed
 
 PROMPTS = [[1, 5, 9, 200], [3, 3, 7, 11, 400, 2]]
 
@@ -117,15 +112,7 @@ def test_run_dir_input_and_overwrite(tmp_path, capsys):
     """A run's newest DCP checkpoint averages with an HF checkpoint; OUT is replaced only with --overwrite."""
     trained = tiny_model(seed=4)
     run_dir = tmp_path / "run"
-    started = not dist.is_initialized()
-    init_distributed()
-    try:
-        optimizer = torch.optim.AdamW(trained.parameters())
-        Checkpointer(CheckpointConfig(), str(run_dir), trained, optimizer).save(1)
-    finally:
-        if started:
-            destroy_distributed()
-    write_lm_config(trained.config, run_dir)
+    save_run(trained, run_dir)
     other = tiny_model(seed=5)
     hf = _saved(tmp_path / "hf", other)
     out = tmp_path / "avg"

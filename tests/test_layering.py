@@ -21,8 +21,8 @@ ALLOWED = {
     "data": {"common", "lm"},
     "train": PROJECT_PACKAGES,
     "demo": {"common", "lm", "encoders", "adapters", "llama3mm", "data"},
-    # Scores models: reads checkpoints and the graders, never the training machinery.
-    "evaluation": {"common", "lm", "llama3mm", "data"},
+    # Scores models: reads any checkpoint the project writes (train.average's reader of runs and LM directories).
+    "evaluation": {"common", "lm", "llama3mm", "data", "train"},
 }
 # Third-party packages lm/ may import at all (docs/ARCHITECTURE.md: torch, tiktoken, safetensors only).
 LM_THIRD_PARTY = {"torch", "tiktoken", "safetensors"}

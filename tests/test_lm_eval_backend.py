@@ -155,3 +155,21 @@ def test_the_embedded_scene_colour_task_runs_offline_through_lm_eval(checkpoint)
     scores = torch.tensor([s for s, _ in backend.loglikelihood(requests, True)]).view(30, len(COLOURS))
     expected = (scores.argmax(1) == torch.tensor([row["gold"] for row in rows[:30]])).float().mean().item()
     assert result["results"]["scene_colour"]["acc,none"] == pytest.approx(expected)
+
+
+def test_any_checkpoint_the_project_reads_loads_the_same_lm(tmp_path):
+    """A ``train/lm.py`` run (its newest checkpoint), one of its step directories, and a Llama3MM directory (its
+    frozen LM) give the model that was saved, logit for logit."""
+    from conftest import save_run, tiny_model
+
+    from evaluation.harness import load_lm
+    from llama3mm import Llama3MM
+
+    model = tiny_model(seed=3)
+    save_run(model, tmp_path / "run")
+    Llama3MM(model).save_pretrained(tmp_path / "mm")  # an LM with no path of its own is written beside the parts
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)
+        for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-1", tmp_path / "mm"):
+            torch.testing.assert_close(load_lm(path, "cpu", torch.float32)(tokens), want, rtol=0, atol=1e-6)
