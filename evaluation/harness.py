@@ -3,10 +3,11 @@
     python -m evaluation --model llama3herd --model_args checkpoint=DIR[,dtype=float32] --batch_size 8 \
         --tasks TASKS [any other lm_eval flag]
 
-The command imports this module (which registers the model) and hands its arguments to lm-eval's own CLI. DIR is
-any checkpoint the project reads (`load_lm`: Meta or HF layout, a `train/lm.py` run, a Llama3MM directory).
-Requests are tokenized by lm-eval's ``TemplateLM`` with the Llama 3 tokenizer, as its ``hf`` backend tokenizes
-them, and scored here:
+Under ``torchrun --nproc-per-node N -m evaluation ...`` the N ranks split the documents and rank 0 prints and
+writes the results. The command imports this module (which registers the model) and hands its arguments to
+lm-eval's own CLI. DIR is any checkpoint the project reads (`load_lm`: Meta or HF layout, a `train/lm.py` run,
+a Llama3MM directory). Requests are tokenized by lm-eval's ``TemplateLM`` with the Llama 3 tokenizer, as its
+``hf`` backend tokenizes them, and scored here:
 ``loglikelihood`` one forward per batch, projecting only the continuation positions onto the vocabulary (never a
 [tokens, 128K] logits tensor for the context); ``loglikelihood_rolling`` in lm-eval's disjoint windows of the
 model's context; ``generate_until`` with the project's batched KV-cache generation, cut at the stop strings.
@@ -14,11 +15,13 @@ model's context; ``generate_until`` with the project's batched KV-cache generati
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -51,7 +54,11 @@ def load_lm(checkpoint: str | Path, device: str, dtype: torch.dtype) -> Transfor
 
 @register_model("llama3herd")
 class Llama3HerdLM(TemplateLM):
-    """lm-eval's model interface over an ``lm.Transformer`` and the Llama 3 tokenizer (one process)."""
+    """lm-eval's model interface over an ``lm.Transformer`` and the Llama 3 tokenizer.
+
+    Under ``torchrun`` every rank holds the whole model and lm-eval gives each rank its share of the documents
+    (data parallel); the metrics are gathered on rank 0, which alone returns results.
+    """
 
     def __init__(
         self,
@@ -76,7 +83,14 @@ class Llama3HerdLM(TemplateLM):
             raise ValueError(f"llama3herd: dtype={dtype!r}; choose from {sorted(DTYPES)}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"llama3herd: batch_size={batch_size!r}; give a positive number")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            from train.parallel.mesh import init_distributed
+
+            init_distributed()
+        if dist.is_initialized():
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+        local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if self._world_size > 1 else "cuda"
+        device = device or (local if torch.cuda.is_available() else "cpu")
         if model is None:
             model = load_lm(checkpoint, device=device, dtype=DTYPES[dtype])
         self.model = model.eval()
@@ -85,6 +99,32 @@ class Llama3HerdLM(TemplateLM):
         self.max_length = int(max_length or self.model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self._device = torch.device(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its inputs live."""
+        return self._device
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor``, concatenated in rank order (scalars stacked)."""
+        if self._world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj`` on rank ``dst`` (None elsewhere)."""
+        if self._world_size == 1:
+            return [obj]
+        gathered = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self._world_size > 1:
+            dist.barrier()
 
     @property
     def eot_token_id(self) -> int:
@@ -262,4 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -173,3 +173,38 @@ def test_any_checkpoint_the_project_reads_loads_the_same_lm(tmp_path):
         want = model(tokens)
         for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-1", tmp_path / "mm"):
             torch.testing.assert_close(load_lm(path, "cpu", torch.float32)(tokens), want, rtol=0, atol=1e-6)
+
+
+def test_ranks_split_the_documents_and_rank_zero_reports_every_one(checkpoint, tmp_path):
+    """``torchrun -m evaluation`` on 2 ranks: each rank scores half of the documents (its progress bar counts half
+    of the requests), rank 0 alone prints and writes the results, and every document's scores and the accuracy
+    equal a 1-rank run's."""
+    import json
+
+    from dist_utils import torchrun
+
+    from evaluation.tasks import TASKS_DIR
+
+    path, _ = checkpoint
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}"
+        args = ["evaluation", "--model", "llama3herd", "--model_args", f"checkpoint={path}", "--batch_size", "4"]
+        args += ["--device", "cpu", "--include_path", str(TASKS_DIR), "--tasks", "scene_colour", "--limit", "21"]
+        job = torchrun("-m", nproc, [*args, "--log_samples", "--output_path", str(out)], timeout=300)
+        assert job.returncode == 0, job.stderr[-3000:]
+        # 21 documents of 6 choices; on 2 ranks, 11 and 10, the second padded to 11 as lm-eval pads ranks.
+        per_rank = {1: 126, 2: 66}[nproc]
+        assert f"{per_rank}/{per_rank}" in job.stderr
+        assert job.stdout.count("|scene_colour|") == 1  # one table, from rank 0
+        (results,) = out.rglob("results_*.json")
+        (samples,) = out.rglob("samples_scene_colour_*.jsonl")
+        docs = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda d: d["doc_id"])
+        runs[nproc] = json.loads(results.read_text())["results"]["scene_colour"]["acc,none"], docs
+    (acc1, docs1), (acc2, docs2) = runs[1], runs[2]
+    assert [d["doc_id"] for d in docs2] == list(range(21)) == [d["doc_id"] for d in docs1]
+    for one, two in zip(docs1, docs2, strict=True):
+        scores1 = [float(score) for score, _ in one["filtered_resps"]]
+        scores2 = [float(score) for score, _ in two["filtered_resps"]]
+        assert scores2 == pytest.approx(scores1, abs=1e-5)
+    assert acc2 == acc1
