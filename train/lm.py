@@ -28,6 +28,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Annotated, Literal  # noqa: E402
 
 from data.readers import ReaderGroup, build_mixture, check_readers  # noqa: E402
+from evaluation.during_training import TaskEvalConfig, TaskEvaluator  # noqa: E402
 from lm.checkpoint import load_config  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from train import dryrun  # noqa: E402
@@ -95,6 +96,8 @@ class LMJobConfig(JobConfig):
 
     model: LMModelConfig = field(default_factory=LMModelConfig)
     data: LMDataConfig = field(default_factory=LMDataConfig)
+    # lm-eval tasks scored every train.eval_interval steps and at the end (evaluation.during_training).
+    eval: TaskEvalConfig = field(default_factory=TaskEvalConfig)
 
 
 # Overridable [model] keys; the first group fixes tensor shapes, so with init_from it must match the checkpoint.
@@ -133,6 +136,8 @@ def validate(cfg: LMJobConfig, world_size: int | None = None) -> LMConfig:
     check_readers(cfg.data.readers or dims.dp, dims.dp, cfg.train.batch_size)
     if dims.pp > 1:
         pipeline_plan(cfg, lm_config, dims)
+        if cfg.eval.tasks:
+            raise ValueError("eval.tasks needs every layer on each rank: not under parallel.pp > 1")
     return lm_config
 
 
@@ -166,6 +171,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         vocab_size=lm_config.vocab_size,
     )
     model = parallelize_llama(cfg, lm_config, ctx)
+    evaluator = TaskEvaluator(cfg.eval, lm_config, ctx.device) if cfg.eval.tasks else None
     if ctx.rank == 0:
         write_lm_config(lm_config, cfg.run.dir)
         log.info(
@@ -187,6 +193,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         data,
         tokens_per_sample=seq,
         flops_per_sample=lm_config.flops_per_token(seq) * seq,
+        eval_fn=evaluator,
         extra_metrics=lambda step: data.stats(),
         forward_backward=forward_backward,
         pp_group=submesh(ctx.mesh, "pp").get_group() if ctx.dims.pp > 1 else None,
