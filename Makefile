@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local package mirrors on these machines print one harmless warning per package; keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: install system-deps test lint quickstart posttrain bench clean
+.PHONY: install system-deps test lint quickstart posttrain eval bench clean
 
 # Bytecode is compiled after the install on every core (pip compiles its ~15,000 files on one): about half a
 # minute of the 20 that make test may take. Compiled it must be: with PYTHONDONTWRITEBYTECODE set, as on these
@@ -100,6 +100,14 @@ posttrain: install
 	  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
 	$(PY) -m train.rounds --config configs/posttrain/rounds_tiny.toml
 	@if [ "$(DEMO)" = 1 ]; then $(PY) -m demo --checkpoint runs/posttrain/rounds/round1/policy; fi
+
+# The quickstart's LM (trained first when missing) on the embedded default's own tasks and the needle grid, the
+# documents split over 2 ranks: runs/eval/debug/report.md, report.json and needle.png.
+eval: install
+	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
+	test -f $(LM_RUN)/hf/config.json || { $(TORCHRUN) train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
+	  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
+	$(TORCHRUN) -m evaluation.suite --checkpoint $(LM_RUN)/hf --suite default --out runs/eval/debug
 
 bench: install
 	$(PY) bench/train_step.py

@@ -65,6 +65,11 @@ def load_tasks(config: TaskEvalConfig) -> dict[str, Any]:
     return tasks
 
 
+def task_evaluator(config: TaskEvalConfig, lm_config: LMConfig, device: torch.device) -> TaskEvaluator | None:
+    """The loop's ``eval_fn`` for ``config.tasks``, or None when no task is asked for."""
+    return TaskEvaluator(config, lm_config, device) if config.tasks else None
+
+
 class TaskEvaluator:
     """The loop's ``eval_fn``: each task's accuracy and correct-answer NLL (a collective: every rank calls it)."""
 

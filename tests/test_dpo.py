@@ -219,11 +219,13 @@ def test_two_rank_fsdp_dpo_matches_one_rank_and_its_reference_is_the_initial_pol
 
     heldout = dpo_setup / "data" / HELDOUT_FILE
     evals = ["--eval.samples=3", "--eval.max_new_tokens=4", f"--eval.file={heldout}"]
+    evals += ['--eval.tasks=["scene_colour"]', "--eval.limit=6"]  # and an lm-eval task's metrics beside them
     records = _dpo(dpo_setup, dpo_setup / "dpo2", 2, "--train.grad_accum=2", *evals)
     want, got = _losses(read_metrics(str(one_rank))), _losses(records)
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
     assert 0 <= records[-1]["eval/accuracy"] <= 1 and records[-1]["eval/chance"] > 0
+    assert 0 <= records[-1]["eval/scene_colour/acc"] <= 1 and records[-1]["eval/scene_colour/nll"] > 0
 
     stored = torch.load(dpo_setup / "dpo2" / REFERENCE_FILE, weights_only=True)["train"]
     model = load_pretrained(dpo_setup / "init").eval()

@@ -52,13 +52,14 @@ from data.preference import (  # noqa: E402
     ensure_preference_data,
     read_preferences,
 )
+from evaluation.during_training import task_evaluator  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.loss import replicated_hidden, token_logprobs  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
-from train.loop import EvalFn, LossFn, RunContext, train  # noqa: E402
+from train.loop import LossFn, RunContext, combined_eval, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import exit_rank, submesh  # noqa: E402
 from train.posttrain.losses import DPO_BETA, DPO_NLL_WEIGHT, dpo_loss, sequence_logps  # noqa: E402
@@ -289,14 +290,6 @@ def heldout_pairs_file(cfg: DPOJobConfig) -> str:
     return str(Path(cfg.data.dir) / HELDOUT_PREFERENCE_FILE)
 
 
-def combined_eval(*evals: EvalFn | None) -> EvalFn | None:
-    """One ``eval_fn`` running each given one (in order, on every rank) and merging their metrics."""
-    present = [e for e in evals if e is not None]
-    if not present:
-        return None
-    return lambda model, step: {k: v for e in present for k, v in e(model, step).items()}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse and validate, set up the mesh, read the pairs, build the model, score the reference, train."""
     return run_entry(argv, DPOJobConfig, validate, _run, "train/dpo.py", __doc__)
@@ -352,7 +345,9 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         model,
         make_dpo_loss(cfg, ctx, reference_fn),
         data,
-        eval_fn=combined_eval(held_out_grader(cfg, lm_config, ctx), preferences),
+        eval_fn=combined_eval(
+            held_out_grader(cfg, lm_config, ctx), preferences, task_evaluator(cfg.eval, lm_config, ctx.device)
+        ),
         tokens_per_sample=2 * seq,
         flops_per_sample=lm_config.flops_per_token(seq) * seq * 2,
         extra_metrics=lambda step: {**data.stats(), "data/bad_rows_skipped": skipped},

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Annotated, Literal  # noqa: E402
 
 from data.readers import ReaderGroup, build_mixture, check_readers  # noqa: E402
-from evaluation.during_training import TaskEvalConfig, TaskEvaluator  # noqa: E402
+from evaluation.during_training import TaskEvalConfig, task_evaluator  # noqa: E402
 from lm.checkpoint import load_config  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from train import dryrun  # noqa: E402
@@ -171,7 +171,7 @@ def _run(cfg: LMJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         vocab_size=lm_config.vocab_size,
     )
     model = parallelize_llama(cfg, lm_config, ctx)
-    evaluator = TaskEvaluator(cfg.eval, lm_config, ctx.device) if cfg.eval.tasks else None
+    evaluator = task_evaluator(cfg.eval, lm_config, ctx.device)
     if ctx.rank == 0:
         write_lm_config(lm_config, cfg.run.dir)
         log.info(

@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 EvalFn = Callable[[nn.Module, int], dict[str, Any]]
+
+
+def combined_eval(*evals: EvalFn | None) -> EvalFn | None:
+    """One ``eval_fn`` running each given one (in order, on every rank) and merging their metrics."""
+    present = [e for e in evals if e is not None]
+    if not present:
+        return None
+    return lambda model, step: {k: v for e in present for k, v in e(model, step).items()}
+
+
 ForwardBackward = Callable[[nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 

@@ -44,10 +44,10 @@ from lm.config import LMConfig  # noqa: E402
 from lm.reward import last_token_scores_output_fn  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeInt, PositiveInt  # noqa: E402
-from train.dpo import DPODataConfig, combined_eval, heldout_pairs_file, preference_files  # noqa: E402
+from train.dpo import DPODataConfig, heldout_pairs_file, preference_files  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig  # noqa: E402
-from train.loop import LossFn, RunContext, train  # noqa: E402
+from train.loop import LossFn, RunContext, combined_eval, train  # noqa: E402
 from train.parallel.llama import model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import ParallelDims, exit_rank  # noqa: E402
 from train.parallel.tp import check_tp  # noqa: E402

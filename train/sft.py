@@ -40,13 +40,14 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from data.chat import IGNORE_INDEX, PackedDialogs, read_dialogs  # noqa: E402
 from data.instruct import HELDOUT_FILE, TRAIN_FILE, ensure_instruct_data  # noqa: E402
+from evaluation.during_training import TaskEvalConfig, task_evaluator  # noqa: E402
 from lm.config import LMConfig  # noqa: E402
 from lm.loss import fused_loss_output_fn  # noqa: E402
 from lm.tokenizer import ChatFormat, Tokenizer  # noqa: E402
 from train.config import JobConfig, NonNegativeInt, PositiveInt, parse_cli  # noqa: E402
 from train.export import write_lm_config  # noqa: E402
 from train.lm import LMModelConfig, build_lm_config  # noqa: E402
-from train.loop import LossFn, RunContext, init_run, micro_batch_size, train  # noqa: E402
+from train.loop import LossFn, RunContext, combined_eval, init_run, micro_batch_size, train  # noqa: E402
 from train.parallel.llama import make_forward_backward, model_inputs, parallelize_llama  # noqa: E402
 from train.parallel.mesh import ParallelDims, exit_rank, run_then_destroy  # noqa: E402
 from train.parallel.tp import check_tp  # noqa: E402
@@ -71,8 +72,9 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTEvalConfig:
-    """Held-out grading (every ``train.eval_interval`` steps and at the end): greedy answers, graded."""
+class SFTEvalConfig(TaskEvalConfig):
+    """Held-out grading (every ``train.eval_interval`` steps and at the end): greedy answers, graded; and any
+    lm-eval multiple-choice ``tasks`` (evaluation.during_training)."""
 
     # A JSONL of graded dialogs (data.instruct's rows: messages, kind, answer); "" = the embedded held-out prompts
     # when training on the embedded data, else none.
@@ -231,7 +233,7 @@ def _run(cfg: SFTJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
         forward_backward=make_forward_backward(
             cfg, lm_config, ctx, model, loss_fn, fused_loss=cfg.model.loss == "fused"
         ),
-        eval_fn=held_out_grader(cfg, lm_config, ctx),
+        eval_fn=combined_eval(held_out_grader(cfg, lm_config, ctx), task_evaluator(cfg.eval, lm_config, ctx.device)),
         tokens_per_sample=seq,
         flops_per_sample=lm_config.flops_per_token(seq) * seq,
         extra_metrics=lambda step: {**data.stats(), "data/bad_rows_skipped": skipped},
