@@ -176,8 +176,8 @@ def _math(rng: random.Random) -> str:
 # ---------------------------------------------------------------- multilingual: translated captions
 
 
-def _multilingual(rng: random.Random) -> str:
-    language = rng.choice(LANGUAGES)
+def _multilingual(rng: random.Random, language: str | None = None) -> str:
+    language = language or rng.choice(LANGUAGES)
     lines = []
     for _ in range(rng.randint(3, 8)):
         scene = scenes.random_scene(rng)
