@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local package mirrors on these machines print one harmless warning per package; keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: install system-deps test lint quickstart posttrain eval bench clean
+.PHONY: install system-deps test lint quickstart posttrain eval curate bench clean
 
 # Bytecode is compiled after the install on every core (pip compiles its ~15,000 files on one): about half a
 # minute of the 20 that make test may take. Compiled it must be: with PYTHONDONTWRITEBYTECODE set, as on these
@@ -108,6 +108,14 @@ eval: install
 	test -f $(LM_RUN)/hf/config.json || { $(TORCHRUN) train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
 	  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
 	$(TORCHRUN) -m evaluation.suite --checkpoint $(LM_RUN)/hf --suite default --out runs/eval/debug
+
+# Curation on datatrove: the default raw corpus (clean documents with labelled defects planted), the pipeline of
+# configs/curate/default.toml (URL, line and MinHash dedup, filters, language ID, PII) with its report and plots
+# in runs/data/curated, then token shards of the result for train/lm.py (--data.dir runs/data/curated/shards).
+curate: install
+	$(PY) -m data.curate.raw --out runs/data/raw
+	$(PY) -m data.curate --input runs/data/raw --output runs/data/curated --config configs/curate/default.toml
+	$(PY) -m data.prepare text --input runs/data/curated/curated --output runs/data/curated/shards --overwrite
 
 bench: install
 	$(PY) bench/train_step.py

@@ -48,7 +48,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.hashing import HashConfig
-from datatrove.utils.text import TextNormConfig
+from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer
 from xxhash import xxh64_intdigest
@@ -541,10 +541,24 @@ def s_curve_threshold(bands: int, rows: int) -> float:
     return (1.0 / bands) ** (1.0 / rows)
 
 
+class ShortAwareMinhashSignature(MinhashDedupSignature):
+    """datatrove's MinHash signature, except that a document of fewer words than an n-gram is one shingle: its
+    whole normalised text. datatrove gives such a document no shingle, so copies of a short caption would never
+    meet; this way identical short documents share a signature and different ones do not."""
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        """The hashed n-grams of ``text``, or the hash of its whole normalised text when it is shorter."""
+        shingles = super().get_shingles(text)
+        if len(shingles):
+            return shingles
+        words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
+        return np.array([[self._hash_func(" ".join(words))]], dtype=np.uint64) if words else shingles
+
+
 class MinhashStages(NamedTuple):
     """The four MinHash stages: run [reader, signature], [buckets], [cluster], [reader, filter, writer]."""
 
-    signature: MinhashDedupSignature
+    signature: ShortAwareMinhashSignature
     buckets: MinhashDedupBuckets
     cluster: MinhashDedupCluster
     filter: MinhashDedupFilter
@@ -562,7 +576,7 @@ def minhash_stages(
         _subfolder(work_dir, name) for name in ("minhash_sigs", "minhash_buckets", "minhash_remove")
     )
     return MinhashStages(
-        MinhashDedupSignature(sigs, config, language=tokenizer or RegexWordTokenizer()),
+        ShortAwareMinhashSignature(sigs, config, language=tokenizer or RegexWordTokenizer()),
         MinhashDedupBuckets(sigs, buckets, config=config),
         MinhashDedupCluster(buckets, remove, config=config),
         MinhashDedupFilter(remove, exclusion_writer=exclusion_writer),

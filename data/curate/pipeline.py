@@ -33,7 +33,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-
 @dataclass
 class RunConfig:
     """Where and how the stages run."""
@@ -123,21 +122,54 @@ def load_curate_config(path: str | Path | None = None, overrides: list[str] = ()
     return config
 
 
+def _input_pattern(path: Path) -> tuple[str, str, bool]:
+    """(folder, glob pattern, parquet?) of the input: a file, or every JSONL (else Parquet) file under a folder."""
+    if path.is_file():
+        return str(path.parent), path.name, path.name.endswith(".parquet")
+    parquet = not any(path.rglob("*.jsonl*")) and any(path.rglob("*.parquet"))
+    return str(path), "**/*.parquet" if parquet else "**/*.jsonl*", parquet
+
+
+def input_files(path: Path) -> list[Path]:
+    """The input files a reader of ``path`` reads."""
+    folder, pattern, _ = _input_pattern(path)
+    return sorted(Path(folder).glob(pattern))
+
+
 def input_reader(path: Path) -> Any:
     """A datatrove reader of the input: JSONL (``text``, ``id``, ``metadata``) or Parquet files under ``path``."""
     from datatrove.pipeline.readers import JsonlReader, ParquetReader
 
-    folder, pattern = (str(path.parent), path.name) if path.is_file() else (str(path), None)
-    if (pattern or "").endswith(".parquet") or (pattern is None and any(path.rglob("*.parquet"))):
-        return ParquetReader(folder, glob_pattern=pattern or "**/*.parquet", recursive=True)
-    return JsonlReader(folder, glob_pattern=pattern or "**/*.jsonl*", recursive=True)
+    folder, pattern, parquet = _input_pattern(path)
+    reader = ParquetReader if parquet else JsonlReader
+    return reader(folder, glob_pattern=pattern, recursive=True)
 
 
-def _writer(folder: Path) -> Any:
+def _writer(folder: Path, per_shard: bool = False) -> Any:
+    """A JSONL writer (uncompressed: data.prepare reads it as it is), one file per task or per input shard."""
     from datatrove.pipeline.writers import JsonlWriter
 
-    # Uncompressed ``.jsonl``: data.prepare reads it as it is.
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None)
+    return JsonlWriter(
+        str(folder), output_filename="${shard}.jsonl" if per_shard else "${rank}.jsonl", compression=None
+    )
+
+
+def shard_tagger() -> Any:
+    """A step naming each document's input file in ``metadata["shard"]`` (the writers' per-shard file name)."""
+    from datatrove.pipeline.base import PipelineStep
+
+    class ShardTag(PipelineStep):
+        """Keeps, through every stage, which input file a document came from."""
+
+        name = "🏷 Shard"
+
+        def run(self, data: Any, rank: int = 0, world_size: int = 1) -> Any:
+            for doc in data:
+                name = Path(doc.metadata.get("file_path", "input")).name
+                doc.metadata.setdefault("shard", name.split(".")[0])
+                yield doc
+
+    return ShardTag()
 
 
 def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[str, list, int]]:
@@ -176,20 +208,32 @@ def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[st
             f.dirty_words_file or LISTS / "dirty_words.txt", exclusion_writer=_writer(removed / "dirty_words")
         ),
         filters.TokenKLFilter(work / "token_distribution.npz", exclusion_writer=_writer(removed / "token_kl")),
-        filters.PIIRedactor(),
+        # One replacement each: datatrove cycles through several in the order a task meets them, which would make
+        # a document's text depend on the number of tasks.
+        filters.PIIRedactor(
+            email_replacement="email@example.com", ip_replacement="22.214.171.124", phone_replacement="+1 201 555 0100"
+        ),
     ]
     read = lambda: input_reader(source)  # noqa: E731 - each stage needs its own reader instance
+    # Every file after the filters holds one input shard's documents in input order, and MinHash runs one task per
+    # shard: datatrove keeps the first copy of a cluster by (task, position), which then names the same document
+    # whatever the number of tasks before.
+    shards = max(1, len(input_files(source)))
     return [
         ("url_signature", [read(), url.signature], tasks),
         ("url_find", [url.find], 1),
-        ("filter", [read(), *steps, _writer(work / "filtered")], tasks),
+        ("filter", [read(), shard_tagger(), *steps, _writer(work / "filtered", per_shard=True)], tasks),
         ("line_count", [input_reader(work / "filtered"), lines.count], tasks),
         ("line_merge", [lines.merge], 1),
-        ("line_filter", [input_reader(work / "filtered"), lines.filter, _writer(work / "lines")], tasks),
-        ("minhash_signature", [input_reader(work / "lines"), minhash.signature], tasks),
+        (
+            "line_filter",
+            [input_reader(work / "filtered"), lines.filter, _writer(work / "lines", per_shard=True)],
+            tasks,
+        ),
+        ("minhash_signature", [input_reader(work / "lines"), minhash.signature], shards),
         ("minhash_buckets", [minhash.buckets], d.minhash_bands),
         ("minhash_cluster", [minhash.cluster], 1),
-        ("minhash_filter", [input_reader(work / "lines"), minhash.filter, _writer(out / "curated")], tasks),
+        ("minhash_filter", [input_reader(work / "lines"), minhash.filter, _writer(out / "curated", True)], shards),
     ]
 
 

@@ -2,7 +2,8 @@
 
     python -m data.curate.raw --out runs/data/raw [--documents 2000] [--seed 0]
 
-Writes ``raw.jsonl`` (one document a line: ``text``, ``id``, ``metadata``) in datatrove's JSONL layout. Each
+Writes ``raw-NNNNN.jsonl`` shards (one document a line: ``text``, ``id``, ``metadata``) in datatrove's JSONL
+layout. Each
 document's metadata says where it comes from (``url``, ``date``, ``domain``: general, math, code or multilingual,
 ``language``: the language its source is in) and what it is (``planted``: "" for a clean document, else the defect).
 Because every planted document records what it is, each curation step's precision and recall is measured, not
@@ -38,7 +39,7 @@ from common.atomic import atomic_write_text
 from data import default
 
 LISTS = Path(__file__).with_name("lists")
-RAW_FILE = "raw.jsonl"
+RAW_FILE = "raw-{shard:05d}.jsonl"
 DOMAIN_SHARES = {"general": 0.5, "math": 0.25, "code": 0.1, "multilingual": 0.15}
 HOSTS = {"general": "scenes.example", "math": "math.example", "code": "code.example", "multilingual": "world.example"}
 PLANTED = {
@@ -252,14 +253,17 @@ def make_raw_corpus(documents: int = 2000, seed: int = 0) -> list[dict[str, Any]
     return docs
 
 
-def write_raw_corpus(out: str | Path, documents: int = 2000, seed: int = 0) -> Path:
-    """Write the default raw corpus to ``out``/raw.jsonl (atomically); returns the file."""
+def write_raw_corpus(out: str | Path, documents: int = 2000, seed: int = 0, shards: int = 8) -> Path:
+    """Write the default raw corpus to ``out`` as ``shards`` JSONL files (each atomically; several files let
+    datatrove's tasks share the reading); returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = make_raw_corpus(documents, seed)
-    text = "".join(json.dumps({"text": d["text"], "id": d["id"], "metadata": d["metadata"]}) + "\n" for d in rows)
-    atomic_write_text(out / RAW_FILE, text)
-    return out / RAW_FILE
+    for shard in range(shards):
+        part = rows[shard::shards]
+        text = "".join(json.dumps({"text": d["text"], "id": d["id"], "metadata": d["metadata"]}) + "\n" for d in part)
+        atomic_write_text(out / RAW_FILE.format(shard=shard), text)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--documents", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = write_raw_corpus(args.out, args.documents, args.seed)
-    print(f"wrote {path}")
+    out = write_raw_corpus(args.out, args.documents, args.seed)
+    print(f"wrote {args.documents} documents under {out}")
     return 0
 
 

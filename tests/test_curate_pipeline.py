@@ -1,0 +1,111 @@
+"""`python -m data.curate` on the default raw corpus: every planted defect is measured through the whole datatrove
+pipeline, the output is what `data.prepare` takes, 1 task and several tasks x workers give the same documents, and
+a run killed midway resumes to the same output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from data.curate.pipeline import load_curate_config, run_pipeline
+from data.curate.raw import PLANTED, make_raw_corpus, write_raw_corpus
+from data.curate.report import read_documents
+
+DOCUMENTS = 2000
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    return write_raw_corpus(tmp_path_factory.mktemp("raw"), documents=DOCUMENTS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def curated(raw, tmp_path_factory):
+    """One run with 1 task."""
+    out = tmp_path_factory.mktemp("curated1")
+    report = run_pipeline(raw, out, load_curate_config(None, ["--run.tasks=1", "--run.workers=1"]))
+    return out, report
+
+
+def _documents(out) -> set[tuple[str, str]]:
+    return {(d["id"], d["text"]) for d in read_documents(out / "curated")}
+
+
+def test_raw_corpus_plants_each_defect_in_its_share_and_labels_every_document():
+    docs = make_raw_corpus(1000, seed=1)
+    assert make_raw_corpus(1000, seed=1) == docs  # deterministic
+    kinds = Counter(d["metadata"]["planted"] for d in docs)
+    assert {kind: kinds[kind] for kind in PLANTED} == {kind: round(share * 1000) for kind, share in PLANTED.items()}
+    clean = [d for d in docs if not d["metadata"]["planted"]]
+    assert len({d["text"] for d in clean}) == len(clean)  # clean documents are distinct
+    assert {d["metadata"]["domain"] for d in clean} == {"general", "math", "code", "multilingual"}
+    assert len({d["id"] for d in docs}) == len(docs) and all(d["metadata"]["url"] for d in docs)
+
+
+def test_every_step_catches_its_planted_defect_and_spares_clean_documents(curated):
+    _, report = curated
+    planted = report["planted"]
+    for kind, score in planted["recall"].items():
+        assert score["recall"] >= 0.95, (kind, score)
+    for step, domains in planted["clean_removed"].items():
+        for domain, lost in domains.items():
+            assert lost["share"] <= 0.02, (step, domain, lost)
+    assert planted["duplicates"]["exact_duplicate"]["deduplicated"] == 1.0
+    assert planted["line_dedup"]["boilerplate_removed"] >= 0.99
+    assert planted["line_dedup"]["clean_removed"] <= 0.01
+    assert planted["pii"]["planted_in_kept_documents"] > 0 and planted["pii"]["left"] == 0
+    funnel = [row["documents"] for row in report["funnel"]]
+    assert funnel == sorted(funnel, reverse=True) and funnel[-1] == report["curated_documents"]
+
+
+def test_the_report_plots_and_the_output_prepares_as_it_is(curated, tmp_path):
+    from data.prepare import main as prepare
+    from data.shards import read_manifest
+
+    out, report = curated
+    assert (out / "funnel.png").stat().st_size > 0 and (out / "scores.png").stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["curated_documents"] == report["curated_documents"]
+    assert set(report["curated_by_language"]) <= {"en", "fr", "de", "es", "it"}
+    prepare(["text", "--input", str(out / "curated"), "--output", str(tmp_path / "shards")])
+    assert read_manifest(tmp_path / "shards")["documents"] == report["curated_documents"]
+
+
+def test_several_tasks_and_workers_give_the_same_documents(raw, curated, tmp_path):
+    config = load_curate_config(None, ["--run.tasks=3", "--run.workers=2"])
+    run_pipeline(raw, tmp_path, config)
+    assert _documents(tmp_path) == _documents(curated[0])
+
+
+def test_a_killed_run_resumes_to_the_same_output(raw, curated, tmp_path):
+    command = [sys.executable, "-m", "data.curate", "--input", str(raw), "--output", str(tmp_path)]
+    command += ["--tasks", "2", "--workers", "1"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "logs" / "line_count").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "report.json").exists()  # it died before the end
+    completions = tmp_path / "logs" / "filter" / "completions"
+    finished = sorted((p.name, p.stat().st_mtime_ns) for p in completions.iterdir())
+    assert finished  # the filter stage had finished before the kill
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _documents(tmp_path) == _documents(curated[0])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in completions.iterdir()) == finished  # not redone
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="unknown key 'dedup.minhash_band'"):
+        load_curate_config(None, ["--dedup.minhash_band=3"])
+    with pytest.raises(ValueError, match="filters.min_language_score='abc' is not a float"):
+        load_curate_config(None, ["--filters.min_language_score=abc"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_pipeline("nowhere", "out", load_curate_config())
