@@ -357,3 +357,32 @@ def test_minhash_keeps_clean_documents_and_their_numbers(tmp_path):
     lost = sum(1 for i in arithmetic if i not in kept_default)
     print(f"\nnumbers normalised: {lost}/{len(arithmetic)} one-problem arithmetic documents removed; ours: 0")
     assert lost > 0.9 * len(arithmetic) - 4  # all but one per operation (4 operations)
+
+
+def test_minhash_deduplicates_within_each_language(tmp_path):
+    """Copies in one language are near-duplicates; the same text labelled with another language is not (the
+    paper de-duplicates within each language), and copies of a caption too short for a 5-gram still meet."""
+    rng = random.Random(5)
+    text = general_text(rng)
+    docs = [
+        doc("en-a", text),
+        doc("en-b", text),
+        doc("fr-a", text, language="fr"),
+        doc("short-a", "A red circle."),
+        doc("short-b", "A red circle."),
+        doc("short-c", "A blue circle."),
+    ]
+    write_jsonl(tmp_path / "in", docs, files=2)
+    stages = minhash_stages(str(tmp_path / "work"), minhash_config())
+    run(
+        [
+            ([reader(tmp_path / "in"), stages.signature], 2),
+            ([stages.buckets], minhash_config().num_buckets),
+            ([stages.cluster], 1),
+            ([reader(tmp_path / "in"), stages.filter, writer(tmp_path / "out")], 2),
+        ],
+        tmp_path / "logs",
+    )
+    kept = set(read_jsonl(tmp_path / "out"))
+    assert "fr-a" in kept and "short-c" in kept
+    assert len(kept & {"en-a", "en-b"}) == 1 and len(kept & {"short-a", "short-b"}) == 1

@@ -32,7 +32,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import date
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
@@ -542,17 +542,37 @@ def s_curve_threshold(bands: int, rows: int) -> float:
 
 
 class ShortAwareMinhashSignature(MinhashDedupSignature):
-    """datatrove's MinHash signature, except that a document of fewer words than an n-gram is one shingle: its
-    whole normalised text. datatrove gives such a document no shingle, so copies of a short caption would never
-    meet; this way identical short documents share a signature and different ones do not."""
+    """datatrove's MinHash signature, with two changes. A document of fewer words than an n-gram is one shingle,
+    its whole normalised text: datatrove gives it none, so copies of a short caption would never meet. And with
+    ``per_language`` (the paper's de-duplication within each language) every shingle is salted with the document's
+    ``metadata["language"]``, so documents of different languages never share a bucket."""
+
+    def __init__(self, *args: Any, per_language: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_language = per_language
+        self._salt = np.uint64(0)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> Any:
+        """datatrove's signature pass over ``data``, each document's shingles salted with its language."""
+
+        def salted(docs: DocumentsPipeline) -> DocumentsPipeline:
+            for doc in docs:
+                # datatrove takes each document's shingles right after drawing it from this generator.
+                language = str(doc.metadata.get("language", "")) if self.per_language else ""
+                self._salt = np.uint64(xxh64_intdigest(language) if language else 0)
+                yield doc
+
+        return super().run(salted(data), rank, world_size)
 
     def get_shingles(self, text: str) -> np.ndarray:
         """The hashed n-grams of ``text``, or the hash of its whole normalised text when it is shorter."""
         shingles = super().get_shingles(text)
-        if len(shingles):
-            return shingles
-        words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
-        return np.array([[self._hash_func(" ".join(words))]], dtype=np.uint64) if words else shingles
+        if not len(shingles):
+            words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
+            if not words:
+                return shingles
+            shingles = np.array([[self._hash_func(" ".join(words))]], dtype=np.uint64)
+        return shingles ^ self._salt
 
 
 class MinhashStages(NamedTuple):
