@@ -125,3 +125,23 @@ def test_one_installed_package_provides_the_fasttext_module():
     )
     assert owners == ["fasttext-predict"], owners
     assert LanguageIDFilter().detect("Un petit cercle rouge au-dessus d'un grand carré bleu.")[0][0] == "fr"
+
+
+def test_model_based_quality_filter_and_domain_tagger_run_in_the_pipeline(raw, tmp_path):
+    """Classifiers trained on another seed's raw corpus (teacher labels: the planted defects) join the pipeline:
+    the quality filter scores every judged document and spares clean ones, the tagger names each domain."""
+    from data.curate.classifiers import train_classifiers
+
+    train_classifiers(make_raw_corpus(1500, seed=11), tmp_path / "models", kinds=("ngram",))
+    config = load_curate_config(
+        None, ["--run.tasks=2", "--run.workers=1", f"--filters.classifiers={tmp_path / 'models'}"]
+    )
+    report = run_pipeline(raw, tmp_path / "out", config)
+    assert [row["step"] for row in report["funnel"]].count("quality") == 1
+    for domain, lost in report["planted"]["clean_removed"]["quality"].items():
+        assert lost["share"] <= 0.02, (domain, lost)
+    curated = read_documents(tmp_path / "out" / "curated")
+    judged = [d for d in curated if d["metadata"]["domain"] != "code"]
+    assert judged and all(d["metadata"]["quality_ngram"] >= 0.5 for d in judged)
+    right = sum(d["metadata"]["domain_predicted"] == d["metadata"]["domain"] for d in curated)
+    assert right / len(curated) >= 0.95

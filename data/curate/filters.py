@@ -249,7 +249,7 @@ DEFAULT_MAX_BYTE_KL: dict[str, float | None] = {ANY_DOMAIN: 2.0, "code": 1.2}
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tokenizer(path: str | os.PathLike[str] | None) -> Any:
+def load_tokenizer(path: str | os.PathLike[str] | None) -> Any:
     # Loading hashes and parses a 2 MB BPE table (~2 s): once per process, and only where this filter runs.
     from lm.tokenizer import Tokenizer
 
@@ -309,7 +309,7 @@ def fit_token_distribution(
     short prose, and no longer outliers. Bigrams counted fewer than `min_bigram_count` times are left out to keep
     the file small: the filter backs off to the unigram product for them.
     """
-    tokenizer = _load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     vocab = tokenizer.n_words
     counts: dict[str, _Counts] = {}
     for doc in documents:
@@ -422,7 +422,7 @@ class TokenKLFilter(DomainFilter):
 
     def _load(self) -> dict[str, _Distribution]:
         if self._distributions is None:
-            self._tokenizer = _load_tokenizer(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
             with np.load(self.reference, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if meta.get("format") != KL_REFERENCE_FORMAT:

@@ -58,6 +58,12 @@ class FilterConfig:
     blocked_domains_file: str = ""  # "" = data/curate/lists/blocked_domains.txt
     # Documents sampled from the input to estimate the corpus's token distribution for the KL filter.
     kl_reference_documents: int = 2000
+    # Trained quality and domain classifiers (python -m data.curate.classifiers); "" = no model-based filter.
+    classifiers: str = ""
+    quality_kind: str = "ngram"  # ngram (fastText-style) | transformer (the DistilRoBERTa stand-in)
+    quality_threshold: float = 0.5
+    # Code has its own pipeline in the paper: the web-text quality classifier judges the other domains.
+    quality_domains: list[str] = field(default_factory=lambda: ["general", "math", "multilingual"])
 
 
 @dataclass
@@ -208,6 +214,7 @@ def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[st
             f.dirty_words_file or LISTS / "dirty_words.txt", exclusion_writer=_writer(removed / "dirty_words")
         ),
         filters.TokenKLFilter(work / "token_distribution.npz", exclusion_writer=_writer(removed / "token_kl")),
+        *_classifier_steps(f, removed),
         # One replacement each: datatrove cycles through several in the order a task meets them, which would make
         # a document's text depend on the number of tasks.
         filters.PIIRedactor(
@@ -234,6 +241,24 @@ def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[st
         ("minhash_buckets", [minhash.buckets], d.minhash_bands),
         ("minhash_cluster", [minhash.cluster], 1),
         ("minhash_filter", [input_reader(work / "lines"), minhash.filter, _writer(out / "curated", True)], shards),
+    ]
+
+
+def _classifier_steps(f: FilterConfig, removed: Path) -> list:
+    """The model-based quality filter and the domain tagger, when trained classifiers are given."""
+    if not f.classifiers:
+        return []
+    from data.curate.classifiers import DomainClassifierTagger, QualityClassifierFilter
+
+    return [
+        QualityClassifierFilter(
+            f.classifiers,
+            f.quality_kind,
+            f.quality_threshold,
+            domains=f.quality_domains,
+            exclusion_writer=_writer(removed / "quality"),
+        ),
+        DomainClassifierTagger(f.classifiers, f.quality_kind),
     ]
 
 

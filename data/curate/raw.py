@@ -76,10 +76,14 @@ def _date(rng: random.Random, start: str = "2023-01-01", days: int = 600) -> str
     return (datetime.date.fromisoformat(start) + datetime.timedelta(days=rng.randrange(days))).isoformat()
 
 
-def _code_texts(count: int) -> list[str]:
-    """``count`` pieces of standard-library source of a size a document has, each cut at a function boundary."""
+def _code_texts(count: int, rng: random.Random) -> list[str]:
+    """``count`` pieces of standard-library source of a size a document has, each cut at a function boundary, from
+    files in an order of the seed's (so corpora of two seeds, a classifier's training and test sets, share little)."""
     texts = []
-    for path in default.stdlib_files(40_000_000):
+    # The encodings package is generated codec tables that are near-duplicates of one another: not clean documents.
+    files = [path for path in default.stdlib_files(40_000_000) if "encodings" not in path.parts]
+    rng.shuffle(files)
+    for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         while text and len(texts) < count:
             cut = text.find("\ndef ", 6000)
@@ -101,7 +105,7 @@ def clean_documents(count: int, rng: random.Random) -> list[dict[str, Any]]:
     questions; a raw web corpus's clean part does not)."""
     counts = {domain: int(count * share) for domain, share in DOMAIN_SHARES.items()}
     counts["general"] += count - sum(counts.values())
-    code = iter(_code_texts(2 * counts["code"]))  # twice as many: a piece equal to an earlier one is skipped
+    code = iter(_code_texts(2 * counts["code"], rng))  # twice as many: a piece equal to an earlier one is skipped
     docs, seen_lines, seen_texts = [], Counter(), set()
     for domain, n in counts.items():
         made = 0

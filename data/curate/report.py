@@ -15,7 +15,7 @@ from typing import Any
 # Planted defects that make a whole document bad (duplicates are scored as groups, boilerplate and PII per line).
 BAD_DOCUMENTS = ("url_copy", "blocked_domain", "wrong_language", "spam", "dirty_words", "outlier_tokens", "word_salad")
 DUPLICATES = ("exact_duplicate", "near_duplicate")
-REMOVING_STEPS = ("url_dedup", "blocked_domains", "language", "repeated_ngrams", "dirty_words", "token_kl")
+REMOVING_STEPS = ("url_dedup", "blocked_domains", "language", "repeated_ngrams", "dirty_words", "token_kl", "quality")
 
 
 def read_documents(folder: Path) -> list[dict[str, Any]]:
@@ -184,7 +184,7 @@ def plot_report(report: dict[str, Any], scores: dict[str, list[float]], out: Pat
     plt.close(fig)
 
 
-SCORE_KEYS = ("token_kl", "token_bigram_kl", "byte_kl", "dup_ngram_frac", "language_score")
+SCORE_KEYS = ("token_kl", "token_bigram_kl", "byte_kl", "dup_ngram_frac", "language_score", "quality_ngram")
 
 
 def write_report(source: Any, out: str | Path) -> dict[str, Any]:
