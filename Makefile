@@ -109,12 +109,16 @@ eval: install
 	  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
 	$(TORCHRUN) -m evaluation.suite --checkpoint $(LM_RUN)/hf --suite default --out runs/eval/debug
 
-# Curation on datatrove: the default raw corpus (clean documents with labelled defects planted), the pipeline of
-# configs/curate/default.toml (URL, line and MinHash dedup, filters, language ID, PII) with its report and plots
-# in runs/data/curated, then token shards of the result for train/lm.py (--data.dir runs/data/curated/shards).
+# Curation on datatrove: the default raw corpus (clean documents with labelled defects planted), quality and domain
+# classifiers trained on another seed's corpus (its planted defects are the teacher labels), the pipeline of
+# configs/curate/default.toml (URL, line and MinHash dedup, filters, language ID, classifiers, PII) with its report
+# and plots in runs/data/curated, then token shards of the result for train/lm.py (--data.dir runs/data/curated/shards).
 curate: install
 	$(PY) -m data.curate.raw --out runs/data/raw
-	$(PY) -m data.curate --input runs/data/raw --output runs/data/curated --config configs/curate/default.toml
+	test -f runs/data/curate_models/classifiers.json || { $(PY) -m data.curate.raw --out runs/data/raw_teacher --seed 1 && \
+	  $(PY) -m data.curate.classifiers --raw runs/data/raw_teacher --out runs/data/curate_models; }
+	$(PY) -m data.curate --input runs/data/raw --output runs/data/curated --config configs/curate/default.toml \
+	  --filters.classifiers=runs/data/curate_models
 	$(PY) -m data.prepare text --input runs/data/curated/curated --output runs/data/curated/shards --overwrite
 
 bench: install
