@@ -635,17 +635,40 @@ class DomainClassifierTagger(_LazyModel, PipelineStep):
         self._model = None
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        """Tag the documents batch by batch, counting each predicted domain."""
+        """Tag the documents batch by batch, counting each predicted domain; then each paragraph, so that math or
+        code inside general text (which the paper routes to their own pipelines) is seen: the whole-document
+        prediction reads only the document's start."""
         for batch in batched(data, self.batch_size):
             with self.track_time("batch"):
                 model = self.model()
                 probs = model.predict_proba([doc.text for doc in batch], self.batch_size)
-            for doc, row in zip(batch, probs, strict=True):
+                paragraphs = [_paragraphs(doc.text) for doc in batch]
+                flat = [p for doc_paragraphs in paragraphs for p in doc_paragraphs]
+                paragraph_probs = model.predict_proba(flat, self.batch_size) if flat else np.zeros((0, 1))
+            start = 0
+            for doc, row, doc_paragraphs in zip(batch, probs, paragraphs, strict=True):
                 best = int(row.argmax())
                 doc.metadata["domain_predicted"] = model.labels[best]
                 doc.metadata["domain_predicted_prob"] = round(float(row[best]), 5)
+                rows = paragraph_probs[start : start + len(doc_paragraphs)]
+                start += len(doc_paragraphs)
+                confident = {model.labels[int(r.argmax())] for r in rows if r.max() >= PARAGRAPH_CONFIDENCE}
+                doc.metadata["domain_paragraphs"] = sorted(confident)
+                doc.metadata["domain_mixed"] = len(confident) > 1
                 self.stat_update(StatHints.total, f"predicted_{model.labels[best]}")
+                if len(confident) > 1:
+                    self.stat_update("mixed")
                 yield doc
+
+
+# A paragraph's domain counts when the tagger gives it this probability; shorter paragraphs are not judged.
+PARAGRAPH_CONFIDENCE = 0.9
+PARAGRAPH_CHARS = 80
+
+
+def _paragraphs(text: str) -> list[str]:
+    """The blank-line separated paragraphs of ``text`` long enough to classify."""
+    return [p for p in text.split("\n\n") if len(p.strip()) >= PARAGRAPH_CHARS]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -262,6 +262,23 @@ def _classifier_steps(f: FilterConfig, removed: Path) -> list:
     ]
 
 
+def _thresholds(config: CurateConfig) -> dict[str, list[float]]:
+    """The limits each score is judged against (per domain where they differ), for the report's plot."""
+    from data.curate.filters import DEFAULT_MAX_BIGRAM_KL, DEFAULT_MAX_BYTE_KL, DEFAULT_MAX_KL
+
+    def distinct(table: dict[str, float | None]) -> list[float]:
+        return sorted({value for value in table.values() if value is not None})
+
+    f = config.filters
+    return {
+        "token_kl": distinct(DEFAULT_MAX_KL),
+        "token_bigram_kl": distinct(DEFAULT_MAX_BIGRAM_KL),
+        "byte_kl": distinct(DEFAULT_MAX_BYTE_KL),
+        "language_score": [f.min_language_score],
+        f"quality_{f.quality_kind}": [f.quality_threshold],
+    }
+
+
 def fit_kl_reference(source: Path, out: Path, documents: int) -> Path:
     """The corpus's token distribution, estimated from the input's first ``documents`` documents."""
     from itertools import islice
@@ -309,4 +326,4 @@ def run_pipeline(source: str | Path, out: str | Path, config: CurateConfig) -> d
         return None
     from data.curate.report import write_report
 
-    return write_report(input_reader(source), out)
+    return write_report(input_reader(source), out, _thresholds(config))

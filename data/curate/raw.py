@@ -21,7 +21,9 @@ guessed. The defects (``PLANTED``, the share of documents each one is planted in
 - ``wrong_language``: a document in another of the corpus's languages than its source's;
 - ``pii``: a clean document carrying planted e-mail addresses, IP addresses and phone numbers
   (``metadata.pii``); only those strings are the defect;
-- ``blocked_domain``: a clean-looking document from a block-listed domain (``lists/blocked_domains.txt``).
+- ``blocked_domain``: a clean-looking document from a block-listed domain (``lists/blocked_domains.txt``);
+- ``mixed_domain``: general text with a math problem or a piece of code inside (``metadata.mixed_in``), which the
+  domain tagger should not call plain general text.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ PLANTED = {
     "wrong_language": 0.02,
     "pii": 0.03,
     "blocked_domain": 0.02,
+    "mixed_domain": 0.02,
 }
 NEAR_DUPLICATE_EDITS = (0.02, 0.05, 0.1, 0.2, 0.4)
 BOILERPLATE = (
@@ -170,7 +173,7 @@ def _pii(rng: random.Random) -> list[str]:
 
 # Defects planted into a document of their own (a carrier, never one of the clean documents): a carrier that
 # copied a clean document would also be that document's duplicate, and de-duplication would rightly remove one.
-CARRIED = ("boilerplate", "dirty_words", "pii", "blocked_domain")
+CARRIED = ("boilerplate", "dirty_words", "pii", "blocked_domain", "mixed_domain")
 
 
 def _plant(kind: str, clean: list[dict[str, Any]], carriers: list[dict[str, Any]], rng: random.Random) -> dict:
@@ -180,6 +183,8 @@ def _plant(kind: str, clean: list[dict[str, Any]], carriers: list[dict[str, Any]
     prose = kind in ("word_salad", "boilerplate")
     pool = carriers if kind in CARRIED else clean
     candidates = [i for i, d in enumerate(pool) if not prose or d["metadata"]["domain"] != "code"]
+    if kind == "mixed_domain":
+        candidates = [i for i, d in enumerate(pool) if d["metadata"]["domain"] == "general"]
     index = rng.choice(candidates)
     source = pool.pop(index) if kind in CARRIED else pool[index]
     meta = source["metadata"]
@@ -222,6 +227,12 @@ def _plant(kind: str, clean: list[dict[str, Any]], carriers: list[dict[str, Any]
         strings = _pii(rng)
         text = f"{source['text']}\nContact: {strings[0]}, server {strings[1]}, phone {strings[2]}."
         return _doc(text, meta["domain"], meta["language"], rng, pii=strings)
+    if kind == "mixed_domain":  # math or code in general text: the domain tagger's case (their own pipelines)
+        mixed = rng.choice(("math", "code"))
+        codes = [d["text"] for d in clean if d["metadata"]["domain"] == "code"]
+        inserted = default.word_problem(rng) if mixed == "math" else rng.choice(codes)[:600].rsplit("\n", 1)[0]
+        text = f"{source['text']}\n\n{inserted}"
+        return _doc(text, "general", "en", rng, mixed_in=mixed)
     if kind == "blocked_domain":
         doc = _doc(source["text"], meta["domain"], meta["language"], rng)
         doc["metadata"]["url"] = f"https://{rng.choice(read_list('blocked_domains.txt'))}/page/{rng.randrange(10**6)}"

@@ -82,6 +82,20 @@ def _planted_scores(source_docs: list[dict], removed: dict[str, list[dict]], cur
             for domain, count in clean_by_domain.items()
         }
     result["duplicates"] = _duplicate_scores(groups, {d["id"] for d in curated})
+    tagged = [d for d in curated if "domain_mixed" in d["metadata"]]
+    if tagged:  # the domain tagger on general text with math or code inside, and on clean documents
+        mixed = [d["metadata"]["domain_mixed"] for d in tagged if d["metadata"].get("planted") == "mixed_domain"]
+        clean = Counter(d["metadata"]["domain"] for d in tagged if not d["metadata"].get("planted"))
+        flagged = Counter(
+            d["metadata"]["domain"]
+            for d in tagged
+            if not d["metadata"].get("planted") and d["metadata"]["domain_mixed"]
+        )
+        result["mixed_domain"] = {
+            "planted_kept": len(mixed),
+            "flagged": sum(mixed) / max(len(mixed), 1),
+            "clean_flagged": {domain: flagged[domain] / count for domain, count in clean.items()},
+        }
     result["line_dedup"] = _line_scores(source_docs, curated)
     result["pii"] = _pii_scores(source_docs, curated)
     return result
@@ -157,8 +171,11 @@ def _funnel(total: int, removed: dict[str, list[dict]], line_dropped: int, kept:
     return rows
 
 
-def plot_report(report: dict[str, Any], scores: dict[str, list[float]], out: Path) -> None:
-    """funnel.png and scores.png."""
+def plot_report(
+    report: dict[str, Any], scores: dict[str, list[float]], out: Path, thresholds: dict[str, list[float]]
+) -> None:
+    """funnel.png and scores.png (each score's distribution over the documents the filters saw, its thresholds
+    drawn as lines: one per domain where they differ)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,6 +194,8 @@ def plot_report(report: dict[str, Any], scores: dict[str, list[float]], out: Pat
     fig, axes = plt.subplots(1, max(len(scores), 1), figsize=(4 * max(len(scores), 1), 3.2))
     for ax, (name, values) in zip(list(getattr(axes, "flat", [axes])), scores.items(), strict=False):
         ax.hist(values, bins=40, color="tab:gray")
+        for limit in thresholds.get(name, ()):
+            ax.axvline(limit, color="tab:red", linestyle="--", linewidth=1)
         ax.set_title(name, fontsize=9)
         ax.set_yscale("log")
     fig.tight_layout()
@@ -184,12 +203,20 @@ def plot_report(report: dict[str, Any], scores: dict[str, list[float]], out: Pat
     plt.close(fig)
 
 
-SCORE_KEYS = ("token_kl", "token_bigram_kl", "byte_kl", "dup_ngram_frac", "language_score", "quality_ngram")
+SCORE_KEYS = (
+    "token_kl",
+    "token_bigram_kl",
+    "byte_kl",
+    "dup_ngram_frac",
+    "language_score",
+    "quality_ngram",
+    "quality_transformer",
+)
 
 
-def write_report(source: Any, out: str | Path) -> dict[str, Any]:
+def write_report(source: Any, out: str | Path, thresholds: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Write ``report.json``, ``funnel.png`` and ``scores.png`` under ``out`` for the input read by the datatrove
-    reader ``source``; returns the report."""
+    reader ``source`` (``thresholds``: the lines to draw on each score's histogram); returns the report."""
     out = Path(out)
     source_docs = [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in source()]
     removed = {step: read_documents(out / "removed" / step) for step in (*REMOVING_STEPS, "minhash")}
@@ -216,6 +243,6 @@ def write_report(source: Any, out: str | Path) -> dict[str, Any]:
         key: [float(d["metadata"][key]) for d in everything if isinstance(d["metadata"].get(key), (int, float))]
         for key in SCORE_KEYS
     }
-    plot_report(report, {k: v for k, v in scores.items() if v}, out)
+    plot_report(report, {k: v for k, v in scores.items() if v}, out, thresholds or {})
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
