@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Local package mirrors on these machines print one harmless warning per package; keep the log readable.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
-.PHONY: install system-deps test lint quickstart posttrain eval curate bench clean
+.PHONY: install system-deps test lint quickstart posttrain eval curate scaling bench clean
 
 # Bytecode is compiled after the install on every core (pip compiles its ~15,000 files on one): about half a
 # minute of the 20 that make test may take. Compiled it must be: with PYTHONDONTWRITEBYTECODE set, as on these
@@ -120,6 +120,12 @@ curate: install
 	$(PY) -m data.curate --input runs/data/raw --output runs/data/curated --config configs/curate/default.toml \
 	  --filters.classifiers=runs/data/curate_models
 	$(PY) -m data.prepare text --input runs/data/curated/curated --output runs/data/curated/shards --overwrite
+
+# The scaling-law study on this machine: the CPU IsoFLOPs grid of configs/scaling/cpu.toml (byte-level vocabulary,
+# 4 budgets x 5 sizes, run by run, a finished run never redone; about 15-20 minutes on 2 cores), then the fits and
+# plots (isoflops.png, power_law.png, downstream.png, fit.json, holdout.json) in runs/scaling/cpu.
+scaling: install
+	$(PY) -m train.scaling run --config configs/scaling/cpu.toml --out runs/scaling/cpu --fit
 
 bench: install
 	$(PY) bench/train_step.py

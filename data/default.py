@@ -218,6 +218,11 @@ def stdlib_files(budget: int) -> list[Path]:
 _GENERATORS = {"general": _general, "math": _math, "multilingual": _multilingual}
 
 
+def source_document(source: str, rng: random.Random) -> str:
+    """One document of a generated source (general, math or multilingual), drawn with ``rng``."""
+    return _GENERATORS[source](rng)
+
+
 def _documents(name: str, seed: int, budget: int) -> Iterator[str]:
     rng = random.Random(f"{name}:{seed}")
     used = 0

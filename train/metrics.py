@@ -74,8 +74,11 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Appends records to ``metrics.jsonl`` and prints a progress line; rank 0 only, others are no-ops."""
 
-    def __init__(self, run_dir: str, rank: int = 0, *, total_steps: int = 0, tensorboard: bool = False) -> None:
+    def __init__(
+        self, run_dir: str, rank: int = 0, *, total_steps: int = 0, tensorboard: bool = False, quiet: bool = False
+    ) -> None:
         self.run_dir = run_dir
+        self.quiet = quiet  # records only, no progress line (a caller that prints its own)
         self.enabled = rank == 0
         self.total_steps = total_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -112,7 +115,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, record["step"])
-        print(self.progress_line(record), flush=True)
+        if not self.quiet:
+            print(self.progress_line(record), flush=True)
 
     def progress_line(self, r: dict[str, Any]) -> str:
         """``step 10/100 | loss 2.3456 | lr 3.0e-04 | gnorm 1.23 | 1234 tok/s | mfu 41.2% | 12.3 GB | 0:42``."""

@@ -1,0 +1,133 @@
+"""train.scaling: the plan's arithmetic and time check, the emitted cluster files, and a tiny CPU grid end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import tomllib
+
+from train import scaling
+from train.config import load_config
+from train.lm import LMJobConfig, validate
+
+# 2 budgets x 3 sizes of the smallest shapes: a few seconds in all.
+TINY = replace(
+    scaling.ScalingConfig(),
+    budgets=[3e8, 3e9],
+    shapes=[[8, 1], [16, 1], [24, 1], [32, 1]],
+    sizes_per_budget=3,
+    batch_size=8,
+    heldout_windows=16,
+    task_rows=12,
+    lr=1e-2,
+    max_minutes=5.0,
+)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    return out, scaling.run_grid(TINY, out, verbose=False)
+
+
+def test_plan_tokens_times_flops_per_token_is_the_budget():
+    cfg = scaling.ScalingConfig()
+    runs = scaling.plan_grid(cfg)
+    assert len(runs) == len(cfg.budgets) * cfg.sizes_per_budget
+    for run in runs:
+        fpt = scaling.lm_config(cfg, run.dim, run.n_layers).flops_per_token(cfg.seq_len)
+        assert run.flops_per_token == fpt
+        assert run.tokens % cfg.seq_len == 0
+        # Whole sequences: within half a sequence's FLOPs of the budget.
+        assert abs(run.tokens * fpt - run.budget) <= 0.5 * cfg.seq_len * fpt
+        assert run.compute == pytest.approx(run.budget, rel=0.05)
+    for budget in cfg.budgets:  # sizes around the optimum: distinct shapes, each budget its own
+        assert len({(r.dim, r.n_layers) for r in runs if r.budget == budget}) == cfg.sizes_per_budget
+
+
+def test_a_grid_over_max_minutes_is_refused(capsys):
+    cfg = replace(scaling.ScalingConfig(), budgets=[1e13])
+    with pytest.raises(ValueError, match="over --max-minutes 20"):
+        scaling.check_time(scaling.plan_grid(cfg), cfg.max_minutes)
+    with pytest.raises(SystemExit) as e:
+        scaling.main(["plan", "--budgets", "1e13", "--max-minutes", "1"])
+    assert e.value.code == 2
+    assert "over --max-minutes 1" in capsys.readouterr().err
+    scaling.main(["plan", "--budgets", "1e9", "--max-minutes", "1"])  # a small one passes
+    assert "BYTE-LEVEL" in capsys.readouterr().out
+
+
+def test_emitted_configs_parse_and_sbatch_names_every_run(tmp_path):
+    cfg = scaling.gpu_config()
+    runs = scaling.plan_grid(cfg)
+    scaling.emit(cfg, runs, tmp_path)
+    script = (tmp_path / "scaling.sbatch").read_text()
+    assert f"#SBATCH --array=0-{len(runs) - 1}" in script
+    for run in runs:
+        path = tmp_path / "configs" / f"{run.name}.toml"
+        assert str(path) in script
+        with open(path, "rb") as f:
+            tomllib.load(f)
+        job = load_config(LMJobConfig, path)
+        shape = validate(job, world_size=cfg.gpus_per_node)
+        assert shape.flops_per_token(job.data.seq_len) == run.flops_per_token
+        assert job.train.steps * job.train.batch_size * job.data.seq_len >= run.tokens
+        assert job.model.vocab_size == 128256
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [r["name"] for r in plan["runs"]] == [r.name for r in runs]
+
+
+def test_tiny_grid_runs_and_loss_falls_with_compute(grid):
+    out, results = grid
+    assert len(results) == 6
+    for r in results:
+        run_dir = out / "runs" / r["name"]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["eval/heldout_loss"] == r["loss"]
+        assert 0.0 <= r["task_acc"] <= 1.0 and r["task_nll"] > 0
+    best = {b: min(r["loss"] for r in results if r["budget"] == b) for b in TINY.budgets}
+    assert best[3e9] < best[3e8] - 0.05, best
+
+
+def test_rerun_redoes_nothing_and_a_deleted_run_is_redone(grid):
+    out, results = grid
+    paths = sorted(out.glob("runs/*/result.json"))
+    mtimes = {p: p.stat().st_mtime_ns for p in paths}
+    again = scaling.run_grid(TINY, out, verbose=False)
+    assert {p: p.stat().st_mtime_ns for p in paths} == mtimes
+    assert again == results
+    paths[0].unlink()
+    redone = scaling.run_grid(TINY, out, verbose=False)
+    assert paths[0].exists()
+    assert {p: p.stat().st_mtime_ns for p in paths[1:]} == {p: mtimes[p] for p in paths[1:]}
+    # Deterministic for a seed: the redone run reproduces its result.
+    name = paths[0].parent.name
+    before = next(r for r in results if r["name"] == name)
+    after = next(r for r in redone if r["name"] == name)
+    for key in ("loss", "train_loss", "task_nll", "task_acc"):
+        assert after[key] == before[key], key
+
+
+def test_fit_writes_fit_json_and_plots(grid, tmp_path):
+    out, _ = grid
+    scaling.main(["fit", "--runs", str(out), "--out", str(tmp_path / "fit"), "--n-boot", "50"])
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert fit["n_runs"] == 6 and len(fit["budgets"]) == 2
+    assert (tmp_path / "fit" / "isoflops.png").exists()
+    assert (tmp_path / "fit" / "runs.csv").exists()
+    scaling.main(["fit", "--fit-only", str(tmp_path / "fit" / "runs.csv"), "--out", str(tmp_path / "refit")])
+    assert json.loads((tmp_path / "refit" / "fit.json").read_text())["n_runs"] == 6
+
+
+def test_byte_corpus_is_deterministic_and_heldout_differs():
+    a, b = scaling.corpus_bytes(5000, 0), scaling.corpus_bytes(5000, 0)
+    assert (a == b).all() and a.max() <= scaling.EOS and a[0] == scaling.BOS
+    assert not (scaling.corpus_bytes(5000, scaling.HELDOUT_SEED_OFFSET) == a).all()
+
+
+def test_a_grid_dir_refuses_other_training_settings(grid):
+    out, _ = grid
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        scaling.run_grid(replace(TINY, lr=1e-3), out, verbose=False)
