@@ -150,3 +150,22 @@ def test_model_based_quality_filter_and_domain_tagger_run_in_the_pipeline(raw, t
     mixed = report["planted"]["mixed_domain"]
     assert mixed["planted_kept"] > 0 and mixed["flagged"] >= 0.7, mixed
     assert all(mixed["clean_flagged"][domain] <= 0.02 for domain in ("general", "math", "multilingual")), mixed
+
+
+def test_plain_text_files_are_documents_taken_as_general_web_text(tmp_path):
+    """A folder of .txt files (each one document, no metadata, no URL) curates like JSONL: each scene description
+    stays once (a copy of one is removed by MinHash) and the e-mail address is replaced."""
+    import random
+
+    from data.default import source_document
+
+    rng = random.Random(0)
+    texts = [source_document("general", rng) for _ in range(6)]
+    (tmp_path / "in").mkdir()
+    for i, text in enumerate(texts):
+        (tmp_path / "in" / f"doc{i}.txt").write_text(text + "\n\nWrite to anna.smith@mail.example for more.\n")
+    (tmp_path / "in" / "copy.txt").write_text(texts[0] + "\n\nWrite to anna.smith@mail.example for more.\n")
+    report = run_pipeline(tmp_path / "in", tmp_path / "out", load_curate_config(None, ["--run.tasks=2"]))
+    curated = read_documents(tmp_path / "out" / "curated")
+    assert report["input_documents"] == 7 and len(curated) == 6
+    assert all(d["metadata"]["domain"] == "general" and "anna.smith" not in d["text"] for d in curated)

@@ -211,7 +211,7 @@ class UrlDedupFind(PipelineStep):
         ranks = [
             np.full(len(p), _stem_number(f, ".urlsig"), dtype=np.uint32) for f, p in zip(files, parts, strict=True)
         ]
-        if not parts:
+        if not sum(map(len, parts)):  # no document had a URL
             return
         sigs, task = np.concatenate(parts), np.concatenate(ranks)
         with self.track_time():

@@ -128,12 +128,16 @@ def load_curate_config(path: str | Path | None = None, overrides: list[str] = ()
     return config
 
 
-def _input_pattern(path: Path) -> tuple[str, str, bool]:
-    """(folder, glob pattern, parquet?) of the input: a file, or every JSONL (else Parquet) file under a folder."""
+def _input_pattern(path: Path) -> tuple[str, str, str]:
+    """(folder, glob pattern, format) of the input: a file, or every JSONL (else Parquet, else .txt) file under a
+    folder."""
     if path.is_file():
-        return str(path.parent), path.name, path.name.endswith(".parquet")
-    parquet = not any(path.rglob("*.jsonl*")) and any(path.rglob("*.parquet"))
-    return str(path), "**/*.parquet" if parquet else "**/*.jsonl*", parquet
+        kind = "parquet" if path.suffix == ".parquet" else "text" if path.suffix == ".txt" else "jsonl"
+        return str(path.parent), path.name, kind
+    for kind, pattern in (("jsonl", "**/*.jsonl*"), ("parquet", "**/*.parquet"), ("text", "**/*.txt")):
+        if any(path.glob(pattern)):
+            return str(path), pattern, kind
+    return str(path), "**/*.jsonl*", "jsonl"
 
 
 def input_files(path: Path) -> list[Path]:
@@ -143,12 +147,32 @@ def input_files(path: Path) -> list[Path]:
 
 
 def input_reader(path: Path) -> Any:
-    """A datatrove reader of the input: JSONL (``text``, ``id``, ``metadata``) or Parquet files under ``path``."""
+    """A datatrove reader of the input: JSONL (``text``, ``id``, ``metadata``), Parquet, or plain-text files (each
+    one document) under ``path``. A document without ``metadata.domain`` is taken as general web text."""
     from datatrove.pipeline.readers import JsonlReader, ParquetReader
 
-    folder, pattern, parquet = _input_pattern(path)
-    reader = ParquetReader if parquet else JsonlReader
-    return reader(folder, glob_pattern=pattern, recursive=True)
+    folder, pattern, kind = _input_pattern(path)
+    reader = {"jsonl": JsonlReader, "parquet": ParquetReader, "text": _text_reader_class()}[kind]
+    return reader(folder, glob_pattern=pattern, recursive=True, default_metadata={"domain": "general"})
+
+
+def _text_reader_class() -> type:
+    """datatrove's disk reader reading each plain-text file whole, as one document named by its path."""
+    from datatrove.pipeline.readers.base import BaseDiskReader
+
+    class TextFileReader(BaseDiskReader):
+        """One document per UTF-8 text file (the usual convention for .txt corpora, as data.prepare reads them)."""
+
+        name = "🗒 Text"
+
+        def read_file(self, filepath: str) -> Any:
+            with self.data_folder.open(filepath, "r", encoding="utf-8") as f:
+                text = f.read()
+            document = self.get_document_from_dict({"text": text, "id": filepath}, filepath, 0)
+            if document:
+                yield document
+
+    return TextFileReader
 
 
 def _writer(folder: Path, per_shard: bool = False) -> Any:
