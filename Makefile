@@ -122,7 +122,7 @@ curate: install
 	$(PY) -m data.prepare text --input runs/data/curated/curated --output runs/data/curated/shards --overwrite
 
 # The scaling-law study on this machine: the CPU IsoFLOPs grid of configs/scaling/cpu.toml (byte-level vocabulary,
-# 4 budgets x 5 sizes, run by run, a finished run never redone; about 15-20 minutes on 2 cores), then the fits and
+# 4 budgets x 5 sizes, run by run, a finished run never redone; about 3 minutes on 2 idle cores), then the fits and
 # plots (isoflops.png, power_law.png, downstream.png, fit.json, holdout.json) in runs/scaling/cpu.
 scaling: install
 	$(PY) -m train.scaling run --config configs/scaling/cpu.toml --out runs/scaling/cpu --fit
