@@ -205,7 +205,6 @@ def shard_tagger() -> Any:
 def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[str, list, int]]:
     """The stages in order, each as (name, datatrove pipeline, tasks)."""
     from data.curate import dedup, filters
-    from data.curate.raw import LISTS
 
     tasks, work, removed = config.run.tasks, out / "work", out / "removed"
     f, d = config.filters, config.dedup
@@ -224,7 +223,7 @@ def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[st
     steps = [
         url.filter,
         filters.BlockedDomainFilter(
-            f.blocked_domains_file or LISTS / "blocked_domains.txt",
+            f.blocked_domains_file or filters.BLOCKED_DOMAINS_FILE,
             exclusion_writer=_writer(removed / "blocked_domains"),
         ),
         filters.LanguageIDFilter(
@@ -235,7 +234,7 @@ def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[st
         ),
         filters.RepeatedNGramFilter(exclusion_writer=_writer(removed / "repeated_ngrams")),
         filters.DirtyWordsFilter(
-            f.dirty_words_file or LISTS / "dirty_words.txt", exclusion_writer=_writer(removed / "dirty_words")
+            f.dirty_words_file or filters.DIRTY_WORDS_FILE, exclusion_writer=_writer(removed / "dirty_words")
         ),
         filters.TokenKLFilter(work / "token_distribution.npz", exclusion_writer=_writer(removed / "token_kl")),
         *_classifier_steps(f, removed),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import functools
 import json
 import random
 from collections import Counter
@@ -39,8 +40,10 @@ from typing import Any
 
 from common.atomic import atomic_write_text
 from data import default
+from data.curate.filters import BLOCKED_DOMAINS_FILE, DIRTY_WORDS_FILE, read_list
 
-LISTS = Path(__file__).with_name("lists")
+# The list files, read once per process (every planted document draws from them).
+_listed = functools.cache(read_list)
 RAW_FILE = "raw-{shard:05d}.jsonl"
 DOMAIN_SHARES = {"general": 0.5, "math": 0.25, "code": 0.1, "multilingual": 0.15}
 HOSTS = {"general": "scenes.example", "math": "math.example", "code": "code.example", "multilingual": "world.example"}
@@ -67,12 +70,6 @@ BOILERPLATE = (
     "Share on Facebook | Share on X | Share by e-mail",
 )
 SPAM_PHRASES = ("best cheap deals", "buy now", "free shipping", "limited offer", "click here", "top discount")
-
-
-def read_list(name: str) -> list[str]:
-    """The non-comment lines of ``lists/<name>``."""
-    lines = (LISTS / name).read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _date(rng: random.Random, start: str = "2023-01-01", days: int = 600) -> str:
@@ -208,7 +205,7 @@ def _plant(kind: str, clean: list[dict[str, Any]], carriers: list[dict[str, Any]
         text = " ".join(rng.choice(phrases) for _ in range(rng.randint(60, 120))) + "."
         return _doc(text, "general", "en", rng)
     if kind == "dirty_words":
-        words = [rng.choice(read_list("dirty_words.txt")) for _ in range(rng.randint(3, 8))]
+        words = [rng.choice(_listed(DIRTY_WORDS_FILE)) for _ in range(rng.randint(3, 8))]
         return _doc(_salt(source["text"], words, rng), meta["domain"], meta["language"], rng)
     if kind == "outlier_tokens":
         blob = rng.randbytes(rng.randint(600, 2000))
@@ -235,7 +232,7 @@ def _plant(kind: str, clean: list[dict[str, Any]], carriers: list[dict[str, Any]
         return _doc(text, "general", "en", rng, mixed_in=mixed)
     if kind == "blocked_domain":
         doc = _doc(source["text"], meta["domain"], meta["language"], rng)
-        doc["metadata"]["url"] = f"https://{rng.choice(read_list('blocked_domains.txt'))}/page/{rng.randrange(10**6)}"
+        doc["metadata"]["url"] = f"https://{rng.choice(_listed(BLOCKED_DOMAINS_FILE))}/page/{rng.randrange(10**6)}"
         return doc
     raise ValueError(f"unknown planted defect {kind!r}; have {sorted(PLANTED)}")
 
