@@ -102,11 +102,17 @@ def test_a_killed_run_resumes_to_the_same_output(raw, curated, tmp_path):
     assert sorted((p.name, p.stat().st_mtime_ns) for p in completions.iterdir()) == finished  # not redone
 
 
-def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="unknown key 'dedup.minhash_band'"):
+def test_config_errors_name_the_key(tmp_path):
+    """The curation config is common.config's: its errors name the key, the value and the file or command line."""
+    with pytest.raises(ValueError, match=r"--dedup\.minhash_band: unknown key 'minhash_band'"):
         load_curate_config(None, ["--dedup.minhash_band=3"])
-    with pytest.raises(ValueError, match="filters.min_language_score='abc' is not a float"):
+    with pytest.raises(ValueError, match=r"^command line: filters\.min_language_score: expected float, got 'abc'$"):
         load_curate_config(None, ["--filters.min_language_score=abc"])
+    with pytest.raises(ValueError, match=r"run\.executor: expected one of \['local', 'slurm'\], got 'k8s'"):
+        load_curate_config(None, ["--run.executor=k8s"])
+    (tmp_path / "c.toml").write_text("[dedup]\nminhash_rows = 0\n")
+    with pytest.raises(ValueError, match=r"c\.toml: dedup\.minhash_rows: expected a value >= 1, got 0"):
+        load_curate_config(tmp_path / "c.toml")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         run_pipeline("nowhere", "out", load_curate_config())
 

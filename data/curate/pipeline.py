@@ -3,6 +3,7 @@
     python -m data.curate --input RAW --output DIR [--config configs/curate/default.toml] \
         [--executor local|slurm] [--tasks N] [--workers N] [--section.key=value ...]
 
+The input is JSONL, Parquet, WARC (the main text of HTML pages) or plain-text files, read by data.curate.readers.
 Stages (each one datatrove executor; a stage starts when the one before has finished):
 
 1. URL de-duplication signatures; 2. the URLs' latest versions;
@@ -21,27 +22,32 @@ finished task is never redone.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+
+from common.config import Fraction, PositiveInt, load_config
+from data.curate.readers import OnBadLine, input_files, input_reader
 
 
 @dataclass
 class RunConfig:
     """Where and how the stages run."""
 
-    executor: str = "local"  # local | slurm
-    tasks: int = 4
-    workers: int = 2
-    # Slurm only: the partition and time limit of each stage's array job.
+    executor: Literal["local", "slurm"] = "local"
+    tasks: PositiveInt = 4
+    workers: PositiveInt = 2
+    # A JSONL input line that is not a JSON document: "fail" stops the run naming its file and line, "skip" skips
+    # it and counts it per file in report.json's malformed_lines.
+    on_bad_line: OnBadLine = "fail"
+    # Slurm only: the partition, QOS and time limit of each stage's array job ("" = the cluster's default).
     partition: str = ""
+    qos: str = ""
     time: str = "04:00:00"
 
 
@@ -51,17 +57,17 @@ class FilterConfig:
 
     languages: list[str] = field(default_factory=lambda: ["en", "fr", "de", "es", "it"])
     # lid.176 scores a one-line caption low (0.16-0.5 for clean English ones): the source's language is evidence.
-    min_language_score: float = 0.1
+    min_language_score: Fraction = 0.1
     # Drop a document whose detected language is clearly not its source's.
     drop_wrong_language: bool = True
     dirty_words_file: str = ""  # "" = data/curate/lists/dirty_words.txt
     blocked_domains_file: str = ""  # "" = data/curate/lists/blocked_domains.txt
     # Documents sampled from the input to estimate the corpus's token distribution for the KL filter.
-    kl_reference_documents: int = 2000
+    kl_reference_documents: PositiveInt = 2000
     # Trained quality and domain classifiers (python -m data.curate.classifiers); "" = no model-based filter.
     classifiers: str = ""
-    quality_kind: str = "ngram"  # ngram (fastText-style) | transformer (the DistilRoBERTa stand-in)
-    quality_threshold: float = 0.5
+    quality_kind: Literal["ngram", "transformer"] = "ngram"  # fastText-style | the DistilRoBERTa stand-in
+    quality_threshold: Fraction = 0.5
     # Code has its own pipeline in the paper: the web-text quality classifier judges the other domains.
     quality_domains: list[str] = field(default_factory=lambda: ["general", "math", "multilingual"])
 
@@ -70,12 +76,12 @@ class FilterConfig:
 class DedupConfig:
     """De-duplication settings."""
 
-    line_max_repeats: int = 6
-    line_bucket_size: int = 30_000_000
+    line_max_repeats: PositiveInt = 6
+    line_bucket_size: PositiveInt = 30_000_000
     line_skip_domains: list[str] = field(default_factory=lambda: ["code"])
-    minhash_bands: int = 14
-    minhash_rows: int = 8
-    minhash_ngrams: int = 5
+    minhash_bands: PositiveInt = 14
+    minhash_rows: PositiveInt = 8
+    minhash_ngrams: PositiveInt = 5
 
 
 @dataclass
@@ -87,92 +93,9 @@ class CurateConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
-def _set(config: Any, dotted: str, value: Any, where: str) -> None:
-    """Set ``config``'s field ``dotted`` (``section.key``) to ``value`` converted to the field's type."""
-    section_name, _, key = dotted.partition(".")
-    section = getattr(config, section_name, None)
-    known = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
-    if key not in known:
-        raise ValueError(f"{where}: unknown key {dotted!r}")
-    current = getattr(section, key)
-    if isinstance(value, str) and not isinstance(current, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{where}: {dotted}={value!r} is not a {type(current).__name__}") from None
-    if isinstance(current, bool) != isinstance(value, bool) or (
-        isinstance(current, (int, float)) and not isinstance(value, (int, float))
-    ):
-        raise ValueError(f"{where}: {dotted}={value!r} is not a {type(current).__name__}")
-    setattr(section, key, type(current)(value) if isinstance(current, (int, float)) else value)
-
-
-def load_curate_config(path: str | Path | None = None, overrides: list[str] = ()) -> CurateConfig:
+def load_curate_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurateConfig:
     """The config of a TOML file (sections run, filters, dedup) with ``--section.key=value`` overrides applied."""
-    config = CurateConfig()
-    if path:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-        for section, values in table.items():
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: {section!r} is not a [section]")
-            for key, value in values.items():
-                _set(config, f"{section}.{key}", value, str(path))
-    for override in overrides:
-        if not override.startswith("--") or "=" not in override:
-            raise ValueError(f"unexpected argument {override!r} (overrides look like --section.key=value)")
-        dotted, value = override[2:].split("=", 1)
-        _set(config, dotted, value, "command line")
-    if config.run.executor not in ("local", "slurm"):
-        raise ValueError(f"run.executor={config.run.executor!r}: choose local or slurm")
-    return config
-
-
-def _input_pattern(path: Path) -> tuple[str, str, str]:
-    """(folder, glob pattern, format) of the input: a file, or every JSONL (else Parquet, else .txt) file under a
-    folder."""
-    if path.is_file():
-        kind = "parquet" if path.suffix == ".parquet" else "text" if path.suffix == ".txt" else "jsonl"
-        return str(path.parent), path.name, kind
-    for kind, pattern in (("jsonl", "**/*.jsonl*"), ("parquet", "**/*.parquet"), ("text", "**/*.txt")):
-        if any(path.glob(pattern)):
-            return str(path), pattern, kind
-    return str(path), "**/*.jsonl*", "jsonl"
-
-
-def input_files(path: Path) -> list[Path]:
-    """The input files a reader of ``path`` reads."""
-    folder, pattern, _ = _input_pattern(path)
-    return sorted(Path(folder).glob(pattern))
-
-
-def input_reader(path: Path) -> Any:
-    """A datatrove reader of the input: JSONL (``text``, ``id``, ``metadata``), Parquet, or plain-text files (each
-    one document) under ``path``. A document without ``metadata.domain`` is taken as general web text."""
-    from datatrove.pipeline.readers import JsonlReader, ParquetReader
-
-    folder, pattern, kind = _input_pattern(path)
-    reader = {"jsonl": JsonlReader, "parquet": ParquetReader, "text": _text_reader_class()}[kind]
-    return reader(folder, glob_pattern=pattern, recursive=True, default_metadata={"domain": "general"})
-
-
-def _text_reader_class() -> type:
-    """datatrove's disk reader reading each plain-text file whole, as one document named by its path."""
-    from datatrove.pipeline.readers.base import BaseDiskReader
-
-    class TextFileReader(BaseDiskReader):
-        """One document per UTF-8 text file (the usual convention for .txt corpora, as data.prepare reads them)."""
-
-        name = "🗒 Text"
-
-        def read_file(self, filepath: str) -> Any:
-            with self.data_folder.open(filepath, "r", encoding="utf-8") as f:
-                text = f.read()
-            document = self.get_document_from_dict({"text": text, "id": filepath}, filepath, 0)
-            if document:
-                yield document
-
-    return TextFileReader
+    return load_config(CurateConfig, path, list(overrides))
 
 
 def _writer(folder: Path, per_shard: bool = False) -> Any:
@@ -244,7 +167,7 @@ def build_stages(source: Path, out: Path, config: CurateConfig) -> list[tuple[st
             email_replacement="email@example.com", ip_replacement="22.214.171.124", phone_replacement="+1 201 555 0100"
         ),
     ]
-    read = lambda: input_reader(source)  # noqa: E731 - each stage needs its own reader instance
+    read = lambda: input_reader(source, config.run.on_bad_line)  # noqa: E731 - each stage needs its own reader
     # Every file after the filters holds one input shard's documents in input order, and MinHash runs one task per
     # shard: datatrove keeps the first copy of a cluster by (task, position), which then names the same document
     # whatever the number of tasks before.
@@ -302,8 +225,8 @@ def _thresholds(config: CurateConfig) -> dict[str, list[float]]:
     }
 
 
-def fit_kl_reference(source: Path, out: Path, documents: int) -> Path:
-    """The corpus's token distribution, estimated from the input's first ``documents`` documents."""
+def fit_kl_reference(source: Path, out: Path, config: CurateConfig) -> Path:
+    """The corpus's token distribution, estimated from the input's first ``filters.kl_reference_documents``."""
     from itertools import islice
 
     from data.curate.filters import fit_token_distribution
@@ -311,26 +234,41 @@ def fit_kl_reference(source: Path, out: Path, documents: int) -> Path:
     path = out / "work" / "token_distribution.npz"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fit_token_distribution(islice(input_reader(source)(), documents), path)
+        documents = input_reader(source, config.run.on_bad_line)()
+        fit_token_distribution(islice(documents, config.filters.kl_reference_documents), path)
     return path
 
 
 def _executor(name: str, pipeline: list, tasks: int, config: CurateConfig, out: Path, depends: Any) -> Any:
-    from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
-
     logs = str(out / "logs" / name)
     if config.run.executor == "slurm":
-        return SlurmPipelineExecutor(
+        return CurateSlurmExecutor(
             pipeline=pipeline,
             tasks=tasks,
             time=config.run.time,
             partition=config.run.partition,
+            qos=config.run.qos,
             job_name=f"curate_{name}",
             logging_dir=logs,
             depends=depends,
+            # A job's shell need not have this environment activated: datatrove's launch_pickled_pipeline and
+            # merge_stats are console scripts beside this interpreter.
+            env_command=f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
         )
     workers = min(config.run.workers, tasks)
     return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=logs, depends=depends)
+
+
+class CurateSlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's Slurm executor, leaving the partition to the cluster's default when none is named (datatrove
+    would write a bare ``#SBATCH --partition``, which sbatch refuses)."""
+
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        """datatrove's sbatch directives, less an empty partition."""
+        args = super().get_sbatch_args(max_array)
+        if not self.partition:
+            del args["partition"]
+        return args
 
 
 def run_pipeline(source: str | Path, out: str | Path, config: CurateConfig) -> dict[str, Any] | None:
@@ -338,7 +276,7 @@ def run_pipeline(source: str | Path, out: str | Path, config: CurateConfig) -> d
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"--input {source}: no such file or directory")
-    fit_kl_reference(source, out, config.filters.kl_reference_documents)
+    fit_kl_reference(source, out, config)
     previous = None
     for name, pipeline, tasks in build_stages(source, out, config):
         previous = _executor(name, pipeline, tasks, config, out, previous)
@@ -349,4 +287,4 @@ def run_pipeline(source: str | Path, out: str | Path, config: CurateConfig) -> d
         return None
     from data.curate.report import write_report
 
-    return write_report(input_reader(source), out, _thresholds(config))
+    return write_report(input_reader(source, config.run.on_bad_line), out, _thresholds(config))

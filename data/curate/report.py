@@ -39,7 +39,9 @@ def _reasons(stats: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     reasons = {}
     for stage in stats.values():
         for step in stage:
-            dropped = {k: v for k, v in step.get("stats", {}).items() if k.startswith("dropped")}
+            # A plain count in the local executor's stats.json, a summary ({"total": ...}) in merge_stats's (Slurm).
+            counts = {k: v["total"] if isinstance(v, dict) else v for k, v in step.get("stats", {}).items()}
+            dropped = {k: v for k, v in counts.items() if k.startswith("dropped")}
             if dropped:
                 reasons[step["name"]] = dropped
     return reasons
@@ -227,6 +229,9 @@ def write_report(source: Any, out: str | Path, thresholds: dict[str, list[float]
     report: dict[str, Any] = {
         "input_documents": len(source_docs),
         "input_bytes": sum(len(d["text"].encode()) for d in source_docs),
+        # Input lines skipped as malformed (run.on_bad_line = "skip"), per file: counted by the JSONL reader as it
+        # read them just now; other formats have no lines to skip.
+        "malformed_lines": dict(sorted(getattr(source, "malformed", {}).items())),
         "curated_documents": len(curated),
         "curated_bytes": sum(len(d["text"].encode()) for d in curated),
         "funnel": _funnel(len(source_docs), removed, after_filters - len(after_lines), len(curated)),
