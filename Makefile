@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian packages the tests and the embedded default data need: espeak-ng speaks the default speech data;
 # chromium is the browser of the demo's end-to-end test (Playwright drives it; its own browser download is not used).
+# libmagic1 is the library python-magic loads (datatrove's WARC reader, data.curate).
 SYSTEM_PACKAGES := espeak-ng chromium libmagic1
 APT := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
