@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node N train/adapter.py --modality vision|video|speech \
         --config configs/adapter/vision_tiny.toml [--train.steps N] [--run.dir DIR] [--section.key=value ...]
+    python train/adapter.py --modality vision --config configs/adapter/vision_llama3_8b.toml --dry-run --world-size 8
 
 The paper's compositional recipe (Sections 7-8): the language model never changes. The vision stage trains the
 image adapter (cross-attention blocks, the projection, the extra token embeddings) together with the image
@@ -19,6 +20,11 @@ samples (all ranks), and accuracy by greedy GENERATION on rank 0 with an unshard
 the first colour + shape named; video, the direction of motion; speech, the exact transcript. ``eval/chance`` is
 what always answering the most frequent held-out answer scores. At the end rank 0 writes the Llama3MM checkpoint
 to RUN_DIR/final (``Llama3MM.from_pretrained`` loads it) and RUN_DIR/final/eval.json.
+
+``--dry-run --world-size W`` plans the run instead (``train.dryrun_media``): per-rank bytes of the frozen LM, the
+trainable parts with their gradients and AdamW state, and the activations of a micro-batch of the ``[plan]``
+section's sample sizes, against ``--dry-run-device-gb``; shapes come from the checkpoints' config files, or the
+``model.*_preset`` keys where the checkpoints are not on this machine.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import logging  # noqa: E402
 from collections.abc import Callable, Mapping  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any, Literal  # noqa: E402
+from typing import TYPE_CHECKING, Annotated, Any, Literal  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -48,12 +54,13 @@ import torch.nn as nn  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 from data.grading import accepted_keys, is_correct, majority_rate, normalize_text  # noqa: E402
 from llama3mm.processor import DEFAULT_PROMPTS  # noqa: E402
-from train import stage  # noqa: E402
-from train.config import JobConfig, NonNegativeInt, PositiveInt  # noqa: E402
+from train import dryrun_media  # noqa: E402
+from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: E402
 from train.loop import RunContext  # noqa: E402
 from train.media import MEDIA_KINDS  # noqa: E402
 from train.parallel.mesh import exit_rank, world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
+from train.stage import main as stage_main  # noqa: E402
 
 if TYPE_CHECKING:
     from llama3mm import Llama3MM
@@ -82,6 +89,15 @@ class AdapterModelConfig:
     # Keyword overrides of VideoAdapterConfig.from_vision (every, num_latents, ...) and SpeechAdapterConfig fields.
     video_adapter: dict[str, Any] = field(default_factory=dict)
     speech_adapter: dict[str, Any] = field(default_factory=dict)
+    # The frozen LM's dtype. float32 keeps CPU runs exact; bfloat16 halves a replicated 8B/70B (what trains stays
+    # fp32 either way, and each adapter block runs in its own dtype beside the LM).
+    lm_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Shapes without weights: what --dry-run plans when model.lm / the encoders are not on this machine (an
+    # lm.LMConfig preset, a VisionEncoderConfig / SpeechEncoderConfig preset). A real run checks that what it
+    # loads has these shapes.
+    lm_preset: str = ""
+    vision_preset: str = ""
+    speech_preset: str = ""
 
 
 @dataclass
@@ -116,35 +132,64 @@ class AdapterEvalConfig:
 
 
 @dataclass
+class AdapterPlanConfig:
+    """The sample ``--dry-run`` plans for (a real run takes every size from its data)."""
+
+    # Text tokens of a row (prompt, target, full stop and stop token), the media placeholders not counted.
+    text_tokens: PositiveInt = 64
+    # Of those, the target tokens the loss scores.
+    target_tokens: PositiveInt = 16
+    # Tiles per image; 0 = the image encoder's max_num_tiles.
+    tiles: NonNegativeInt = 0
+    # Frames per clip (the processor samples up to 64).
+    frames: PositiveInt = 64
+    # Seconds per utterance.
+    audio_seconds: Annotated[float, Range(min=0.05)] = 30.0
+
+
+@dataclass
 class AdapterJobConfig(JobConfig):
     """Root config of ``train/adapter.py``."""
 
     model: AdapterModelConfig = field(default_factory=AdapterModelConfig)
     data: AdapterDataConfig = field(default_factory=AdapterDataConfig)
     eval: AdapterEvalConfig = field(default_factory=AdapterEvalConfig)
+    plan: AdapterPlanConfig = field(default_factory=AdapterPlanConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model.
 
 
+LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The LM's tensor shapes, which model.lm_preset names.
+LM_SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim")
+
+
 def vision_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
     """Frozen LM + the image encoder (trained or frozen, ``train_encoder``) + a new image adapter."""
-    from adapters.vision import VisionAdapter, VisionAdapterConfig
     from encoders.vision import VisionEncoder
-    from llama3mm import Llama3MM
 
     lm = _load_lm(mc, device)
     encoder = _load_encoder(VisionEncoder, mc.vision_encoder, "model.vision_encoder")
+    check_encoder_shape(encoder.cfg, mc.vision_preset, "model.vision_encoder", "model.vision_preset")
+    return trainables_in_fp32(assemble_vision(mc, lm, encoder)).to(device)
+
+
+def assemble_vision(mc: AdapterModelConfig, lm: nn.Module, encoder: nn.Module) -> Llama3MM:
+    """The vision stage's model from its LM and image encoder: a new image adapter (the run's model, and the dry
+    run's on the meta device)."""
+    from adapters.vision import VisionAdapter, VisionAdapterConfig
+    from llama3mm import Llama3MM
+
     acfg = VisionAdapterConfig.from_lm(lm.config, encoder.cfg.output_dim, num_layers=mc.vision_layers or None)
     adapter = VisionAdapter(acfg)
     encoder.requires_grad_(mc.train_encoder)
-    return Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, lm_path=mc.lm).to(device)
+    return Llama3MM(lm, vision_encoder=encoder, vision_adapter=adapter, lm_path=mc.lm)
 
 
 def video_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
     """A vision-stage Llama3MM (``model.base``), all frozen, + a new video adapter."""
-    from adapters.video import VideoAdapter, VideoAdapterConfig
     from llama3mm import Llama3MM
 
     _check_exists(mc, "lm", "base")
@@ -153,27 +198,75 @@ def video_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
     mm = Llama3MM.from_pretrained(mc.base, lm_path=lm_path, device=device, dtype=torch.float32)
     if mm.vision_encoder is None or mm.vision_adapter is None:
         raise ValueError(f"model.base = {mc.base!r} holds no image encoder/adapter: run the vision stage first")
+    check_lm_shape(mm.lm.config, mc.lm_preset)
+    check_encoder_shape(mm.vision_encoder.cfg, mc.vision_preset, "model.base's image encoder", "model.vision_preset")
+    mm.lm.to(LM_DTYPES[mc.lm_dtype])
+    return add_video_adapter(mc, mm).to(device)
+
+
+def add_video_adapter(mc: AdapterModelConfig, mm: Llama3MM) -> Llama3MM:
+    """The video stage's model from a vision-stage one: all of it frozen, and a new video adapter."""
+    from adapters.video import VideoAdapter, VideoAdapterConfig
+
     mm.requires_grad_(False)  # the image stage's parts are reused frozen; only the video adapter learns
     # Each token of a frame gets a learned place embedding, and each patch a motion token (VideoAdapterConfig).
     encoder_cfg = mm.vision_encoder.cfg
     shape = {"tokens_per_frame": encoder_cfg.num_tokens, "motion_grid": encoder_cfg.grid, **mc.video_adapter}
     mm.video_adapter = VideoAdapter(VideoAdapterConfig.from_vision(mm.vision_adapter.cfg, **shape))
-    return mm.to(device)
+    return mm
 
 
 def speech_model(mc: AdapterModelConfig, device: torch.device) -> Llama3MM:
     """Frozen LM + the speech encoder (trained or frozen, ``train_encoder``) + a new speech adapter."""
-    from adapters.speech import SpeechAdapter, SpeechAdapterConfig
     from encoders.speech import SpeechEncoder
-    from llama3mm import Llama3MM
 
     lm = _load_lm(mc, device)
     encoder = _load_encoder(SpeechEncoder, mc.speech_encoder, "model.speech_encoder")
+    check_encoder_shape(encoder.cfg, mc.speech_preset, "model.speech_encoder", "model.speech_preset")
+    return trainables_in_fp32(assemble_speech(mc, lm, encoder)).to(device)
+
+
+def assemble_speech(mc: AdapterModelConfig, lm: nn.Module, encoder: nn.Module) -> Llama3MM:
+    """The speech stage's model from its LM and speech encoder: a new speech adapter, as wide as the LM unless
+    ``model.speech_adapter`` says otherwise."""
+    from adapters.speech import SpeechAdapter, SpeechAdapterConfig
+    from llama3mm import Llama3MM
+
     scfg = {"encoder_dim": encoder.cfg.dim, "lm_dim": lm.config.dim, "dim": lm.config.dim}
     scfg.update(heads=lm.config.n_heads, ffn_dim=lm.config.ffn_hidden_dim)
     adapter = SpeechAdapter(SpeechAdapterConfig(**{**scfg, **mc.speech_adapter}))
     encoder.requires_grad_(mc.train_encoder)
-    return Llama3MM(lm, speech_encoder=encoder, speech_adapter=adapter, lm_path=mc.lm).to(device)
+    return Llama3MM(lm, speech_encoder=encoder, speech_adapter=adapter, lm_path=mc.lm)
+
+
+def trainables_in_fp32(mm: Llama3MM) -> Llama3MM:
+    """What trains stays fp32 beside a bf16 LM (Llama3MM makes its extra token table in the LM's dtype)."""
+    for p in mm.trainable_parameters():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return mm
+
+
+def check_lm_shape(config: Any, preset: str) -> None:
+    """A loaded LM must have the shape ``model.lm_preset`` names (what a dry run of this config planned)."""
+    from lm.config import LMConfig
+
+    if not preset:
+        return
+    want = LMConfig.from_preset(preset)
+    clash = [
+        f"{k} {getattr(config, k)} (preset: {getattr(want, k)})"
+        for k in LM_SHAPE
+        if getattr(config, k) != getattr(want, k)
+    ]
+    if clash:
+        raise ValueError(f"model.lm does not have the shape of model.lm_preset = {preset!r}: {', '.join(clash)}")
+
+
+def check_encoder_shape(config: Any, preset: str, what: str, key: str) -> None:
+    """A loaded encoder must have the shape its preset key names (what a dry run of this config planned)."""
+    if preset and config.to_dict() != type(config).from_preset(preset).to_dict():
+        raise ValueError(f"{what} ({config}) does not have the shape of {key} = {preset!r}")
 
 
 def _check_exists(mc: AdapterModelConfig, *keys: str) -> None:
@@ -186,7 +279,9 @@ def _load_lm(mc: AdapterModelConfig, device: torch.device) -> nn.Module:
     from lm import load_pretrained
 
     _check_exists(mc, "lm")
-    return load_pretrained(mc.lm).to(device=device, dtype=torch.float32)
+    lm = load_pretrained(mc.lm).to(device=device, dtype=LM_DTYPES[mc.lm_dtype])
+    check_lm_shape(lm.config, mc.lm_preset)
+    return lm
 
 
 def _load_encoder(cls: type, directory: str, key: str) -> nn.Module:
@@ -503,9 +598,112 @@ RECIPES = {m.name: Recipe(m.name, TASK, m.build) for m in MODALITY_TABLE}
 MODALITIES = tuple(RECIPES)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run: the stage's model built on the meta device and sharded on a fake process group (train.dryrun_media).
+
+
+def planned_lm_config(mc: AdapterModelConfig) -> Any:
+    """The frozen LM's shape: its checkpoint's config where ``model.lm`` is on this machine, else the preset."""
+    from lm.checkpoint import load_config
+    from lm.config import LMConfig
+
+    if Path(mc.lm).exists():
+        config = load_config(mc.lm)
+        check_lm_shape(config, mc.lm_preset)
+        return config
+    if mc.lm_preset:
+        return LMConfig.from_preset(mc.lm_preset)
+    raise FileNotFoundError(f"model.lm = {mc.lm!r} is not on this machine: name its shape with model.lm_preset")
+
+
+def planned_encoder_config(config_cls: type, directory: str | Path, preset: str, key: str, preset_key: str) -> Any:
+    """An encoder's shape: its checkpoint's config.json where it is on this machine, else the preset."""
+    path = Path(directory) / "config.json"
+    if path.is_file():
+        config = config_cls.from_dict(json.loads(path.read_text()))
+        check_encoder_shape(config, preset, key, preset_key)
+        return config
+    if preset:
+        return config_cls.from_preset(preset)
+    raise FileNotFoundError(f"{key} = {str(directory)!r} is not on this machine: name its shape with {preset_key}")
+
+
+def planned_model(cfg: AdapterJobConfig, modality: str) -> Llama3MM:
+    """The stage's model on the meta device, as the run builds it but with no weight read."""
+    from encoders.speech import SpeechEncoder, SpeechEncoderConfig
+    from encoders.vision import VisionEncoder, VisionEncoderConfig
+    from lm.model import Transformer
+
+    mc = cfg.model
+    with torch.device("meta"):
+        lm = Transformer(planned_lm_config(mc)).to(LM_DTYPES[mc.lm_dtype])
+        if modality == "speech":
+            shape = (mc.speech_encoder, mc.speech_preset, "model.speech_encoder", "model.speech_preset")
+            speech = SpeechEncoder(planned_encoder_config(SpeechEncoderConfig, *shape))
+            return trainables_in_fp32(dryrun_media.meta_llama3mm(lm, lambda lm: assemble_speech(mc, lm, speech)))
+        # The video stage reuses the image encoder of its base (model.base), as the vision stage built it.
+        directory = Path(mc.base) / "vision_encoder" if modality == "video" else mc.vision_encoder
+        shape = (directory, mc.vision_preset, "model.vision_encoder", "model.vision_preset")
+        image = VisionEncoder(planned_encoder_config(VisionEncoderConfig, *shape))
+        mm = trainables_in_fp32(dryrun_media.meta_llama3mm(lm, lambda lm: assemble_vision(mc, lm, image)))
+        return add_video_adapter(mc, mm) if modality == "video" else mm
+
+
+def sample_description(cfg: AdapterJobConfig, modality: str, mm: Llama3MM) -> str:
+    """The ``[plan]`` sample in words, with the media sizes it implies."""
+    p = cfg.plan
+    text = f"{p.text_tokens} text tokens ({p.target_tokens} scored)"
+    if modality == "speech":
+        steps = dryrun_media.speech_steps(mm.speech_encoder.cfg, p.audio_seconds)
+        audio = -(-steps // mm.speech_adapter.cfg.conv_stride)
+        return f"{text} and {p.audio_seconds:g} s of audio ({steps} encoder steps, {audio} <|audio|> tokens)"
+    enc = mm.vision_encoder.cfg
+    if modality == "video":
+        groups = -(-p.frames // mm.video_adapter.cfg.frames_per_group)
+        return f"{text} and a clip of {p.frames} frames of {enc.image_size} px ({groups} groups)"
+    tiles = p.tiles or enc.max_num_tiles
+    state = "trained" if cfg.model.train_encoder else "frozen"
+    return (
+        f"{text} and an image of {tiles} tiles of {enc.image_size} px ({tiles * enc.num_tokens} media tokens), "
+        f"image encoder {state}"
+    )
+
+
+def plan(cfg: AdapterJobConfig, modality: str, world_size: int, *, rank: int = 0, device_gb: float = 80.0) -> dict:
+    """The dry-run report of the ``modality`` stage of ``cfg`` on ``world_size`` ranks (``rank``'s bytes)."""
+    from train.dryrun import DTYPE_BYTES
+
+    lm_bytes = DTYPE_BYTES[cfg.model.lm_dtype]
+
+    def build() -> dryrun_media.PlannedStage:
+        mm = planned_model(cfg, modality)
+
+        def parts(batch: int, compute_bytes: int, dp: int) -> list[dryrun_media.Part]:
+            return dryrun_media.adapter_parts(mm, modality, cfg.plan, batch, compute_bytes, lm_bytes)
+
+        frozen = {p for p in mm.parameters() if not p.requires_grad}
+        sample = sample_description(cfg, modality, mm)
+        # Rank 0's evaluation copy (AdapterModality.build) holds everything but the LM, unsharded.
+        copy_bytes = sum(
+            p.numel() * p.element_size() for name, p in mm.named_parameters() if not name.startswith("lm.")
+        )
+        return dryrun_media.PlannedStage(mm, fsdp_blocks(mm), frozen, parts, sample, rank0_bytes=copy_bytes)
+
+    title = f"{modality} {TASK}"
+    return dryrun_media.plan_stage(cfg, world_size, build, title=title, rank=rank, device_gb=device_gb)
+
+
+def dry_run(cfg: AdapterJobConfig, modality: str, world_size: int, args: Any) -> dict:
+    """``--dry-run``: print the plan (and write it as JSON with ``--dry-run-out``); returns the report."""
+    report = plan(cfg, modality, world_size, rank=args.dry_run_rank or 0, device_gb=args.dry_run_device_gb)
+    return dryrun_media.report_main(report, args)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse, set up the mesh, build the stage's model and data, train, write the Llama3MM checkpoint."""
-    return stage.main(argv, AdapterJobConfig, RECIPES, "train/adapter.py", __doc__.split("\n\n")[0])
+    """Parse, set up the mesh, build the stage's model and data, train, write the Llama3MM checkpoint; or, with
+    ``--dry-run``, plan the run on a fake process group."""
+    description = __doc__.split("\n\n")[0]
+    return stage_main(argv, AdapterJobConfig, RECIPES, dry_run, "train/adapter.py", description)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from lm.config import LMConfig
 
 GIB = 1 << 30
-_DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 # Sharded parameters, their gradients and AdamW's two moments stay fp32 (FSDP2 mixed precision casts the
 # all-gathered copy only).
 MASTER_BYTES = 4
@@ -61,14 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Bytes of a (real or fake) parallelized model and optimizer: the real run and the dry run count with these.
 
 
-def shard_bytes(model: nn.Module) -> dict[str, int]:
+def shard_bytes(model: nn.Module, sharded_only: bool = False) -> dict[str, int]:
     """This rank's parameter shards: ``params`` (element count) and ``param_bytes`` (allocated, with FSDP padding).
 
     FSDP2 keeps each sharded parameter as a view of a padded buffer (every rank holds ``ceil(dim0 / shards)``
     rows), so the buffer's size is what the rank allocates; on the meta device the same sizes come out.
+    ``sharded_only`` counts FSDP's parameters alone (not those it ignores, such as a frozen LM under adapters).
     """
     count = nbytes = 0
     for p in model.parameters():
+        if sharded_only and not isinstance(p, DTensor):
+            continue
         local = p.to_local() if isinstance(p, DTensor) else p
         count += local.numel()
         nbytes += local.untyped_storage().nbytes()
@@ -317,20 +320,25 @@ def _rank_stages(plan, pp_rank: int) -> list[int]:
     return rank_stages(pp_rank, plan.pp, plan.virtual_stages, plan.style)
 
 
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """Join ``rank`` of a fake process group of ``world_size`` (collectives do nothing); the caller destroys it."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a dry run needs its own (fake) process group; one is already initialized")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+
+
 def build_fake_rank(cfg, lm_config: LMConfig, dims, rank: int) -> nn.Module:
     """``parallelize_llama`` for ``rank`` of ``dims.world_size`` on the meta device and a fake process group.
 
     Returns the parallelized (meta) model; the caller destroys the process group when done.
     """
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from train.loop import RunContext
     from train.parallel.llama import parallelize_llama
     from train.parallel.mesh import build_mesh, dp_rank_and_size
 
-    if dist.is_initialized():
-        raise RuntimeError("a dry run needs its own (fake) process group; one is already initialized")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+    init_fake_process_group(rank, dims.world_size)
     mesh = build_mesh(dims, "cpu")
     dp_rank, dp_size = dp_rank_and_size(mesh)
     ctx = RunContext(dims, mesh, rank, dims.world_size, dp_rank, dp_size, torch.device("meta"))
@@ -395,7 +403,7 @@ def plan(cfg, lm_config: LMConfig, world_size: int, *, rank: int | None = None, 
 
 def _shape_and_layout(cfg, lm_config: LMConfig, dims, microbatches: int) -> tuple[Shape, Layout]:
     """The formulas' view of one micro-batch on one rank, and of the layout's degrees and dtypes."""
-    compute_bytes = _DTYPE_BYTES[cfg.parallel.param_dtype]
+    compute_bytes = DTYPE_BYTES[cfg.parallel.param_dtype]
     shape = Shape(
         dim=lm_config.dim,
         kv_dim=lm_config.n_kv_heads * lm_config.head_dim,
@@ -416,7 +424,7 @@ def _shape_and_layout(cfg, lm_config: LMConfig, dims, microbatches: int) -> tupl
         microbatches=microbatches,
         ac=cfg.train.ac,
         param_bytes=compute_bytes,
-        reduce_bytes=_DTYPE_BYTES[cfg.parallel.reduce_dtype],
+        reduce_bytes=DTYPE_BYTES[cfg.parallel.reduce_dtype],
         reshard_after_forward=cfg.parallel.reshard_after_forward,
     )
     return shape, layout
@@ -427,7 +435,7 @@ def _fake_rank_sizes(cfg, lm_config: LMConfig, dims, rank: int) -> dict[str, int
     try:
         model = build_fake_rank(cfg, lm_config, dims, rank)
         sizes = shard_bytes(model)
-        sizes["unsharded"] = _unsharded_params(model, dims.dp_shard * dims.cp)
+        sizes["unsharded"] = unsharded_params(model, dims.dp_shard * dims.cp)
         sizes["largest_group"] = _largest_fsdp_group(model, dims.dp_shard * dims.cp)
         del model
     finally:
@@ -459,7 +467,7 @@ def _rank_report(
         activations += activation_bytes_per_layer(shape, "none")
     if last:
         activations += output_activation_bytes(shape, vocab_parallel=dims.tp > 1)
-    buffers = _buffer_bytes(sizes, dims.pp, layout.param_bytes, layout.reduce_bytes)
+    buffers = fsdp_buffer_bytes(sizes, dims.pp, layout.param_bytes, layout.reduce_bytes)
     param_bytes = sizes["param_bytes"]
     optimizer = ADAM_STATES * MASTER_BYTES * sizes["params"]
     comm = communication_bytes(
@@ -531,21 +539,25 @@ def _summary(
     }
 
 
-def _unsharded_params(model: nn.Module, fsdp: int) -> float:
-    """Elements of this rank's parameters before FSDP sharding (TP-local, FSDP padding included)."""
-    return float(shard_bytes(model)["param_bytes"] // MASTER_BYTES * fsdp)
+def unsharded_params(model: nn.Module, fsdp: int) -> float:
+    """Elements of this rank's FSDP parameters before sharding (TP-local, FSDP padding included)."""
+    return float(shard_bytes(model, sharded_only=True)["param_bytes"] // MASTER_BYTES * fsdp)
+
+
+def largest_fsdp_unit(model: nn.Module, blocks: list[nn.Module], fsdp: int) -> float:
+    """Unsharded elements of the largest FSDP unit: one of ``blocks``, or the rest of the model (the root's)."""
+    per_block = [unsharded_params(block, fsdp) for block in blocks]
+    return max([*per_block, unsharded_params(model, fsdp) - sum(per_block)])
 
 
 def _largest_fsdp_group(model: nn.Module, fsdp: int) -> float:
-    """Unsharded elements of the largest FSDP unit: one layer, or the rest of the model (embeddings, output)."""
+    """The largest FSDP unit of an LM: one layer, or the rest of the model (embeddings, output)."""
     from lm.model import TransformerBlock
 
-    layers = [m for m in model.modules() if isinstance(m, TransformerBlock)]
-    per_layer = [_unsharded_params(layer, fsdp) for layer in layers]
-    return max([*per_layer, _unsharded_params(model, fsdp) - sum(per_layer)])
+    return largest_fsdp_unit(model, [m for m in model.modules() if isinstance(m, TransformerBlock)], fsdp)
 
 
-def _buffer_bytes(sizes: dict[str, float], pp: int, compute_bytes: int, reduce_bytes: int) -> int:
+def fsdp_buffer_bytes(sizes: dict[str, float], pp: int, compute_bytes: int, reduce_bytes: int) -> int:
     """Unsharded parameters and gradients FSDP holds beside the shards.
 
     Under pipeline parallel the stage's parameters stay all-gathered for the whole step (compute dtype) and
@@ -562,7 +574,8 @@ def _buffer_bytes(sizes: dict[str, float], pp: int, compute_bytes: int, reduce_b
 # Report.
 
 
-def _gib(n: float) -> str:
+def in_gib(n: float) -> str:
+    """Bytes as GiB with two decimals."""
     return f"{n / GIB:.2f}"
 
 
@@ -589,22 +602,26 @@ def format_report(report: dict) -> str:
         ends = ("E" if r["first"] else "") + ("O" if r["last"] else "")
         lines.append(
             f"{r['rank']:>6} {r['pp_rank']:>3} {r['layers']:>4}{ends:<2} {r['params']:>13,} "
-            f"{_gib(r['param_bytes']):>7} {_gib(r['grad_bytes']):>7} {_gib(r['optimizer_bytes']):>7} "
-            f"{_gib(r['activation_bytes']):>7} "
-            f"{_gib(r['buffer_bytes']):>7} {_gib(r['total_bytes']):>7}  {_gib(c['tp']):>8} {_gib(c['cp']):>8} "
-            f"{_gib(c['pp']):>8} {_gib(c['dp']):>8}  {'yes' if r['fits'] else 'NO'}"
+            f"{in_gib(r['param_bytes']):>7} {in_gib(r['grad_bytes']):>7} {in_gib(r['optimizer_bytes']):>7} "
+            f"{in_gib(r['activation_bytes']):>7} "
+            f"{in_gib(r['buffer_bytes']):>7} {in_gib(r['total_bytes']):>7}  {in_gib(c['tp']):>8} {in_gib(c['cp']):>8} "
+            f"{in_gib(c['pp']):>8} {in_gib(c['dp']):>8}  {'yes' if r['fits'] else 'NO'}"
         )
     lines.append("(E: holds the embeddings, O: the output and loss)")
+    lines.append(verdict(report))
+    return "\n".join(lines)
+
+
+def verdict(report: dict) -> str:
+    """The report's last line: FITS with the fullest rank's need, or DOES NOT FIT with the excess."""
     device = report["device_gb"]
     worst = report["worst_total_gb"]
     if report["fits"]:
-        lines.append(f"FITS: the fullest rank ({report['worst_rank']}) needs {worst:.2f} of {device:.0f} GiB")
-    else:
-        lines.append(
-            f"DOES NOT FIT: rank {report['worst_rank']} needs {worst:.2f} GiB, {worst - device:.2f} GiB more than "
-            f"the device's {device:.0f} GiB"
-        )
-    return "\n".join(lines)
+        return f"FITS: the fullest rank ({report['worst_rank']}) needs {worst:.2f} of {device:.0f} GiB"
+    return (
+        f"DOES NOT FIT: rank {report['worst_rank']} needs {worst:.2f} GiB, {worst - device:.2f} GiB more than "
+        f"the device's {device:.0f} GiB"
+    )
 
 
 def main(cfg, lm_config: LMConfig, args: argparse.Namespace) -> dict:

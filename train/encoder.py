@@ -2,10 +2,14 @@
 
     torchrun --nproc-per-node N train/encoder.py --modality vision|speech --config configs/encoder/vision_tiny.toml \
         [--train.steps N] [--run.dir DIR] [--section.key=value ...]
+    python train/encoder.py --modality vision --config configs/encoder/vision_vit_h14.toml --dry-run --world-size 8
 
 Writes RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/step-N (DCP, exact resume) and, at the end, the encoder's full
 weights as RUN_DIR/final/encoder/{config.json,model.safetensors} (``VisionEncoder.from_pretrained`` /
 ``SpeechEncoder.from_pretrained`` load it) for the adapter stage, beside final/pretraining.json.
+
+``--dry-run --world-size W`` plans the run instead (``train.dryrun_media``): per-rank bytes of the sharded
+parameters, gradients, AdamW state and activations of a micro-batch, against ``--dry-run-device-gb``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -33,12 +38,13 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.atomic import atomic_write_text  # noqa: E402
-from train import stage  # noqa: E402
+from train import dryrun_media  # noqa: E402
 from train.checkpoint import full_state_dict  # noqa: E402
 from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: E402
 from train.loop import EvalFn, RunContext  # noqa: E402
 from train.parallel.mesh import exit_rank, world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
+from train.stage import main as stage_main  # noqa: E402
 
 if TYPE_CHECKING:  # the encoders import open_clip, torchvision and torchaudio: loaded only where used
     from encoders.objectives import BestRQ, CLIPModel, TextTowerConfig
@@ -100,6 +106,15 @@ class EncoderVisionConfig:
 
 
 @dataclass
+class EncoderPlanConfig:
+    """The sample ``--dry-run`` plans for (a real run takes its sizes from its data; images are always one tile of
+    the encoder's size and captions the text tower's context)."""
+
+    # Seconds per utterance (speech).
+    audio_seconds: Annotated[float, Range(min=0.05)] = 30.0
+
+
+@dataclass
 class EncoderJobConfig(JobConfig):
     """Root config of ``train/encoder.py``."""
 
@@ -107,6 +122,7 @@ class EncoderJobConfig(JobConfig):
     data: EncoderDataConfig = field(default_factory=EncoderDataConfig)
     eval: EncoderEvalConfig = field(default_factory=EncoderEvalConfig)
     vision: EncoderVisionConfig = field(default_factory=EncoderVisionConfig)
+    plan: EncoderPlanConfig = field(default_factory=EncoderPlanConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +276,12 @@ def speech_eval(cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module) -> Eva
 # Recipes: one per modality, run by train.stage.
 
 
+def clip_blocks(model: CLIPModel) -> list[nn.Module]:
+    """The units FSDP shards and checkpoints one by one: CLIP pretraining runs the ViT trunk only (the Llama 3.2
+    global layers join in the adapter stage), and the text tower."""
+    return list(model.vision.transformer.resblocks) + list(model.text.transformer.resblocks)
+
+
 def clip_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
     """CLIP pretraining of the vision encoder with a text tower; exports the vision encoder."""
     from encoders.objectives import clip_loss
@@ -279,14 +301,17 @@ def clip_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
 
     return Stage(
         model=model,
-        # CLIP pretraining runs the ViT trunk only (the Llama 3.2 global layers join in the adapter stage), so the
-        # trunk and text blocks are the units FSDP shards and checkpoints one by one.
-        blocks=list(model.vision.transformer.resblocks) + list(model.text.transformer.resblocks),
+        blocks=clip_blocks(model),
         transform=vision_transform(vcfg, tokenize),
         loss_fn=loss_fn,
         eval_fn=vision_eval(cfg, ctx, tokenize, vcfg),
         export=encoder_export(cfg, ctx, model, "vision.", objective),
     )
+
+
+def bestrq_blocks(model: BestRQ) -> list[nn.Module]:
+    """The units FSDP shards and checkpoints one by one: the Conformer blocks."""
+    return list(model.encoder.layers.values())
 
 
 def bestrq_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
@@ -300,7 +325,7 @@ def bestrq_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
 
     return Stage(
         model=model,
-        blocks=list(model.encoder.layers.values()),
+        blocks=bestrq_blocks(model),
         transform=speech_transform,
         loss_fn=loss_fn,
         # Built before the model moves to its device: the targets' baselines are counted on the host.
@@ -338,9 +363,56 @@ RECIPES = {"vision": Recipe("vision", TASK, clip_stage), "speech": Recipe("speec
 MODALITIES = tuple(RECIPES)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run: the stage's model built on the meta device and sharded on a fake process group (train.dryrun_media).
+
+
+def planned_stage(cfg: EncoderJobConfig, modality: str) -> dryrun_media.PlannedStage:
+    """The modality's model on the meta device (no checkpoint read), its FSDP blocks and activation parts."""
+    planned = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=""))
+    with torch.device("meta"):
+        if modality == "speech":
+            model, scfg, _ = build_speech(planned)
+            steps = dryrun_media.speech_steps(scfg, cfg.plan.audio_seconds)
+            return dryrun_media.PlannedStage(
+                model,
+                bestrq_blocks(model),
+                set(),
+                lambda batch, a, dp: dryrun_media.bestrq_parts(model, cfg.plan.audio_seconds, batch, a),
+                f"{cfg.plan.audio_seconds:g} s of audio ({steps} encoder steps)",
+            )
+        model, vcfg, tcfg = build_vision(planned)
+    # The Llama 3.2 extensions (tile embeddings, global layers) never run in CLIP pretraining: no gradient and
+    # no AdamW state for them.
+    idle = {f"vision.{name}" for name, _ in model.vision.named_parameters() if name.startswith(model.vision.OURS_ONLY)}
+    return dryrun_media.PlannedStage(
+        model,
+        clip_blocks(model),
+        set(),
+        lambda batch, a, dp: dryrun_media.clip_parts(model, batch, dp, a),
+        f"an image of {vcfg.image_size} px ({vcfg.num_tokens} tokens) and a caption of {tcfg.context_length} tokens",
+        idle=idle,
+    )
+
+
+def dry_run(cfg: EncoderJobConfig, modality: str, world_size: int, args: Any) -> dict:
+    """``--dry-run``: plan the stage on a fake process group, print it (JSON too with ``--dry-run-out``)."""
+    report = dryrun_media.plan_stage(
+        cfg,
+        world_size,
+        lambda: planned_stage(cfg, modality),
+        title=f"{modality} {TASK}",
+        rank=args.dry_run_rank or 0,
+        device_gb=args.dry_run_device_gb,
+    )
+    return dryrun_media.report_main(report, args)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse, set up the mesh, build model/data/loss for the modality, train, export the encoder."""
-    return stage.main(argv, EncoderJobConfig, RECIPES, "train/encoder.py", __doc__.split("\n\n")[0])
+    """Parse, set up the mesh, build model/data/loss for the modality, train, export the encoder; or, with
+    ``--dry-run``, plan the run on a fake process group."""
+    description = __doc__.split("\n\n")[0]
+    return stage_main(argv, EncoderJobConfig, RECIPES, dry_run, "train/encoder.py", description)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch.nn as nn
 
+from train import dryrun
 from train.checkpoint import Checkpointer
 from train.config import JobConfig, parse_cli
 from train.loop import EvalFn, LossFn, RunContext, compile_default, init_run, train
@@ -60,12 +62,26 @@ class Recipe:
 
 
 def main(
-    argv: list[str] | None, config_cls: type[C], recipes: Mapping[str, Recipe], prog: str, description: str
+    argv: list[str] | None,
+    config_cls: type[C],
+    recipes: Mapping[str, Recipe],
+    planner: Callable[[C, str, int, argparse.Namespace], dict],
+    prog: str,
+    description: str,
 ) -> list[dict]:
-    """An entry script's CLI: parse ``--modality`` and the config, set up the mesh, run the modality's recipe."""
+    """An entry script's CLI: parse ``--modality`` and the config, set up the mesh, run the modality's recipe; with
+    ``--dry-run``, ``planner(cfg, modality, world_size, args)`` plans it on a fake process group instead."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--modality", choices=tuple(recipes), required=True)
+    dryrun.add_arguments(parser)
     cfg, args = parse_cli(config_cls, argv, parser)
+    try:
+        world = dryrun.planned_world_size(args)
+        if args.dry_run:  # a plan on a fake process group: no data, no devices, no training
+            planner(cfg, args.modality, world or int(os.environ.get("WORLD_SIZE", 1)), args)
+            return []
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     ctx = init_run(cfg)
     return run_then_destroy(lambda: run(cfg, recipes[args.modality], ctx))
 
