@@ -113,53 +113,56 @@ def _general(rng: random.Random) -> str:
 _NAMES = ("Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo", "Ines", "Jonas")
 
 
-def arithmetic_problem(rng: random.Random) -> str:
-    """One worked arithmetic problem of the default corpus's math source (also the instruction data's)."""
+def arithmetic_problem(rng: random.Random, small: bool = False) -> str:
+    """One worked arithmetic problem of the default corpus's math source; ``small``: one-digit operands and
+    quotients (the instruction data's, sized for a tiny LM: a number is one token, so each sum is a fact to learn)."""
     op = rng.choice("+-*/")
+    top = 9 if small else 999
     if op == "+":
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        a, b = rng.randint(0, top), rng.randint(0, top)
         return f"Question: What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}. The answer is {a + b}."
     if op == "-":
-        a, b = sorted((rng.randint(0, 999), rng.randint(0, 999)), reverse=True)
+        a, b = sorted((rng.randint(0, top), rng.randint(0, top)), reverse=True)
         return f"Question: What is {a} - {b}?\nAnswer: {a} - {b} = {a - b}. The answer is {a - b}."
     if op == "*":
-        a, b = rng.randint(2, 99), rng.randint(2, 19)
+        a, b = rng.randint(2, 9 if small else 99), rng.randint(2, 9 if small else 19)
         tens, ones = b // 10 * 10, b % 10
         steps = f"{a} * {b} = {a} * {tens} + {a} * {ones} = {a * tens} + {a * ones} = {a * b}" if tens and ones else ""
         steps = steps or f"{a} * {b} = {a * b}"
         return f"Question: What is {a} * {b}?\nAnswer: {steps}. The answer is {a * b}."
-    b, q = rng.randint(2, 12), rng.randint(2, 99)
+    b, q = rng.randint(2, 9 if small else 12), rng.randint(2, 9 if small else 99)
     a = b * q
     return f"Question: What is {a} / {b}?\nAnswer: {b} * {q} = {a}, so {a} / {b} = {q}. The answer is {q}."
 
 
-def word_problem(rng: random.Random) -> str:
-    """One worked word problem about the scenes' objects (also the instruction data's)."""
+def word_problem(rng: random.Random, small: bool = False) -> str:
+    """One worked word problem about the scenes' objects; ``small``: numbers below 20 (the instruction data's)."""
     who, other = rng.sample(_NAMES, 2)
     colour, shape = rng.choice(scenes.COLOURS), rng.choice(scenes.SHAPES)
     things = f"{colour} {shape}s"
     kind = rng.randrange(4)
     if kind == 0:
-        a, b = rng.randint(5, 60), rng.randint(1, 4)
-        b = min(b * rng.randint(1, 5), a)
+        a = rng.randint(2, 18) if small else rng.randint(5, 60)
+        b = min(rng.randint(1, 9) if small else rng.randint(1, 4) * rng.randint(1, 5), a)
         return (
             f"Question: {who} has {a} {things} and gives {b} to {other}. How many {things} does {who} have left?\n"
             f"Answer: {who} starts with {a} and gives away {b}, so {a} - {b} = {a - b}. The answer is {a - b}."
         )
     if kind == 1:
-        boxes, per = rng.randint(2, 12), rng.randint(2, 15)
+        boxes, per = rng.randint(2, 9 if small else 12), rng.randint(2, 9 if small else 15)
         return (
             f"Question: {who} has {boxes} boxes with {per} {things} in each box. How many {things} are there?\n"
             f"Answer: {boxes} boxes of {per} make {boxes} * {per} = {boxes * per}. The answer is {boxes * per}."
         )
     if kind == 2:
-        friends, each = rng.randint(2, 9), rng.randint(2, 12)
+        friends, each = rng.randint(2, 9), rng.randint(2, 9 if small else 12)
         total = friends * each
         return (
             f"Question: {who} shares {total} {things} equally among {friends} friends. How many does each get?\n"
             f"Answer: {total} / {friends} = {each}, because {friends} * {each} = {total}. The answer is {each}."
         )
-    a, b, c = rng.randint(3, 40), rng.randint(3, 40), rng.randint(1, 20)
+    high, low = (9, 1) if small else (40, 3)
+    a, b, c = rng.randint(low, high), rng.randint(low, high), rng.randint(1, 9 if small else 20)
     c = min(c, a + b)
     return (
         f"Question: {who} draws {a} {things} and {other} draws {b} more. Then {c} are erased. "

@@ -2,8 +2,8 @@
 
 Dialogs in the field's format (``{"messages": [{role, content}], "kind", "answer"}``, one JSON object a line):
 questions about a described scene (the colour of a shape, the shape of a colour, how many shapes), some of them
-two turns long, and the default corpus's arithmetic and word problems. ``answer`` is the checkable key `grade`
-compares a generation with. The held-out prompts never occur in the training file.
+two turns long, and the default corpus's arithmetic and word problems with one-digit numbers. ``answer`` is the
+checkable key `grade` compares a generation with. The held-out prompts never occur in the training file.
 
     python -m data.instruct --out runs/data/instruct
 """
@@ -24,6 +24,9 @@ from data.grading import normalize_text
 
 TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
 KINDS = ("colour", "shape", "count", "math")
+# Enough that the tiny SFT run (2,400 steps of 4 packed rows) sees each dialog about once rather than learning
+# 2,000 of them by heart (bench/RESULTS.md).
+TRAIN_DIALOGS = 20_000
 SYSTEM = "You answer questions about scenes of coloured shapes and small arithmetic problems."
 
 
@@ -57,8 +60,13 @@ def scene_dialog(rng: random.Random) -> dict[str, Any]:
 
 
 def math_dialog(rng: random.Random) -> dict[str, Any]:
-    """An arithmetic question or word problem of the default corpus, answered with its worked steps."""
-    text = (word_problem if rng.random() < 0.5 else arithmetic_problem)(rng)
+    """An arithmetic question or word problem of the default corpus, answered with its worked steps.
+
+    Its numbers are small (one-digit operands, results below 100): the Llama 3 tokenizer writes every number below
+    1,000 as one token, so a sum is a fact to learn, not digits to add, and the corpus's three-digit sums (a million
+    facts) stay out of reach of the tiny LM whatever the post-training (3-6% held out, bench/RESULTS.md).
+    """
+    text = (word_problem if rng.random() < 0.5 else arithmetic_problem)(rng, small=True)
     question, answer = text.removeprefix("Question: ").split("\nAnswer: ")
     key = answer.rsplit("The answer is ", 1)[1].rstrip(".")
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -86,7 +94,7 @@ def _prompt_key(dialog: dict[str, Any]) -> str:
     return json.dumps(prompt_of(dialog), sort_keys=True)
 
 
-def write_instruct_data(out: str | Path, *, train: int = 2000, heldout: int = 200, seed: int = 0) -> Path:
+def write_instruct_data(out: str | Path, *, train: int = TRAIN_DIALOGS, heldout: int = 200, seed: int = 0) -> Path:
     """Write ``train.jsonl`` and ``heldout.jsonl`` under ``out`` (atomically); no held-out prompt is trained on."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: write the embedded instruction data."""
     parser = argparse.ArgumentParser(prog="python -m data.instruct", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/data/instruct")
-    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--train", type=int, default=TRAIN_DIALOGS)
     parser.add_argument("--heldout", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -36,6 +36,8 @@ from lm.tokenizer import ChatFormat
 
 PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE = "preference.jsonl", "preference_heldout.jsonl"
 COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected", "edited")
+# The reward model's 300 steps of 16 pairs see each pair about once.
+PAIRS = 5_000
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def prompt_key(prompt: list[dict[str, Any]]) -> str:
     return json.dumps(prompt, sort_keys=True)
 
 
-def write_preference_data(out: str | Path, *, pairs: int = 1000, seed: int = 0) -> Path:
+def write_preference_data(out: str | Path, *, pairs: int = PAIRS, seed: int = 0) -> Path:
     """``data.instruct``'s files under ``out`` (written if missing), ``preference.jsonl``: pairs drawn apart from
     the SFT training dialogs (another seed) and never on a prompt of the held-out file, and
     ``preference_heldout.jsonl``: the held-out dialogs as pairs (for held-out reward accuracy)."""
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: write the embedded preference data."""
     parser = argparse.ArgumentParser(prog="python -m data.preference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/data/instruct")
-    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=PAIRS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"wrote {write_preference_data(args.out, pairs=args.pairs, seed=args.seed)}")

@@ -228,6 +228,30 @@ def test_resumed_onto_two_ranks_continues_exactly(sft_setup, one_rank):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
 
 
+def test_sft_teaches_held_out_answers_far_above_chance(sft_setup, tmp_path):
+    """The short version of the tiny SFT run (configs/posttrain/sft_tiny.toml's settings; its full figures are in
+    bench/RESULTS.md): 300 steps from a random LM answer held-out questions about scenes and sums, graded greedily,
+    far above chance (0.25 against 0.08 when written); the count questions, the first skill learnt, most of the time;
+    and most answers stop."""
+    write_instruct_data(tmp_path / "instruct", train=6000, heldout=60, seed=1)
+    argv = [
+        "--config", "configs/posttrain/sft_tiny.toml",
+        f"--run.dir={tmp_path / 'run'}",
+        f"--data.dir={tmp_path / 'instruct'}",
+        f"--model.init_from={sft_setup / 'init'}",
+        "--train.steps=300",
+        "--train.eval_interval=300",
+        "--eval.samples=60",
+        "--eval.max_new_tokens=24",
+        "--checkpoint.enable=false",
+    ]  # fmt: skip
+    proc = torchrun("train/sft.py", 1, argv, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    final = [r for r in read_metrics(str(tmp_path / "run")) if "eval/accuracy" in r][-1]
+    assert final["eval/accuracy"] >= max(0.2, 2 * final["eval/chance"]), final
+    assert final["eval/accuracy/count"] >= 0.6 and final["eval/stopped"] >= 0.7, final
+
+
 @pytest.mark.parametrize(
     "overrides,world,message",
     [
