@@ -156,6 +156,36 @@ def test_outputs_read_back_as_sft_and_preference_data(setup, chat, tmp_path, sin
             assert row[key] == max(group, key=lambda s: s["reward"])["text"]
 
 
+def test_without_a_reward_model_the_answers_are_graded_into_pairs_and_skip_keeps_their_seeds(
+    setup, runs, chat, tmp_path, single_thread
+):
+    """The rounds' preference collection: no reward model, nothing chosen, the first right and the first wrong
+    answer of each graded prompt a pair; prompts after ``data.skip`` draw what they drew in a run over all."""
+    argv = _argv(setup, tmp_path / "collect", "--models.reward=", "--data.skip=2", "--data.limit=3")
+    del argv[argv.index("--reward") : argv.index("--reward") + 2]
+    summary = rejection.main(argv)
+    records = _records(tmp_path / "collect")
+    assert [r["index"] for r in records] == [2, 3, 4]
+    everything = _records(runs[1])
+    for record in records:
+        assert [s["text"] for s in record["samples"]] == [s["text"] for s in everything[record["index"]]["samples"]]
+        assert record["chosen"] is None and all(s["reward"] is None for s in record["samples"])
+    assert summary["accuracy_best_of_k_reward"] is None and summary["sft_rows"] == 0
+    assert (tmp_path / "collect" / rejection.SFT_FILE).read_text() == ""
+
+    policy = load_pretrained(setup / "policy")
+    prompts = read_prompts([setup / "prompts.jsonl"], chat, max_prompt_tokens=2048)
+    cfg = RejectionSamplingConfig(samples=K, max_new_tokens=NEW_TOKENS, require_stop=False, batch_size=4 * K)
+    records = rejection_sample(policy, None, chat, prompts, cfg, grader=lambda kind, text, answer: "e" in text)
+    summary = write_outputs(tmp_path / "pairs", records, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / rejection.PREFERENCE_FILE).read_text().splitlines()]
+    mixed = [r for r in records if "kind" in r and len({s["grade"] for s in r["samples"]}) == 2]
+    assert len(rows) == len(mixed) == summary["preference_pairs"] > 0
+    for row, record in zip(rows, mixed, strict=True):
+        assert row["chosen"] == next(s["text"] for s in record["samples"] if s["grade"])
+        assert row["rejected"] == next(s["text"] for s in record["samples"] if not s["grade"])
+
+
 def test_the_choice_skips_answers_that_did_not_stop_or_could_not_be_scored():
     samples = [
         {"reward": 3.0, "stopped": False},

@@ -36,6 +36,7 @@ def _config(root, base) -> str:
         f'data_dir = "{root / "data"}"',
         "nproc_per_node = 1",
         "heldout_samples = 2",
+        "collect_prompts = 3",
     ]
     for stage, overrides in TINY.items():
         extra = overrides + (COMMON if stage != "rejection" else [])
@@ -73,7 +74,13 @@ def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
     root, _, proc = pipeline
     out = root / "rounds"
     round1 = out / "round1"
-    # Each stage's output is the next one's input.
+    # Each stage's output is the next one's input: the policy's graded pairs (collected on the last 3 prompts, apart
+    # from the 3 rejection sampling takes) go to the reward model.
+    collected = [json.loads(line) for line in (round1 / "preferences" / "samples.jsonl").read_text().splitlines()]
+    total = len((root / "data" / "train.jsonl").read_text().splitlines())
+    assert [r["index"] for r in collected] == [total - 3, total - 2, total - 1]
+    assert all(r["chosen"] is None for r in collected)
+    assert str(round1 / "preferences" / "preference.jsonl") in (round1 / "reward" / "config.toml").read_text()
     assert load_pretrained(round1 / "reward" / "hf").config.num_labels == 1
     samples = [json.loads(line) for line in (round1 / "rejection" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(len(row["samples"]) == 2 for row in samples)
@@ -100,7 +107,8 @@ def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_fi
     for gone in ("policy", "dpo_seed0/hf"):
         subprocess.run(["rm", "-rf", str(round1 / gone)], check=True)
     log = _rounds(config, "--pipeline.rounds=2").stderr
-    for stage in ("bootstrap SFT", "round 1 reward model", "round 1 rejection sampling", "round 1 SFT"):
+    stages = ("bootstrap SFT", "round 1 preference collection", "round 1 reward model", "round 1 rejection sampling")
+    for stage in (*stages, "round 1 SFT"):
         assert f"{stage}: done" in log, log[-3000:]
     assert "round 1 DPO (seed 0): finished" in log and "round 1 policy: finished" in log
     assert [r["step"] for r in read_metrics(str(round1 / "sft"))] == sft_steps
@@ -112,4 +120,6 @@ def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_fi
     assert str(round1 / "rejection" / "sft.jsonl") in sft_files and str(round2 / "rejection" / "sft.jsonl") in sft_files
     reward_files = (round2 / "reward" / "config.toml").read_text()
     assert str(round1 / "rejection" / "preference.jsonl") in reward_files
+    assert str(round1 / "preferences" / "preference.jsonl") in reward_files
+    assert str(round2 / "preferences" / "preference.jsonl") in reward_files
     assert load_pretrained(round2 / "policy").config.num_labels == 0

@@ -86,6 +86,8 @@ class RejectionModelsConfig:
     """The policy that samples and the reward model that scores (checkpoint dirs, Meta or HF layout)."""
 
     policy: str = "runs/posttrain/sft_tiny/hf"
+    # "" = no reward model: the answers are only graded, and graded pairs of them collected (the paper's annotation
+    # of the current models' answers, the grader playing the annotator) for the round's reward model.
     reward: str = "runs/posttrain/reward_tiny/hf"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: as stored
 
@@ -97,7 +99,8 @@ class RejectionDataConfig:
     # Comma-separated JSONL/Parquet files of {"messages": [...], "kind"?, "answer"?} rows; "" = dir's train.jsonl.
     files: str = ""
     dir: str = "runs/data/instruct"
-    limit: NonNegativeInt = 0  # the first prompts only; 0 = all
+    skip: NonNegativeInt = 0  # prompts passed over first (another stage's), counting from the top of the files
+    limit: NonNegativeInt = 0  # the first prompts only (after skip); 0 = all
     seed: NonNegativeInt = 0  # of the embedded data, when it is written
 
 
@@ -141,7 +144,7 @@ class Prompt:
 def validate(cfg: RejectionConfig) -> None:
     """What can be checked before any process group: the model dirs, the input files, the sampling settings."""
     for role, path in (("policy", cfg.models.policy), ("reward", cfg.models.reward)):
-        if not Path(path).is_dir():
+        if (path or role == "policy") and not Path(path).is_dir():
             raise ValueError(f"models.{role}: checkpoint directory not found: {path}")
     for path in _configured_files(cfg.data.files):
         if not Path(path).is_file():
@@ -170,9 +173,10 @@ def prompt_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 def read_prompts(
-    paths: Sequence[str | Path], chat: ChatFormat, *, max_prompt_tokens: int, limit: int = 0
+    paths: Sequence[str | Path], chat: ChatFormat, *, max_prompt_tokens: int, limit: int = 0, skip: int = 0
 ) -> list[Prompt]:
-    """The prompts of JSONL/Parquet chat files (a bad row is a ChatDataError naming ``file:line``)."""
+    """The prompts of JSONL/Parquet chat files after the first ``skip`` (a bad row is a ChatDataError naming
+    ``file:line``); a prompt's index is its place in the files, so its answers' seeds do not depend on ``skip``."""
 
     def encode(row: Mapping[str, Any]) -> Prompt:
         if "messages" not in row:
@@ -189,8 +193,8 @@ def read_prompts(
         return Prompt(-1, messages, ids, kind, answer)
 
     rows, _ = read_encoded_rows(paths, encode, columns=["messages", "kind", "answer"])
-    rows = rows[:limit] if limit else rows
-    return [Prompt(i, p.messages, p.ids, p.kind, p.answer) for i, p in enumerate(rows)]
+    rows = rows[skip : skip + limit] if limit else rows[skip:]
+    return [Prompt(skip + i, p.messages, p.ids, p.kind, p.answer) for i, p in enumerate(rows)]
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -264,7 +268,7 @@ def prompt_record(
 
 def rejection_sample(
     policy: Transformer,
-    reward: Transformer,
+    reward: Transformer | None,
     chat: ChatFormat,
     prompts: Sequence[Prompt],
     sampling: RejectionSamplingConfig,
@@ -273,7 +277,8 @@ def rejection_sample(
     world_size: int = 1,
     grader: Grader = grade,
 ) -> list[dict[str, Any]]:
-    """This rank's records (``prompt_record``): generation batch ``b`` of the prompts is rank ``b % world_size``'s."""
+    """This rank's records (``prompt_record``): generation batch ``b`` of the prompts is rank ``b % world_size``'s.
+    Without a reward model every reward is None (nothing is chosen; the answers are graded)."""
     per_batch = max(1, sampling.batch_size // sampling.samples)
     batches = [prompts[i : i + per_batch] for i in range(0, len(prompts), per_batch)][rank::world_size]
     total, done, records = sum(map(len, batches)), 0, []
@@ -282,7 +287,11 @@ def rejection_sample(
         drawn = draw_answers(policy, chat, batch, sampling)
         for prompt, answers in zip(batch, drawn, strict=True):
             texts = [chat.decode_assistant(ids) for ids, _ in answers]
-            rewards = score_answers(reward, chat, prompt, texts, sampling.score_batch_size)
+            rewards = (
+                score_answers(reward, chat, prompt, texts, sampling.score_batch_size)
+                if reward is not None
+                else [None] * len(texts)
+            )
             records.append(prompt_record(prompt, answers, texts, rewards, sampling.require_stop, grader))
         done += len(batch)
         now = time.perf_counter()
@@ -312,7 +321,7 @@ def summarize(records: Sequence[Mapping[str, Any]], samples: int) -> dict[str, A
         "samples_per_prompt": samples,
         "graded_prompts": len(graded),
         "accuracy_one_sample": mean([s["grade"] for r in graded for s in r["samples"]]),
-        "accuracy_best_of_k_reward": mean(by_reward),
+        "accuracy_best_of_k_reward": mean(by_reward) if rewards else None,
         "accuracy_best_of_k_oracle": mean(oracle),
         "stop_rate": mean([s["stopped"] for s in every]),
         "chosen_rate": len(chosen) / max(1, len(records)),
@@ -334,17 +343,22 @@ def sft_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def preference_rows(records: Sequence[Mapping[str, Any]], require_stop: bool) -> list[dict[str, Any]]:
     """``data.preference`` rows from graded prompts: the right answer of highest reward against the wrong answer of
-    highest reward (the one the reward model is most wrong about); prompts without both are left out."""
+    highest reward (the one the reward model is most wrong about); without a reward model, the first right and the
+    first wrong answer drawn. Prompts without both are left out."""
     rows = []
     for r in records:
         if "kind" not in r:
             continue
-        usable = [s for s in r["samples"] if s["reward"] is not None and (s["stopped"] or not require_stop)]
+        scored = any(s["reward"] is not None for s in r["samples"])
+        usable = [
+            s for s in r["samples"] if (s["reward"] is not None or not scored) and (s["stopped"] or not require_stop)
+        ]
         right = [s for s in usable if s["grade"]]
         wrong = [s for s in usable if not s["grade"]]
         if not (right and wrong):
             continue
-        best_right, best_wrong = (max(group, key=lambda s: s["reward"]) for group in (right, wrong))
+        # max keeps the first of equals: with no rewards (all 0), the first answer drawn.
+        best_right, best_wrong = (max(group, key=lambda s: s["reward"] or 0.0) for group in (right, wrong))
         rows.append(
             {
                 "prompt_messages": r["prompt"],
@@ -381,18 +395,20 @@ def outputs_exist(out: str | Path) -> bool:
     return all((Path(out) / name).is_file() for name in OUTPUT_FILES)
 
 
-def load_models(cfg: RejectionModelsConfig, device: torch.device) -> tuple[Transformer, Transformer]:
-    """The policy (a language model) and the reward model (one score), checked against the chat format."""
+def load_models(cfg: RejectionModelsConfig, device: torch.device) -> tuple[Transformer, Transformer | None]:
+    """The policy (a language model) and the reward model (one score; None when ``cfg.reward`` is ""), checked
+    against the chat format."""
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     policy = load_pretrained(cfg.policy, device=device, dtype=dtype).eval()
-    reward = load_pretrained(cfg.reward, device=device, dtype=dtype).eval()
+    reward = load_pretrained(cfg.reward, device=device, dtype=dtype).eval() if cfg.reward else None
     if policy.config.num_labels:
         raise ValueError(f"models.policy={cfg.policy} is a reward model (num_labels={policy.config.num_labels})")
-    if reward.config.num_labels != 1:
+    if reward is not None and reward.config.num_labels != 1:
         raise ValueError(f"models.reward={cfg.reward} has num_labels={reward.config.num_labels}, not 1")
     words = Tokenizer().n_words
     for role, model in (("policy", policy), ("reward", reward)):
-        if model.config.vocab_size < words:  # the chat format's special tokens would index past it
+        # The chat format's special tokens would index past a smaller vocabulary.
+        if model is not None and model.config.vocab_size < words:
             raise ValueError(f"models.{role}: vocab_size={model.config.vocab_size} lacks the chat format's tokens")
     return policy, reward
 
@@ -431,14 +447,16 @@ def _run(cfg: RejectionConfig) -> dict[str, Any] | None:
     )
     policy, reward = load_models(cfg.models, device)
     chat = ChatFormat(Tokenizer())
-    prompts = read_prompts(files, chat, max_prompt_tokens=policy.config.max_seq_len, limit=cfg.data.limit)
+    prompts = read_prompts(
+        files, chat, max_prompt_tokens=policy.config.max_seq_len, limit=cfg.data.limit, skip=cfg.data.skip
+    )
     log.info(
         "rejection sampling: %d prompts from %s, %d answers each, policy %s, reward %s, %d ranks",
         len(prompts),
         ", ".join(files),
         cfg.sampling.samples,
         cfg.models.policy,
-        cfg.models.reward,
+        cfg.models.reward or "none (graded pairs only)",
         world,
     )
     with torch.inference_mode():

@@ -7,8 +7,11 @@ Before round 1 a bootstrap SFT on the instruction data gives the first policy (t
 model finetuned on annotated data). Then, in round r (every stage a process of its own, its outputs under
 ``pipeline.dir/round{r}``):
 
-1. ``reward``: ``train/reward.py`` on the preference pairs (the embedded ones and every earlier round's sampled
-   pairs), exported to ``reward/hf``;
+0. ``preferences`` (with ``pipeline.collect_prompts``): ``train/rejection.py`` without a reward model draws K
+   answers per prompt from the current policy and the grader labels right-vs-wrong pairs of them (the paper's
+   annotators ranking the current models' answers);
+1. ``reward``: ``train/reward.py`` on the preference pairs (the embedded ones, every round's collected pairs and
+   every earlier round's sampled pairs), exported to ``reward/hf``;
 2. ``rejection``: ``train/rejection.py`` draws K answers per training prompt from the current policy and keeps the
    reward model's best (``sft.jsonl``), the grader labelling right-vs-wrong pairs for later rounds
    (``preference.jsonl``) and every score recorded (``samples.jsonl``);
@@ -60,6 +63,10 @@ class PipelineConfig:
     reward_init: str = "policy"
     # Held-out prompts graded for the base LM in the summary (0: not graded).
     heldout_samples: NonNegativeInt = 100
+    # Each round first collects graded pairs of the policy's own answers to this many instruction prompts (the last
+    # ones of the file; rejection sampling takes the first), for the reward model and DPO: the paper has annotators
+    # rank the current models' answers, and a reward model that never saw them misranks them. 0 = none.
+    collect_prompts: NonNegativeInt = 0
 
 
 @dataclass
@@ -135,7 +142,9 @@ class Pipeline:
         """Round ``number`` from ``policy``; returns the round's new policy."""
         cfg, here = self.cfg, self.dir / f"round{number}"
         earlier = [self.dir / f"round{r}" / "rejection" for r in range(1, number)]
-        pairs = ",".join([self.data_file("preference"), *(str(d / "preference.jsonl") for d in earlier)])
+        collected = [self.dir / f"round{r}" / "preferences" / "preference.jsonl" for r in range(1, number)]
+        collected = [str(path) for path in collected if path.is_file()] + self.collect(number, policy, here)
+        pairs = ",".join([self.data_file("preference"), *(str(d / "preference.jsonl") for d in earlier), *collected])
         trunk = cfg.pipeline.base if cfg.pipeline.reward_init == "base" else str(policy)
         reward = self.train(
             f"round {number} reward model", "train/reward.py", cfg.stage("reward"), here / "reward",
@@ -174,6 +183,24 @@ class Pipeline:
         ]
         return self.average(number, here / "policy", dpo_runs)
 
+    def collect(self, number: int, policy: Path, here: Path) -> list[str]:
+        """The round's graded pairs of ``policy``'s answers to the last ``pipeline.collect_prompts`` instruction
+        prompts (``train/rejection.py`` without a reward model), as a one-file list; [] when that is 0."""
+        count, rejection = self.cfg.pipeline.collect_prompts, self.cfg.stage("rejection")
+        if not count:
+            return []
+        instruct, out = self.data_file("instruct"), here / "preferences"
+        with open(instruct) as f:
+            total = sum(1 for line in f if line.strip())
+        self.run(
+            f"round {number} preference collection",
+            out / "summary.json",
+            [*self.torchrun, "train/rejection.py", "--config", rejection.config, *rejection.overrides,
+             f"--run.dir={out}", f"--models.policy={policy}", "--models.reward=", f"--data.files={instruct}",
+             f"--data.skip={max(0, total - count)}", f"--data.limit={count}"],
+        )  # fmt: skip
+        return [str(out / "preference.jsonl")]
+
     def average(self, number: int, out: Path, models: list[Path]) -> Path:
         """The round's policy: the models' average (one model: a copy of it)."""
         if len(models) == 1:
@@ -205,20 +232,26 @@ def summarize(cfg: RoundsConfig, base_accuracy: dict[str, float]) -> dict[str, d
     summary = {"base LM": base_accuracy, "bootstrap SFT": last_eval(root / "bootstrap" / "sft")}
     for number in range(1, cfg.pipeline.rounds + 1):
         here = root / f"round{number}"
+        collection = here / "preferences" / "summary.json"
+        if collection.is_file():
+            summary[f"round {number} preference collection"] = json.loads(collection.read_text())
         summary[f"round {number} reward model"] = last_eval(here / "reward")
         rejection = here / "rejection" / "summary.json"
         summary[f"round {number} rejection sampling"] = json.loads(rejection.read_text()) if rejection.is_file() else {}
         summary[f"round {number} SFT"] = last_eval(here / "sft")
         for seed in cfg.pipeline.dpo_seeds:
             summary[f"round {number} DPO (seed {seed})"] = last_eval(here / f"dpo_seed{seed}")
+        if len(cfg.pipeline.dpo_seeds) > 1 and (here / "policy" / EXPORT_MARKER).is_file():
+            # The paper averages a stage's runs; the average is graded like the runs it comes from.
+            average = graded_checkpoint(cfg, here / "policy", here / "policy_eval.json")
+            summary[f"round {number} policy (average of {len(cfg.pipeline.dpo_seeds)} DPO seeds)"] = average
     return summary
 
 
-def base_accuracy(cfg: RoundsConfig) -> dict[str, float]:
-    """The base LM's greedy answers to the held-out prompts, graded (stored, so a rerun does not grade again)."""
-    path = Path(cfg.pipeline.dir) / "base_eval.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+def graded_checkpoint(cfg: RoundsConfig, checkpoint: str | Path, stored: Path) -> dict[str, float]:
+    """A checkpoint's greedy answers to the held-out prompts, graded; stored in ``stored`` (a rerun reads it)."""
+    if stored.is_file():
+        return json.loads(stored.read_text())
     if not cfg.pipeline.heldout_samples:
         return {}
     from data.instruct import HELDOUT_FILE, ensure_instruct_data
@@ -227,10 +260,15 @@ def base_accuracy(cfg: RoundsConfig) -> dict[str, float]:
     from train.posttrain.heldout import graded_accuracy, read_graded_rows
 
     rows = read_graded_rows(ensure_instruct_data(cfg.pipeline.data_dir) / HELDOUT_FILE, cfg.pipeline.heldout_samples)
-    result = graded_accuracy(load_pretrained(cfg.pipeline.base), ChatFormat(Tokenizer()), rows, max_new_tokens=48)
+    result = graded_accuracy(load_pretrained(checkpoint), ChatFormat(Tokenizer()), rows, max_new_tokens=48)
     figures = {k.removeprefix("eval/"): v for k, v in result.items()}
-    atomic_write_text(path, json.dumps(figures))
+    atomic_write_text(stored, json.dumps(figures))
     return figures
+
+
+def base_accuracy(cfg: RoundsConfig) -> dict[str, float]:
+    """The base LM's held-out figures (graded once, then read back)."""
+    return graded_checkpoint(cfg, cfg.pipeline.base, Path(cfg.pipeline.dir) / "base_eval.json")
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
