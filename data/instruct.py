@@ -23,6 +23,9 @@ from data.default import arithmetic_problem, word_problem
 from data.grading import normalize_text
 
 TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
+# The embedded data's version, recorded beside them: files an earlier version wrote (2,000 dialogs, three-digit sums)
+# are written again instead of trained on.
+DATA_VERSION, VERSION_FILE = 2, "version.json"
 KINDS = ("colour", "shape", "count", "math")
 # Enough that the tiny SFT run (2,400 steps of 4 packed rows) sees each dialog about once rather than learning
 # 2,000 of them by heart (bench/RESULTS.md).
@@ -103,13 +106,26 @@ def write_instruct_data(out: str | Path, *, train: int = TRAIN_DIALOGS, heldout:
     train_dialogs = [d for d in make_dialogs(train, seed) if _prompt_key(d) not in held_prompts]
     for name, dialogs in ((HELDOUT_FILE, held), (TRAIN_FILE, train_dialogs)):
         atomic_write_text(out / name, "".join(json.dumps(d) + "\n" for d in dialogs))
+    # A new instruction set invalidates pairs made from the old one: only this entry is kept.
+    atomic_write_text(out / VERSION_FILE, json.dumps({"instruct": DATA_VERSION}) + "\n")
     return out
 
 
+def data_versions(out: str | Path) -> dict[str, int]:
+    """The versions of the embedded files under ``out`` (``{}`` when none is recorded: an earlier version's)."""
+    try:
+        versions = json.loads((Path(out) / VERSION_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return versions if isinstance(versions, dict) else {}
+
+
 def ensure_instruct_data(out: str | Path, *, seed: int = 0) -> Path:
-    """The embedded instruction data under ``out``, written unless both files exist (every rank may call it)."""
+    """The embedded instruction data under ``out``, written unless both files exist in the current version (every
+    rank may call it)."""
     out = Path(out)
-    if not ((out / TRAIN_FILE).is_file() and (out / HELDOUT_FILE).is_file()):
+    current = data_versions(out).get("instruct") == DATA_VERSION
+    if not (current and (out / TRAIN_FILE).is_file() and (out / HELDOUT_FILE).is_file()):
         write_instruct_data(out, seed=seed)
     return out
 

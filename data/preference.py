@@ -31,7 +31,15 @@ import torch
 from common.atomic import atomic_write_text
 from data import scenes
 from data.chat import IGNORE_INDEX, EncodedDialog, StepBatches, encode_checked, encode_dialog, read_encoded_rows
-from data.instruct import HELDOUT_FILE, ensure_instruct_data, make_dialogs, prompt_of
+from data.instruct import (
+    DATA_VERSION,
+    HELDOUT_FILE,
+    VERSION_FILE,
+    data_versions,
+    ensure_instruct_data,
+    make_dialogs,
+    prompt_of,
+)
 from lm.tokenizer import ChatFormat
 
 PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE = "preference.jsonl", "preference_heldout.jsonl"
@@ -227,13 +235,18 @@ def write_preference_data(out: str | Path, *, pairs: int = PAIRS, seed: int = 0)
     rng = random.Random(seed + 3_000_017)
     atomic_write_text(out / HELDOUT_PREFERENCE_FILE, "".join(json.dumps(preference_row(d, rng)) + "\n" for d in held))
     atomic_write_text(out / PREFERENCE_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    versions = {**data_versions(out), "preference": DATA_VERSION}
+    atomic_write_text(out / VERSION_FILE, json.dumps(versions) + "\n")
     return out / PREFERENCE_FILE
 
 
 def ensure_preference_data(out: str | Path, *, seed: int = 0) -> Path:
-    """The embedded preference file under ``out``, written unless it exists (with the instruction data's)."""
+    """The embedded preference file under ``out``, written unless it exists in the current version (with the
+    instruction data's)."""
     path = Path(out) / PREFERENCE_FILE
-    if not all((Path(out) / name).is_file() for name in (PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE, HELDOUT_FILE)):
+    current = data_versions(out).get("preference") == DATA_VERSION
+    files = (PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE, HELDOUT_FILE)
+    if not (current and all((Path(out) / name).is_file() for name in files)):
         write_preference_data(out, seed=seed)
     return path
 

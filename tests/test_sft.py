@@ -131,6 +131,25 @@ def test_instruct_data_holds_out_its_prompts_and_grades_its_answers(tmp_path):
     assert not grade("colour", "The star is blue.", "red") and not grade("math", "The answer is 41.", "42")
 
 
+def test_embedded_data_of_an_earlier_version_is_written_again(tmp_path):
+    """Files without the current version (an earlier version's 2,000 dialogs) are replaced, and pairs made from an
+    instruction set that was replaced are made again; current files are left as they are."""
+    from data.instruct import DATA_VERSION, VERSION_FILE, ensure_instruct_data
+    from data.preference import PREFERENCE_FILE, ensure_preference_data
+
+    write_instruct_data(tmp_path, train=30, heldout=10)
+    ensure_preference_data(tmp_path)
+    stamp = (tmp_path / TRAIN_FILE).stat().st_mtime_ns
+    ensure_instruct_data(tmp_path)
+    assert (tmp_path / TRAIN_FILE).stat().st_mtime_ns == stamp
+    (tmp_path / VERSION_FILE).unlink()  # as an earlier version left it
+    pairs = (tmp_path / PREFERENCE_FILE).read_text()
+    ensure_preference_data(tmp_path)
+    assert len((tmp_path / TRAIN_FILE).read_text().splitlines()) > 1000
+    assert (tmp_path / PREFERENCE_FILE).read_text() != pairs
+    assert json.loads((tmp_path / VERSION_FILE).read_text()) == {"instruct": DATA_VERSION, "preference": DATA_VERSION}
+
+
 # ---------------------------------------------------------------- torchrun train/sft.py
 
 STEPS = 8
