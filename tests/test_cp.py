@@ -31,7 +31,7 @@ def _packed_inputs() -> tuple[torch.Tensor, ...]:
 
 
 def _attention_worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    torch.set_num_threads(1)  # one thread per rank: two ranks share the 2 cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=CP)
     try:
         q, k, v, out_weight, documents = _packed_inputs()
@@ -63,8 +63,9 @@ def _attention_worker(rank: int, port: int) -> None:
 
 def test_cp_attention_and_gradients_equal_one_rank():
     """Two gloo ranks, documents crossing chunk boundaries: outputs and dq, dk, dv equal full-sequence attention."""
-    # Forked, not spawned: the workers start with everything imported (a spawned one re-imports torch, ~5 s).
-    mp.start_processes(_attention_worker, args=(free_port(),), nprocs=CP, start_method="fork")
+    # Spawned, not forked (a spawned worker re-imports torch, ~3 s): a test before this one in the same pytest process
+    # may have run a backward that started autograd's threads, which a forked child cannot use.
+    mp.start_processes(_attention_worker, args=(free_port(),), nprocs=CP, start_method="spawn")
 
 
 def test_shard_sequence_balances_and_round_trips():

@@ -22,7 +22,7 @@ TP = 2
 
 
 def _sharded_worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    torch.set_num_threads(1)  # one thread per rank: two ranks share the 2 cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP)
     try:
         mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
@@ -55,7 +55,8 @@ def _sharded_worker(rank: int, port: int) -> None:
 def test_token_logprobs_over_a_vocabulary_sharded_weight_equal_full_log_softmax():
     """Two gloo ranks, an uneven vocabulary split, hidden states whole or sequence-sharded: the log-probs and the
     gradients of hidden and weight equal one rank's full log_softmax (fp32, 1e-5)."""
-    mp.start_processes(_sharded_worker, args=(free_port(),), nprocs=TP, start_method="fork")
+    # Spawned, not forked: see tests/test_cp.py (autograd's threads may already run in this process).
+    mp.start_processes(_sharded_worker, args=(free_port(),), nprocs=TP, start_method="spawn")
 
 
 # ---------------------------------------------------------------- torchrun train/sft.py and train/dpo.py
