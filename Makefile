@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian packages the tests and the embedded default data need: espeak-ng speaks the default speech data;
 # chromium is the browser of the demo's end-to-end test (Playwright drives it; its own browser download is not used).
-# libmagic1 is the library python-magic loads (datatrove's WARC reader, data.curate).
-SYSTEM_PACKAGES := espeak-ng chromium libmagic1
+# libmagic1 is the library python-magic loads (datatrove's WARC reader, data.curate). pocketsphinx-testdata ships
+# real speech with transcripts (LibriVox sentences) for the real-media tests (tests/real_media.py).
+SYSTEM_PACKAGES := espeak-ng chromium libmagic1 pocketsphinx-testdata
 APT := $(shell command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
 
 system-deps:

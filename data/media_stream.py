@@ -48,8 +48,8 @@ and so is the sample being grouped at the break, whole or not: a tar stream cann
 without a member of the kind (a `jpg` in an audio set) are counted as `without_media`, not as corrupt. `stats()`
 reports samples delivered, skips per shard and where the epoch stands.
 
-How a trainer would use it (the trainers still use `data.media.MediaSamples` through `train.media`; nothing is wired
-to this module yet):
+How a trainer uses it (`train.media.MediaStreamBatches` does this for the encoder and adapter stages when
+`data.shards` is set):
 
     loader = MediaStreamLoader("shards/train-{000000..009999}.tar", kind="image", batch_size=per_rank_batch,
                                rank=dp_rank, world_size=dp_size, num_workers=4, seed=cfg.data.seed,
@@ -62,8 +62,7 @@ to this module yet):
     torch.distributed.all_gather_object(states, loader.state_dict(), group=dp_group)
     checkpoint["data"] = merge_stream_states(states)
 
-`train.media.MediaBatches` would hold this loader in place of a `MediaSamples` stream, with that gather in its
-state_dict (each rank's state holds only its own shards' positions).
+Each rank's state holds only its own shards' positions: hence the gather, in `MediaStreamBatches.state_dict`.
 """
 
 from __future__ import annotations

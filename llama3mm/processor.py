@@ -171,12 +171,14 @@ class Processor:
         images: Sequence[Any] | None = None,
         video: Any = None,
         audio: Any = None,
+        device: torch.device | str | None = None,
     ) -> dict[str, Any]:
         """One generation prompt (text, ids, or chat messages) and its media -> `encode_media` keyword inputs
         with `tokens` [1, S]. A text prompt without "<|image|>" gets the images' tokens after <|begin_of_text|>.
 
         audio: a file path, a 1-D 16 kHz waveform, or a list of them (clips in the order of the prompt's markers).
         video: a file path (read with encoders.video.load_video, up to 64 frames) or uint8 frames [F, 3, H, W].
+        device: where the tokens and image tensors go (default: the LM's; training builds rows on the host).
         """
         images = list(images or [])
         if isinstance(prompt, str):
@@ -191,9 +193,9 @@ class Processor:
         if not ids:
             raise ValueError("empty prompt")
         _check_count(ids.count(self.image_token_id), len(images), "the prompt")
-        inputs: dict[str, Any] = {"tokens": torch.tensor([ids], device=self.mm.lm.output.weight.device)}
+        device = self.mm.lm.output.weight.device if device is None else device
+        inputs: dict[str, Any] = {"tokens": torch.tensor([ids], device=device)}
         if images:
-            device = inputs["tokens"].device
             inputs.update({k: v.to(device) for k, v in self.tile([images]).items()})
         if audio is not None:
             clips = _audio_clips(audio if isinstance(audio, (list, tuple)) else [audio], None, None)

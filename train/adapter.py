@@ -18,8 +18,11 @@ out of the DCP checkpoints, which hold trainable weights, optimizer state, data 
 Held-out evaluation, every ``train.eval_interval`` steps and at the end: the teacher-forced loss on held-out
 samples (all ranks), and accuracy by greedy GENERATION on rank 0 with an unsharded copy of the model: vision,
 the first colour + shape named; video, the direction of motion; speech, the exact transcript. ``eval/chance`` is
-what always answering the most frequent held-out answer scores. At the end rank 0 writes the Llama3MM checkpoint
-to RUN_DIR/final (``Llama3MM.from_pretrained`` loads it) and RUN_DIR/final/eval.json.
+what always answering the most frequent held-out answer scores. Those graders read answers about the embedded
+synthetic data only: on other held-out data (``train.adapter_eval.is_embedded_data``) the stage reports instead
+``eval/loss_shuffled_media`` (the held-out loss with the media shuffled across the samples, the control beside
+``eval/loss``) and the greedy answers' ``eval/bleu4`` and ``eval/wer`` (``train.adapter_eval``). At the end rank 0
+writes the Llama3MM checkpoint to RUN_DIR/final (``Llama3MM.from_pretrained`` loads it) and RUN_DIR/final/eval.json.
 
 ``--dry-run --world-size W`` plans the run instead (``train.dryrun_media``): per-rank bytes of the frozen LM, the
 trainable parts with their gradients and AdamW state, and the activations of a micro-batch of the ``[plan]``
@@ -55,20 +58,33 @@ from common.atomic import atomic_write_text  # noqa: E402
 from data.grading import accepted_keys, is_correct, majority_rate, normalize_text  # noqa: E402
 from llama3mm.processor import DEFAULT_PROMPTS  # noqa: E402
 from train import dryrun_media  # noqa: E402
+from train.adapter_eval import (  # noqa: E402
+    CAPTION_KEYS,
+    caption_metrics,
+    is_embedded_data,
+    loss_sum,
+    media_losses,
+    rank_share,
+    shuffled_media,
+)
 from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: E402
 from train.loop import RunContext  # noqa: E402
-from train.media import MEDIA_KINDS  # noqa: E402
+from train.media import MEDIA_KINDS, MediaDataConfig  # noqa: E402
 from train.parallel.mesh import exit_rank, world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
 from train.stage import main as stage_main  # noqa: E402
 
 if TYPE_CHECKING:
+    from data.media import MediaSamples
     from llama3mm import Llama3MM
 
 log = logging.getLogger("train.adapter")
 
 TASK = "adapter training"
 IGNORE = -100
+# Frames a clip is sampled to when decoded for training and evaluation: what generate() reads of a video file
+# (encoders.video.load_video) and the demo keeps, so a real clip of minutes is never held whole.
+VIDEO_FRAMES = 64
 
 
 @dataclass
@@ -101,16 +117,10 @@ class AdapterModelConfig:
 
 
 @dataclass
-class AdapterDataConfig:
-    """Media shards (the embedded synthetic set is generated into ``dir`` when missing) and the prompt."""
+class AdapterDataConfig(MediaDataConfig):
+    """Media shards (train.media.MediaDataConfig: the embedded synthetic set, generated into ``dir`` when missing,
+    or ``shards`` streamed) and the prompt."""
 
-    dir: str = "runs/data/media"
-    generate: bool = True
-    # Sizes of the generated sets (train, held-out); 0 = data.synthetic's defaults.
-    train_count: NonNegativeInt = 0
-    heldout_count: NonNegativeInt = 0
-    seed: NonNegativeInt = 0
-    on_corrupt: Literal["skip", "fail"] = "skip"
     # The text before the target; empty = the media kind's default (llama3mm.processor.DEFAULT_PROMPTS).
     prompt: str = ""
     # Written after each target, before the stop token. The frozen LM ends documents after a sentence's full stop
@@ -363,8 +373,10 @@ class PromptCollator:
         return sample["text"]
 
     def prompt_inputs(self, sample: dict) -> dict[str, Any]:
-        """generate()'s own inputs for this sample's prompt: tokens [1, S] and media tensors."""
-        return self.mm.processor.prompt_inputs(self.prompt, **self.media(sample))
+        """generate()'s own inputs for this sample's prompt: tokens [1, S] and media tensors, on the host."""
+        # On the host: streamed batches are built in forked DataLoader workers, which must not touch CUDA
+        # (batch_loss moves the batch to the device).
+        return self.mm.processor.prompt_inputs(self.prompt, device="cpu", **self.media(sample))
 
     def __call__(self, samples: list[dict]) -> dict[str, Any]:
         """A batch: tokens [B, S] (prompt + target + stop, right-padded), labels [B, S] and the media inputs."""
@@ -428,15 +440,19 @@ def batch_loss(mm: nn.Module, batch: dict[str, Any], device: torch.device) -> tu
 # Evaluation.
 
 
-def heldout_samples(cfg: AdapterJobConfig, modality: AdapterModality, count: int, skip: int = 0) -> list[dict]:
-    """The first ``count`` held-out samples (after ``skip``), in shard order."""
+def heldout_split(cfg: AdapterJobConfig, modality: AdapterModality) -> MediaSamples:
+    """The held-out split of ``data.dir``, once, in shard order (indexed when built: ``num_samples`` is known)."""
     from data.media import MediaSamples
 
-    heldout = MediaSamples(
+    return MediaSamples(
         cfg.data.dir, kind=MEDIA_KINDS[modality.name], split="heldout", shuffle=False, epochs=1, **modality.decode
     )
+
+
+def heldout_samples(cfg: AdapterJobConfig, modality: AdapterModality, count: int, skip: int = 0) -> list[dict]:
+    """The first ``count`` held-out samples (after ``skip``), in shard order."""
     out = []
-    for i, sample in enumerate(heldout):
+    for i, sample in enumerate(heldout_split(cfg, modality)):
         if i >= skip + count:
             break
         if i >= skip:
@@ -444,13 +460,23 @@ def heldout_samples(cfg: AdapterJobConfig, modality: AdapterModality, count: int
     return out
 
 
+GRADED_KEYS = ("eval/accuracy", "eval/chance", "eval/exact_match")
+
+
+def greedy_answers(mm: Llama3MM, collator: PromptCollator, samples: list[dict], max_new_tokens: int) -> list[str]:
+    """The greedy answer to each sample's prompt and media, generated as generate() answers a user."""
+    return [
+        mm.generate(collator.prompt, max_new_tokens=max_new_tokens, temperature=0.0, **collator.media(sample))
+        for sample in samples
+    ]
+
+
 def generation_accuracy(
     mm: Llama3MM, modality: str, collator: PromptCollator, samples: list[dict], max_new_tokens: int
 ) -> dict:
     """Greedy generation for each sample: the share whose answer the reference accepts, chance, exact matches."""
     hits, exact, accepted, shown = 0, 0, [], []
-    for sample in samples:
-        text = mm.generate(collator.prompt, max_new_tokens=max_new_tokens, temperature=0.0, **collator.media(sample))
+    for sample, text in zip(samples, greedy_answers(mm, collator, samples, max_new_tokens), strict=True):
         accepted.append(accepted_keys(modality, collator.target(sample)))
         hits += int(is_correct(modality, text, collator.target(sample)))
         exact += int(normalize_text(text) == normalize_text(collator.target(sample)))
@@ -462,7 +488,8 @@ def generation_accuracy(
 
 
 class Evaluator:
-    """Held-out loss on every rank; generation accuracy on rank 0 with an unsharded copy (``shadow``)."""
+    """Held-out loss on every rank; on rank 0 with an unsharded copy (``shadow``) generation accuracy (embedded
+    data) or caption metrics (any other data, beside the held-out loss with shuffled media)."""
 
     def __init__(
         self,
@@ -474,9 +501,17 @@ class Evaluator:
     ) -> None:
         self.cfg, self.modality, self.ctx, self.shadow, self.collator = cfg, modality.name, ctx, shadow, collator
         ec = cfg.eval
-        # Loss samples are disjoint per rank; the generation set is the first eval.samples of the split.
-        mine = heldout_samples(cfg, modality, ec.loss_samples, skip=ctx.dp_rank * ec.loss_samples)
+        self.embedded = is_embedded_data(cfg.data.dir, MEDIA_KINDS[modality.name])
+        # Loss samples are disjoint per rank and as many on each (train.adapter_eval.rank_share); the generation set
+        # is the first eval.samples of the split.
+        total = heldout_split(cfg, modality).num_samples
+        skip, count = rank_share(total, ec.loss_samples, ctx.dp_rank, ctx.dp_size)
+        read = heldout_samples(cfg, modality, count + 1, skip=skip)
+        mine, following = read[:count], (read[count:] or heldout_samples(cfg, modality, 1))[0]
         self.loss_batches = [collator(mine[i : i + ec.batch_size]) for i in range(0, len(mine), ec.batch_size)]
+        # The control off the embedded data: the same targets, each with the next held-out sample's media.
+        control = [] if self.embedded or count * ctx.dp_size < 2 else shuffled_media(mine, following)
+        self.control_batches = [collator(control[i : i + ec.batch_size]) for i in range(0, len(control), ec.batch_size)]
         self.gen_samples = heldout_samples(cfg, modality, ec.samples) if ctx.rank == 0 else []
 
     def sync_shadow(self, model: nn.Module) -> None:
@@ -494,26 +529,39 @@ class Evaluator:
                 )
 
     def __call__(self, model: nn.Module, step: int) -> dict:
-        """eval/loss, eval/accuracy, eval/chance, eval/exact_match; a collective (every rank calls it)."""
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        for batch in self.loss_batches:
-            loss, n = batch_loss(model, batch, self.ctx.device)
-            loss_sum += torch.tensor([loss.item() * n.item(), n.item()], dtype=torch.float64)
+        """eval/loss and, on the embedded data, eval/accuracy, eval/chance, eval/exact_match; on other data
+        eval/loss_shuffled_media, eval/bleu4, eval/wer. A collective (every rank calls it)."""
+
+        def loss_of(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            return batch_loss(model, batch, self.ctx.device)
+
+        sums = torch.stack([loss_sum(self.loss_batches, loss_of), loss_sum(self.control_batches, loss_of)])
         if world_size() > 1:
-            dist.all_reduce(loss_sum)
-        out = {"eval/loss": (loss_sum[0] / loss_sum[1].clamp(min=1)).item()}
+            dist.all_reduce(sums)
+        out = media_losses(sums)
         self.sync_shadow(model)
-        scores = torch.zeros(3, dtype=torch.float64)
+        keys = GRADED_KEYS if self.embedded else CAPTION_KEYS
+        scores = torch.zeros(len(keys), dtype=torch.float64)
         if self.shadow is not None:
             self.shadow.eval()
-            max_new = self.cfg.eval.max_new_tokens
-            result = generation_accuracy(self.shadow, self.modality, self.collator, self.gen_samples, max_new)
-            scores = torch.tensor([result["eval/accuracy"], result["eval/chance"], result["eval/exact_match"]])
+            result = self.generation_scores(self.shadow)
+            scores = torch.tensor([result[k] for k in keys], dtype=torch.float64)
         if world_size() > 1:
             scores = scores.to(self.ctx.device)
             dist.broadcast(scores, src=0)  # the others wait here while rank 0 generates
-        out.update(zip(("eval/accuracy", "eval/chance", "eval/exact_match"), scores.tolist(), strict=True))
+        out.update(zip(keys, scores.tolist(), strict=True))
         return out
+
+    def generation_scores(self, mm: Llama3MM) -> dict:
+        """Rank 0's greedy answers to the generation set, graded (embedded data) or scored as captions."""
+        max_new = self.cfg.eval.max_new_tokens
+        if self.embedded:
+            return generation_accuracy(mm, self.modality, self.collator, self.gen_samples, max_new)
+        answers = greedy_answers(mm, self.collator, self.gen_samples, max_new)
+        references = [self.collator.target(sample) for sample in self.gen_samples]
+        shown = [f"{r!r} -> {a.strip()!r}" for r, a in zip(references[:3], answers[:3], strict=True)]
+        log.info("held-out generations: %s", "; ".join(shown))
+        return caption_metrics(answers, references)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -574,7 +622,7 @@ class AdapterModality:
             # The prompt goes with the checkpoint: an adapter on a base LM answers the prompt it was trained with.
             evaluator.shadow.prompts[MEDIA_KINDS[self.name]] = evaluator.collator.prompt
             evaluator.shadow.save_pretrained(final)
-            last_eval = next((r for r in reversed(records) if "eval/accuracy" in r), {})
+            last_eval = next((r for r in reversed(records) if "eval/loss" in r), {})
             summary = {
                 "modality": self.name,
                 "steps": cfg.train.steps,
@@ -591,7 +639,7 @@ class AdapterModality:
 
 MODALITY_TABLE = (
     AdapterModality("vision", vision_model, image_media, {"image_format": "pil"}),
-    AdapterModality("video", video_model, video_media),
+    AdapterModality("video", video_model, video_media, {"video_frames": VIDEO_FRAMES}),
     AdapterModality("speech", speech_model, audio_media),
 )
 RECIPES = {m.name: Recipe(m.name, TASK, m.build) for m in MODALITY_TABLE}

@@ -5,7 +5,7 @@ Layout of ``RUN_DIR/checkpoints``::
     step-300/            a complete checkpoint
         .metadata        DCP's index (global tensor shapes, so any layout can load it)
         __0_0.distcp ... the shards each rank wrote
-        meta.json        step, LR schedule, data-loader state per rank, RNG state per rank, layout
+        meta.json        step, LR schedule, data-loader state per rank (or one global state), RNG state per rank, layout
     step-400.tmp/        a save in progress (or one that crashed): never loaded
 
 A save writes ``step-N.tmp``, waits for every rank, writes ``meta.json`` last and then renames the directory to
@@ -320,12 +320,15 @@ class Checkpointer:
 
     def _meta(self, step: int) -> dict[str, Any]:
         data_state = self.data.state_dict() if self.data is not None and hasattr(self.data, "state_dict") else None
-        per_rank = _gather({"data": data_state, "rng": rng_state()})
+        # A loader whose state_dict() is already global, the same on every rank (train.media.MediaStreamBatches
+        # gathers and merges its ranks'), is saved once: rank 0's copy, not one per rank.
+        shared = getattr(self.data, "global_state", False)
+        per_rank = _gather({"data": None if shared else data_state, "rng": rng_state()})
         return {
             "step": step,
             "world_size": _world(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "data": [r["data"] for r in per_rank],
+            "data": [data_state] if shared else [r["data"] for r in per_rank],
             "rng": [r["rng"] for r in per_rank],
         }
 
@@ -436,8 +439,10 @@ class Checkpointer:
             self.scheduler.load_state_dict(meta["scheduler"])
         rank, same_layout = _rank(), meta.get("world_size") == _world()
         if self.data is not None and hasattr(self.data, "load_state_dict") and meta.get("data"):
-            # Loader states are global-compatible: a new layout takes rank 0's and re-derives its own share.
-            self.data.load_state_dict(meta["data"][rank if same_layout else 0])
+            # Loader states are global-compatible: a new layout takes rank 0's and re-derives its own share; a
+            # global state saved once serves every rank.
+            states = meta["data"]
+            self.data.load_state_dict(states[rank if same_layout and len(states) > 1 else 0])
         if same_layout:
             set_rng_state(meta["rng"][rank])
         else:

@@ -30,7 +30,7 @@ import logging  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Annotated, Any, Literal  # noqa: E402
+from typing import TYPE_CHECKING, Annotated, Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -40,8 +40,9 @@ import torch.nn.functional as F  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 from train import dryrun_media  # noqa: E402
 from train.checkpoint import full_state_dict  # noqa: E402
-from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: E402
+from train.config import JobConfig, PositiveInt, Range  # noqa: E402
 from train.loop import EvalFn, RunContext  # noqa: E402
+from train.media import MediaDataConfig  # noqa: E402
 from train.parallel.mesh import exit_rank, world_size  # noqa: E402
 from train.stage import Recipe, Stage  # noqa: E402
 from train.stage import main as stage_main  # noqa: E402
@@ -74,17 +75,9 @@ class EncoderModelConfig:
 
 
 @dataclass
-class EncoderDataConfig:
-    """Media shards; the embedded synthetic set is generated into ``dir`` when it has none."""
-
-    dir: str = "runs/data/media"
-    # Generate the embedded default data when ``dir`` lacks shards (rank 0 builds, the others wait).
-    generate: bool = True
-    # Sizes of the generated sets (train, held-out); 0 = data.synthetic's defaults.
-    train_count: NonNegativeInt = 0
-    heldout_count: NonNegativeInt = 0
-    seed: NonNegativeInt = 0
-    on_corrupt: Literal["skip", "fail"] = "skip"
+class EncoderDataConfig(MediaDataConfig):
+    """Media shards (train.media.MediaDataConfig): the embedded synthetic set, generated into ``dir`` when it has
+    none, or ``shards`` streamed."""
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 A recipe builds a ``Stage`` (the model, the blocks FSDP shards, the batch transform, the loss, the eval and the
 export of RUN_DIR/final); the runner does what every stage shares: the data-parallel-only check, the embedded
-data, FSDP, the resumable sample stream, optimizer and checkpoints, the training loop, and the export at the end.
+data, FSDP, the resumable sample stream (the indexed shards of ``data.dir``, or ``data.shards`` streamed through
+DataLoader workers that decode and transform), optimizer and checkpoints, the training loop, and the export at the
+end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from train import dryrun
 from train.checkpoint import Checkpointer
 from train.config import JobConfig, parse_cli
 from train.loop import EvalFn, LossFn, RunContext, compile_default, init_run, train
-from train.media import MediaBatches, ensure_data, train_samples
+from train.media import MediaBatches, MediaStreamBatches, ensure_data, stream_batches, stream_shards, train_samples
 from train.optim import build_optimizer, build_scheduler
 from train.parallel.fsdp import parallelize
 from train.parallel.mesh import barrier, run_then_destroy
@@ -38,7 +40,8 @@ class Stage:
     model: nn.Module
     # The repeated blocks FSDP shards (and activation checkpointing wraps) one by one.
     blocks: list[nn.Module]
-    # A batch of samples (data.media.collate_samples) -> the model's micro-batch (a transform or a collator).
+    # A batch of samples (data.media.collate_samples) -> the model's micro-batch (a transform or a collator). With
+    # data.shards it runs in the DataLoader workers (forked): it must build the batch on the host, not the device.
     transform: Callable[[dict], Any]
     loss_fn: LossFn
     eval_fn: EvalFn
@@ -47,7 +50,7 @@ class Stage:
     export: Callable[[list[dict], float], None]
     # Parameters kept out of FSDP and out of the checkpoints (the frozen LM); None: the whole model trains.
     frozen: set[nn.Parameter] | None = None
-    # MediaSamples decoding options of the training stream.
+    # Decoding options of the training stream (MediaSamples' and MediaStreamLoader's: image_format, ...).
     decode: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -91,7 +94,9 @@ def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:
     if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.dims.cp > 1:
         raise ValueError(f"{recipe.task} is data parallel only: set parallel.tp = pp = cp = 1")
     ensure_data(cfg, recipe.modality, ctx.rank)
-    micro = ctx.micro_batch_size(cfg)
+    # Checked before the model is built: a data.shards pattern that matches nothing fails in seconds.
+    shards = stream_shards(cfg.data.shards) if cfg.data.shards else None
+    ctx.micro_batch_size(cfg)  # a global batch that does not split over the ranks fails before the build too
     stage = recipe.build(cfg, ctx)
     model = stage.model.to(ctx.device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -109,11 +114,11 @@ def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:
             ctx.world_size,
         )
 
-    data = MediaBatches(train_samples(cfg, recipe.modality, ctx, stage.decode), micro, stage.transform)
+    data = media_batches(cfg, recipe.modality, ctx, stage, shards)
 
     def extra_metrics(step: int) -> dict:
-        s = data.stats()
-        return {"data/skipped": s["skipped"], "data/epoch": data.state_dict()["epoch"]}
+        s = data.stats()  # not state_dict(): a streamed state is gathered from every rank
+        return {"data/skipped": s["skipped"], "data/epoch": s["epoch"]}
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -129,23 +134,36 @@ def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:
         trainable_only=stage.frozen is not None,
     )
     t0 = time.perf_counter()
-    records = train(
-        cfg,
-        model,
-        stage.loss_fn,
-        data,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        checkpointer=checkpointer,
-        eval_fn=stage.eval_fn,
-        extra_metrics=extra_metrics,
-    )
+    try:
+        records = train(
+            cfg,
+            model,
+            stage.loss_fn,
+            data,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            checkpointer=checkpointer,
+            eval_fn=stage.eval_fn,
+            extra_metrics=extra_metrics,
+        )
+    finally:
+        data.close()  # DataLoader workers stop here, not at the interpreter's exit
     seconds = time.perf_counter() - t0
     if ctx.rank == 0:
         log.info("trained in %.1f s", seconds)
     stage.export(records, seconds)
     barrier()
     return records
+
+
+def media_batches(
+    cfg: JobConfig, modality: str, ctx: RunContext, stage: Stage, shards: list[str] | None
+) -> MediaBatches | MediaStreamBatches:
+    """The stage's micro-batches: ``shards`` (data.shards) streamed, else the indexed shards of ``data.dir``."""
+    micro = ctx.micro_batch_size(cfg)
+    if shards is not None:
+        return stream_batches(cfg, modality, ctx, micro, stage.transform, stage.decode, shards)
+    return MediaBatches(train_samples(cfg, modality, ctx, stage.decode), micro, stage.transform)
 
 
 def shard(cfg: JobConfig, ctx: RunContext, stage: Stage) -> None:
