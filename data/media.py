@@ -24,6 +24,7 @@ import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -86,23 +87,83 @@ def decode_audio(data: bytes, name: str = "<bytes>", sample_rate: int = 16000) -
     return audio
 
 
+def uniform_frame_picks(count: int, num_frames: int | None) -> list[int]:
+    """The indices decode_video keeps of a clip of `count` frames: num_frames spread evenly, or all (None)."""
+    if num_frames is None or num_frames >= count:
+        return list(range(count))
+    return np.linspace(0, count - 1, num_frames).round().astype(int).tolist()
+
+
 def decode_video(data: bytes, name: str = "<bytes>", num_frames: int | None = None) -> tuple[torch.Tensor, float]:
-    """Video bytes -> (uint8 frames [T, 3, H, W], fps), num_frames picked uniformly; ValueError naming `name`."""
+    """Video bytes -> (uint8 frames [T, 3, H, W], fps), num_frames picked uniformly; ValueError naming `name`.
+
+    The frames are uniform_frame_picks(frames decoded, num_frames), and only those are ever held, so a clip of
+    minutes costs num_frames frames of memory, not its length. The picks are computed from the frame count the
+    container declares (or its duration times its rate) and checked against the frames decoded; when the container
+    is silent or wrong, a second decode, knowing the count, keeps the right ones.
+    """
     import av
 
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"cannot decode video {name}: num_frames must be at least 1, got {num_frames}")
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            guess = None if num_frames is None else _frame_count_guess(container, stream)
+            # With no guess the picks are empty: this pass only counts (each frame is freed as it is decoded).
+            picks = None if num_frames is None else uniform_frame_picks(guess or 0, num_frames)
+            frames, seen = _decode_picks(container, stream, picks)
+        if num_frames is not None and seen and seen != guess:
+            with av.open(io.BytesIO(data), mode="r") as container:
+                picks = uniform_frame_picks(seen, num_frames)
+                frames, again = _decode_picks(container, container.streams.video[0], picks)
+            if again != seen:
+                raise ValueError(f"decoded {seen} frames, then {again}")
     except Exception as error:
         raise ValueError(f"cannot decode video {name}: {error}") from error
-    if not frames:
+    if frames is None:
         raise ValueError(f"cannot decode video {name}: no frames")
-    if num_frames is not None and num_frames < len(frames):
-        picks = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
-        frames = [frames[i] for i in picks]
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous(), fps
+    return torch.from_numpy(frames), fps
+
+
+def _frame_count_guess(container: Any, stream: Any) -> int | None:
+    """The clip's frame count as its container declares it, else its duration times its frame rate (None: neither).
+
+    MP4 declares its count; Matroska / WebM declare none but give a duration, right for a constant rate."""
+    if stream.frames > 0:
+        return stream.frames
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = Fraction(stream.duration) * stream.time_base
+    elif container.duration is not None:
+        seconds = Fraction(container.duration, 1_000_000)  # av.time_base: container durations are in microseconds
+    else:
+        return None
+    return round(seconds * Fraction(rate)) if rate else None
+
+
+def _decode_picks(container: Any, stream: Any, picks: list[int] | None) -> tuple[np.ndarray | None, int]:
+    """(the frames at `picks` in their order, uint8 [T, 3, H, W] or None when none; how many frames were decoded).
+
+    picks None keeps every frame. A picked frame is copied into one preallocated array as soon as it is decoded,
+    so PyAV's frame buffers are released at once and at most len(picks) frames are ever held.
+    """
+    if picks is None:
+        kept = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return (np.ascontiguousarray(np.stack(kept).transpose(0, 3, 1, 2)) if kept else None), len(kept)
+    slots: dict[int, list[int]] = {}
+    for slot, index in enumerate(picks):
+        slots.setdefault(index, []).append(slot)
+    out, seen = None, 0
+    for index, frame in enumerate(container.decode(stream)):
+        seen = index + 1
+        if index in slots:
+            rgb = frame.to_ndarray(format="rgb24").transpose(2, 0, 1)
+            if out is None:
+                out = np.empty((len(picks), *rgb.shape), dtype=np.uint8)
+            out[slots[index]] = rgb
+    return out, seen
 
 
 def load_image(path: str | Path, image_format: str = "tensor") -> torch.Tensor | Any:

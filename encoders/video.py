@@ -9,7 +9,10 @@ temporal aggregator of the adapter merges the per-frame features.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,13 +45,15 @@ def load_video(path: str | Path, max_frames: int = 64) -> torch.Tensor:
                 raise VideoDecodeError(f"no video stream in {path}")
             stream = container.streams.video[0]
             declared = stream.frames  # 0 when the container does not say
-            if declared > 0:
-                # Keep only the wanted frames while decoding, so long clips never sit in memory whole.
-                wanted = set(sample_indices(declared, max_frames))
-                frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i in wanted]
-            else:
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-                frames = [frames[i] for i in sample_indices(len(frames), max_frames)]
+            # Keep only the wanted frames while decoding, so long clips never sit in memory whole. With no declared
+            # count, the duration gives a guess that a second decode corrects when it is wrong (no guess: this
+            # pass only counts).
+            count = declared if declared > 0 else _duration_frames(container, stream)
+            frames, seen = _keep_frames(container.decode(stream), set(sample_indices(count, max_frames)))
+        if declared <= 0 and seen != count:
+            with av.open(str(path)) as container:
+                wanted = set(sample_indices(seen, max_frames))
+                frames, _ = _keep_frames(container.decode(container.streams.video[0]), wanted)
     except VideoDecodeError:
         raise
     except Exception as e:  # av.error.InvalidDataError and friends: all mean "this file cannot be read"
@@ -58,6 +63,28 @@ def load_video(path: str | Path, max_frames: int = 64) -> torch.Tensor:
     if len(frames) > max_frames:  # the declared count undercounted: resample what was kept
         frames = [frames[i] for i in sample_indices(len(frames), max_frames)]
     return torch.from_numpy(np.stack(frames))
+
+
+def _duration_frames(container: Any, stream: Any) -> int:
+    """The frame count a clip's duration and rate imply (0 when either is unknown): Matroska / WebM give no count."""
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = Fraction(stream.duration) * stream.time_base
+    elif container.duration is not None:
+        seconds = Fraction(container.duration, 1_000_000)  # av.time_base: container durations are in microseconds
+    else:
+        return 0
+    return round(seconds * Fraction(rate)) if rate else 0
+
+
+def _keep_frames(decoded: Iterator[Any], wanted: set[int]) -> tuple[list[np.ndarray], int]:
+    """(the RGB frames whose index is in `wanted`, in order; how many frames were decoded): the rest are dropped."""
+    kept, seen = [], 0
+    for index, frame in enumerate(decoded):
+        seen = index + 1
+        if index in wanted:
+            kept.append(frame.to_ndarray(format="rgb24"))
+    return kept, seen
 
 
 def frames_to_tiles(frames: torch.Tensor, tile_size: int) -> torch.Tensor:
