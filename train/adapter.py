@@ -12,8 +12,10 @@ the speech stage trains the speech encoder and adapter, whose outputs replace ``
 Each sample becomes ``prompt + media placeholder(s) + target`` (caption, motion caption or transcript) built by the
 model's own processor exactly as ``Llama3MM.generate`` builds its prompt, and the loss counts the target tokens
 (and the stop token after them) only. Parallelism: FSDP2 shards every trainable part; frozen parameters (the LM,
-and the image parts in the video stage) are left out of FSDP (``ignored_params``), replicated on every rank, and
-out of the DCP checkpoints, which hold trainable weights, optimizer state, data position and RNG (exact resume).
+and the image parts in the video stage) are left out of FSDP (``ignored_params``) and replicated on every rank, or
+with ``parallel.shard_frozen`` FSDP-sharded too (``frozen_units``: one unit per LM layer, its token table, the LM
+itself); either way they stay out of the DCP checkpoints, which hold trainable weights, optimizer state, data
+position and RNG (exact resume), and are read again from their own files on resume.
 
 Held-out evaluation, every ``train.eval_interval`` steps and at the end: the teacher-forced loss on held-out
 samples (all ranks), and accuracy by greedy GENERATION on rank 0 with an unsharded copy of the model: vision,
@@ -303,9 +305,8 @@ def _load_encoder(cls: type, directory: str, key: str) -> nn.Module:
     return cls.from_pretrained(directory)
 
 
-def fsdp_blocks(mm: nn.Module) -> list[nn.Module]:
-    """The trainable repeated blocks FSDP shards one by one (encoder layers, cross-attention blocks)."""
-    blocks: list[nn.Module] = []
+def media_blocks(mm: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the encoders and adapters (encoder layers, cross-attention blocks, aggregator)."""
     candidates: list[Any] = []
     if mm.vision_encoder is not None:
         candidates += [mm.vision_encoder.transformer.resblocks, mm.vision_encoder.global_transformer.resblocks]
@@ -316,11 +317,29 @@ def fsdp_blocks(mm: nn.Module) -> list[nn.Module]:
         candidates.append(mm.video_adapter.aggregator.layers)
     if mm.speech_encoder is not None:
         candidates.append(mm.speech_encoder.layers)
-    for container in candidates:
-        for block in container.values() if isinstance(container, nn.ModuleDict) else container:
-            if any(p.requires_grad for p in block.parameters()):
-                blocks.append(block)
-    return blocks
+    return [b for c in candidates for b in (c.values() if isinstance(c, nn.ModuleDict) else c)]
+
+
+def fsdp_blocks(mm: nn.Module) -> list[nn.Module]:
+    """The trainable repeated blocks FSDP shards one by one (encoder layers, cross-attention blocks)."""
+    return [b for b in media_blocks(mm) if any(p.requires_grad for p in b.parameters())]
+
+
+def frozen_units(mm: nn.Module) -> list[nn.Module]:
+    """The frozen modules FSDP shards one by one under ``parallel.shard_frozen``, in the order they run: the LM's
+    token table, the frozen media blocks (the video stage's image encoder and adapter), the LM's layers, then the
+    LM itself (its final norm and output).
+
+    ``Llama3MM.embed`` looks tokens up before the LM's forward, and the loss takes ``output.weight`` inside it: the
+    token table is a unit of its own (its own call gathers it) and the output is the LM's (gathered for its
+    forward). Tied embeddings cannot be split so: the table, norm and output then shard with the root, gathered
+    for the model's whole forward.
+    """
+    frozen_blocks = [b for b in media_blocks(mm) if not any(p.requires_grad for p in b.parameters())]
+    layers = list(mm.lm.layers.values())
+    if mm.lm.config.tie_word_embeddings:
+        return [*frozen_blocks, *layers]
+    return [mm.lm.tok_embeddings, *frozen_blocks, *layers, mm.lm]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,14 +599,22 @@ class AdapterModality:
 
     def build(self, cfg: AdapterJobConfig, ctx: RunContext) -> Stage:
         """The stage: this modality's Llama3MM with the collator, loss, eval and export every adapter stage shares."""
-        mm = self.build_model(cfg.model, ctx.device)
+        sharded_lm = cfg.parallel.shard_frozen
+        # A model whose LM FSDP shards is built on the host: fully_shard moves it to the device unit by unit.
+        mm = self.build_model(cfg.model, torch.device("cpu") if sharded_lm else ctx.device)
         trainable = mm.trainable_parameters()
         counts = {
             "trainable_parameters": sum(p.numel() for p in trainable),
             "frozen_parameters": sum(p.numel() for p in mm.parameters() if not p.requires_grad),
         }
-        # Rank 0 generates with an unsharded copy that shares the frozen LM (never sharded, so never copied).
-        shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm}) if ctx.rank == 0 else None
+        shadow = None
+        if ctx.rank == 0 and sharded_lm:
+            # Rank 0 generates with an unsharded copy. The LM about to be sharded never changes: a copy taken now
+            # stays exact (sync_shadow copies only what trains), with no all-gather of it and no reread of its files.
+            shadow = copy.deepcopy(mm).to(ctx.device)
+        elif ctx.rank == 0:
+            # The replicated LM is shared with the copy (never sharded, so never copied).
+            shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm})
         prompt = cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[self.name]]
         collator = PromptCollator(mm, prompt, self.media, cfg.data.target_end)
         frozen = {p for p in mm.parameters() if not p.requires_grad}
@@ -605,6 +632,7 @@ class AdapterModality:
             eval_fn=evaluator,
             export=self.export(cfg, ctx, mm, evaluator, counts),
             frozen=frozen,
+            frozen_units=frozen_units(mm),
             decode=self.decode,
         )
 
@@ -731,11 +759,15 @@ def plan(cfg: AdapterJobConfig, modality: str, world_size: int, *, rank: int = 0
 
         frozen = {p for p in mm.parameters() if not p.requires_grad}
         sample = sample_description(cfg, modality, mm)
-        # Rank 0's evaluation copy (AdapterModality.build) holds everything but the LM, unsharded.
+        # Rank 0's evaluation copy (AdapterModality.build), unsharded: everything but the replicated LM it shares,
+        # or, the LM sharded (parallel.shard_frozen), everything.
+        sharded_lm = cfg.parallel.shard_frozen
         copy_bytes = sum(
-            p.numel() * p.element_size() for name, p in mm.named_parameters() if not name.startswith("lm.")
+            p.numel() * p.element_size() for n, p in mm.named_parameters() if sharded_lm or not n.startswith("lm.")
         )
-        return dryrun_media.PlannedStage(mm, fsdp_blocks(mm), frozen, parts, sample, rank0_bytes=copy_bytes)
+        return dryrun_media.PlannedStage(
+            mm, fsdp_blocks(mm), frozen, parts, sample, rank0_bytes=copy_bytes, frozen_units=frozen_units(mm)
+        )
 
     title = f"{modality} {TASK}"
     return dryrun_media.plan_stage(cfg, world_size, build, title=title, rank=rank, device_gb=device_gb)

@@ -133,6 +133,10 @@ class ParallelConfig:
     tp: PositiveInt = 1
     # Keep parameters gathered after forward (faster, more memory); False = reshard (ZeRO-3).
     reshard_after_forward: bool = True
+    # The media stages (train/adapter.py): FSDP-shard the frozen parameters too (the LM, one unit per layer plus
+    # its embeddings and output, resharded after forward) instead of replicating them on every rank. They stay out
+    # of the checkpoints either way. Off by default: a replicated LM needs no all-gathers.
+    shard_frozen: bool = False
     # FSDP mixed precision: parameter dtype in compute and gradient-reduction dtype (CUDA only; CPU stays fp32
     # unless mixed_precision_on_cpu).
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"

@@ -6,7 +6,8 @@
 As ``train/lm.py --dry-run`` does for the LM (``train.dryrun``), the stage's real model is built on the meta device
 (shapes from the config: the checkpoints' own config files where they are on this machine, the presets the config
 names otherwise) and sharded by the real code (``train.stage.shard``: FSDP2 over the trainable blocks, frozen
-parameters left out and replicated on every rank) on a fake process group of the planned world size. Parameter,
+parameters left out and replicated on every rank, or with ``parallel.shard_frozen`` sharded over their own units)
+on a fake process group of the planned world size. Parameter,
 gradient and AdamW bytes are read off that rank's parameters; activations come from the formulas below, each the
 bytes autograd keeps for backward in this code, counted tensor by tensor (tests/test_adapter_dryrun.py checks them
 against what autograd keeps in a tiny fp32 model of every stage). Nothing is read but the config and the config
@@ -15,8 +16,9 @@ files of checkpoints: no weights, no data, no devices.
 The estimate is for a CUDA run: trainable parts computed in ``parallel.param_dtype`` (FSDP2 mixed precision) with
 fp32 shards, gradients and AdamW moments; the frozen LM in ``model.lm_dtype``. Per rank:
 
-* frozen parameters: replicated, as train/adapter.py keeps them (``ignored_params``); the report adds what the total
-  would be were they FSDP-sharded too, which train/adapter.py does not do;
+* frozen parameters: replicated (``ignored_params``), or with ``parallel.shard_frozen`` this rank's shards plus what
+  FSDP gathers of them at once: the largest frozen unit (an LM layer, the token table, the output) and the frozen
+  parameters of the root unit (``frozen_gathered_bytes``);
 * trainable parameters, gradients (fp32, sharded) and AdamW's two fp32 moments;
 * FSDP buffers: two units all-gathered at a time with their unsharded gradients (``train.dryrun.fsdp_buffer_bytes``);
 * activations of one micro-batch (``train.batch_size / dp / train.grad_accum`` samples of the ``[plan]`` section's
@@ -336,9 +338,11 @@ class PlannedStage:
     sample: str
     # Names of trainable parameters that never get a gradient (FSDP replaces the parameter objects, not the names).
     idle: set[str] = field(default_factory=set)
-    # Bytes rank 0 alone holds: train/adapter.py's unsharded copy of everything but the LM, which generates for
-    # the held-out evaluation and writes the checkpoint.
+    # Bytes rank 0 alone holds: train/adapter.py's unsharded copy (everything but a replicated LM, which it
+    # shares), which generates for the held-out evaluation and writes the checkpoint.
     rank0_bytes: int = 0
+    # The frozen FSDP units under parallel.shard_frozen (train.stage.Stage.frozen_units).
+    frozen_units: list[nn.Module] = field(default_factory=list)
 
 
 def meta_llama3mm(lm: nn.Module, assemble: Callable[[nn.Module], nn.Module]) -> nn.Module:
@@ -357,7 +361,7 @@ def meta_llama3mm(lm: nn.Module, assemble: Callable[[nn.Module], nn.Module]) -> 
 
 def rank_sizes(cfg: Any, dims: ParallelDims, rank: int, build: Callable[[], PlannedStage]) -> dict[str, Any]:
     """Build the stage for ``rank`` on a fake process group, shard it as ``train.stage.shard`` does, and read off
-    its frozen and trainable bytes and its largest FSDP unit; returns them with the built stage."""
+    its frozen and trainable bytes and its largest FSDP units; returns them with the built stage."""
     from train.parallel.mesh import build_mesh
     from train.stage import shard
 
@@ -365,25 +369,74 @@ def rank_sizes(cfg: Any, dims: ParallelDims, rank: int, build: Callable[[], Plan
     try:
         mesh = build_mesh(dims, "cpu")
         stage = build()
+        frozen_names = {name for name, p in stage.model.named_parameters() if p in stage.frozen}
+        frozen_elements = sum(p.numel() for p in {id(p): p for p in stage.frozen}.values())
         shard(cfg, SimpleNamespace(mesh=mesh), stage)
-        sharded = [(name, p) for name, p in stage.model.named_parameters() if isinstance(p, DTensor)]
-        learning = [p.to_local() for name, p in sharded if name not in stage.idle]
-        frozen = {id(p): p for p in stage.model.parameters() if not isinstance(p, DTensor)}.values()
+        # By name: fully_shard replaces the parameter objects. Frozen ones are plain tensors (replicated) or, under
+        # parallel.shard_frozen, DTensors like those that train.
+        named = list(stage.model.named_parameters())
+        frozen = [_local(p) for name, p in named if name in frozen_names]
+        trained = [(name, p) for name, p in named if isinstance(p, DTensor) and name not in frozen_names]
+        frozen_ids = {id(p) for name, p in named if name in frozen_names}
+        learning = [p.to_local() for name, p in trained if name not in stage.idle]
         fsdp = dims.fsdp
+        units = (stage.model, stage.frozen_units, frozen_ids, fsdp)
         sizes = {
-            "frozen_params": sum(p.numel() for p in frozen),
+            "frozen_params": frozen_elements,
             "frozen_bytes": sum(p.untyped_storage().nbytes() for p in frozen),
             "frozen_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in frozen}),
-            **dryrun.shard_bytes(stage.model, sharded_only=True),
+            "frozen_sharded": any(isinstance(p, DTensor) for name, p in named if name in frozen_names),
+            **dict(zip(("frozen_unit_bytes", "frozen_root_bytes"), frozen_unit_bytes(*units), strict=True)),
+            "params": sum(p.to_local().numel() for _, p in trained),
+            "param_bytes": sum(p.to_local().untyped_storage().nbytes() for _, p in trained),
             "grad_bytes": sum(p.untyped_storage().nbytes() for p in learning),
             "learning_params": sum(p.numel() for p in learning),
-            "largest_group": dryrun.largest_fsdp_unit(stage.model, stage.blocks, fsdp),
-            "unsharded": dryrun.unsharded_params(stage.model, fsdp),
+            "largest_group": largest_trained_unit(stage.model, stage.blocks, frozen_ids, fsdp),
+            "unsharded": gathered_bytes(stage.model, frozen_ids, fsdp, trained=True) // MASTER_BYTES,
         }
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return sizes | {"stage": stage}
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def gathered_bytes(module: nn.Module, frozen_ids: set[int], fsdp: int, trained: bool = False) -> int:
+    """Bytes of ``module``'s FSDP parameters all-gathered (padding included, in their stored dtype): the frozen
+    ones, or with ``trained`` those that train."""
+    own = [p for p in module.parameters() if isinstance(p, DTensor) and (id(p) in frozen_ids) != trained]
+    return sum(p.to_local().untyped_storage().nbytes() for p in own) * fsdp
+
+
+def frozen_unit_bytes(model: nn.Module, units: list[nn.Module], frozen_ids: set[int], fsdp: int) -> tuple[int, int]:
+    """All-gathered bytes of the largest frozen FSDP unit's own parameters (the units come children first, as they
+    are sharded), and of the frozen parameters the root holds; (0, 0) when the frozen parameters are replicated."""
+    claimed: set[int] = set()
+    largest = 0
+    for unit in units:
+        own = [p for p in unit.parameters() if id(p) in frozen_ids and id(p) not in claimed]
+        claimed |= {id(p) for p in own}
+        largest = max(largest, sum(p.to_local().untyped_storage().nbytes() for p in own if isinstance(p, DTensor)))
+    root = [p for p in model.parameters() if id(p) in frozen_ids and id(p) not in claimed and isinstance(p, DTensor)]
+    return largest * fsdp, sum(p.to_local().untyped_storage().nbytes() for p in root) * fsdp
+
+
+def frozen_gathered_bytes(sizes: dict[str, Any], trained_buffers: int) -> int:
+    """Frozen bytes gathered beside the shards under ``parallel.shard_frozen``: the root's frozen parameters (held
+    for the whole forward and backward) and one frozen unit, or more where two frozen units gathered at once (the
+    running one and the prefetched one) outweigh the two trained units ``trained_buffers`` already counts."""
+    unit = sizes["frozen_unit_bytes"]
+    return sizes["frozen_root_bytes"] + max(unit, 2 * unit - trained_buffers)
+
+
+def largest_trained_unit(model: nn.Module, blocks: list[nn.Module], frozen_ids: set[int], fsdp: int) -> float:
+    """Unsharded elements (fp32 masters) of the largest trainable FSDP unit: a block, or the root's rest."""
+    per_block = [gathered_bytes(b, frozen_ids, fsdp, trained=True) // MASTER_BYTES for b in blocks]
+    rest = gathered_bytes(model, frozen_ids, fsdp, trained=True) // MASTER_BYTES - sum(per_block)
+    return float(max([*per_block, rest]))
 
 
 def plan_stage(
@@ -410,9 +463,9 @@ def plan_stage(
     buffers = dryrun.fsdp_buffer_bytes(sizes, 1, compute, DTYPE_BYTES[cfg.parallel.reduce_dtype])
     optimizer = ADAM_STATES * MASTER_BYTES * sizes["learning_params"]
     eval_copy = sizes["stage"].rank0_bytes if rank == 0 else 0
+    gathered = frozen_gathered_bytes(sizes, buffers) if sizes["frozen_sharded"] else 0
     held = sizes["param_bytes"] + sizes["grad_bytes"] + optimizer + buffers + sum(activations.values()) + eval_copy
-    total = sizes["frozen_bytes"] + held
-    sharded_frozen = held + math.ceil(sizes["frozen_bytes"] / dims.fsdp)
+    total = sizes["frozen_bytes"] + gathered + held
     device = int(device_gb * GIB)
     return {
         "stage": title,
@@ -425,7 +478,10 @@ def plan_stage(
         "ac": cfg.train.ac,
         "param_dtype": cfg.parallel.param_dtype,
         "rank": rank,
-        "frozen": {k: sizes[k] for k in ("frozen_params", "frozen_bytes", "frozen_dtypes")},
+        "frozen": {
+            **{k: sizes[k] for k in ("frozen_params", "frozen_bytes", "frozen_dtypes", "frozen_sharded")},
+            "gathered_bytes": gathered,
+        },
         "trainable": {
             "total_params": int(sizes["unsharded"]),
             "params": sizes["params"],
@@ -441,8 +497,6 @@ def plan_stage(
         "fits": total <= device,
         "worst_rank": rank,
         "worst_total_gb": total / GIB,
-        "frozen_sharded_total_gb": sharded_frozen / GIB,
-        "frozen_sharded_fits": sharded_frozen <= device,
     }
 
 
@@ -464,8 +518,11 @@ def format_stage_report(report: dict) -> str:
     ]
     if frozen["frozen_params"]:
         dtypes = "/".join(frozen["frozen_dtypes"])
-        label = f"frozen parameters, replicated: {frozen['frozen_params'] / 1e9:.2f}B in {dtypes}"
+        how = f"sharded over {lay['dp_shard']}" if frozen["frozen_sharded"] else "replicated"
+        label = f"frozen parameters, {how}: {frozen['frozen_params'] / 1e9:.2f}B in {dtypes}"
         lines.append(row(label, frozen["frozen_bytes"]))
+    if frozen["gathered_bytes"]:
+        lines.append(row("frozen FSDP units gathered: the largest, the root's share", frozen["gathered_bytes"]))
     shards = (
         f"{trainable['total_params'] / 1e9:.2f}B sharded over {lay['dp_shard']} ({trainable['params'] / 1e9:.3f}B here)"
     )
@@ -480,12 +537,10 @@ def format_stage_report(report: dict) -> str:
     lines.append(row("activations of one micro-batch", sum(report["activations"].values())))
     lines += [row(f"  {name}", nbytes) for name, nbytes in report["activations"].items()]
     lines += [row("total", report["total_bytes"]), dryrun.verdict(report)]
-    if not report["fits"] and frozen["frozen_bytes"] and lay["dp_shard"] > 1:
-        outcome = "fit" if report["frozen_sharded_fits"] else "still not fit"
+    if not report["fits"] and frozen["frozen_bytes"] and not frozen["frozen_sharded"] and lay["dp_shard"] > 1:
         lines.append(
-            f"(the frozen parameters are replicated on every rank, as train/adapter.py keeps them: FSDP-sharded over "
-            f"{lay['dp_shard']} ranks, which train/adapter.py does not do, the rank would need "
-            f"{report['frozen_sharded_total_gb']:.2f} GiB and {outcome})"
+            f"(the frozen parameters are replicated on every rank: --parallel.shard_frozen=true shards them over "
+            f"{lay['dp_shard']} ranks; plan that too)"
         )
     return "\n".join(lines)
 

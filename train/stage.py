@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from train import dryrun
 from train.checkpoint import Checkpointer
@@ -25,7 +26,7 @@ from train.config import JobConfig, parse_cli
 from train.loop import EvalFn, LossFn, RunContext, compile_default, init_run, train
 from train.media import MediaBatches, MediaStreamBatches, ensure_data, stream_batches, stream_shards, train_samples
 from train.optim import build_optimizer, build_scheduler
-from train.parallel.fsdp import parallelize
+from train.parallel.fsdp import parallelize, shard_frozen_units
 from train.parallel.mesh import barrier, run_then_destroy
 
 log = logging.getLogger("train.stage")
@@ -48,8 +49,12 @@ class Stage:
     # Writes RUN_DIR/final from the trained model, given the logged records and the training seconds. Every rank
     # calls it (it may gather the sharded weights).
     export: Callable[[list[dict], float], None]
-    # Parameters kept out of FSDP and out of the checkpoints (the frozen LM); None: the whole model trains.
+    # Parameters kept out of the checkpoints (the frozen LM), and out of FSDP (replicated on every rank) unless
+    # parallel.shard_frozen; None: the whole model trains.
     frozen: set[nn.Parameter] | None = None
+    # Under parallel.shard_frozen, the frozen modules FSDP shards one by one (each LM layer, its embeddings, the LM
+    # itself for its output); the frozen parameters left outside them shard with the root.
+    frozen_units: list[nn.Module] = field(default_factory=list)
     # Decoding options of the training stream (MediaSamples' and MediaStreamLoader's: image_format, ...).
     decode: Mapping[str, Any] = field(default_factory=dict)
 
@@ -98,19 +103,24 @@ def run(cfg: JobConfig, recipe: Recipe, ctx: RunContext) -> list[dict]:
     shards = stream_shards(cfg.data.shards) if cfg.data.shards else None
     ctx.micro_batch_size(cfg)  # a global batch that does not split over the ranks fails before the build too
     stage = recipe.build(cfg, ctx)
-    model = stage.model.to(ctx.device)
+    # A model to be sharded whole stays where the recipe built it (the host): fully_shard moves each unit's shards
+    # to the device, so a frozen 70B is never whole on a GPU.
+    model = stage.model if shards_frozen(cfg, stage) else stage.model.to(ctx.device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     if not n_train:
         raise ValueError(f"the {recipe.modality} stage has nothing to train")
     shard(cfg, ctx, stage)
     if ctx.rank == 0:
+        # Read off the sharded model: frozen DTensors are what parallel.shard_frozen sharded.
+        n_sharded = sum(p.numel() for p in model.parameters() if not p.requires_grad and isinstance(p, DTensor))
         log.info(
-            "%s %s: %.2fM trainable, %.2fM frozen parameters, %d ranks",
+            "%s %s: %.2fM trainable, %.2fM frozen parameters (%.2fM of them FSDP-sharded), %d ranks",
             recipe.modality,
             recipe.task,
             n_train / 1e6,
             n_frozen / 1e6,
+            n_sharded / 1e6,
             ctx.world_size,
         )
 
@@ -166,10 +176,19 @@ def media_batches(
     return MediaBatches(train_samples(cfg, modality, ctx, stage.decode), micro, stage.transform)
 
 
+def shards_frozen(cfg: JobConfig, stage: Stage) -> bool:
+    """Whether ``shard`` FSDP-shards the stage's frozen parameters (``parallel.shard_frozen``) too."""
+    return cfg.parallel.shard_frozen and stage.frozen is not None
+
+
 def shard(cfg: JobConfig, ctx: RunContext, stage: Stage) -> None:
-    """FSDP over the stage's blocks, frozen parameters left out (replicated on every rank)."""
+    """FSDP over the stage's blocks; frozen parameters left out (replicated on every rank), or with
+    ``parallel.shard_frozen`` sharded too, over their own units first."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
+    sharded_frozen = shards_frozen(cfg, stage)
+    if sharded_frozen:
+        shard_frozen_units(stage.frozen_units, ctx.mesh)
     parallelize(
         stage.model,
         ctx.mesh,
@@ -179,9 +198,13 @@ def shard(cfg: JobConfig, ctx: RunContext, stage: Stage) -> None:
         param_dtype=cfg.parallel.param_dtype,
         reduce_dtype=cfg.parallel.reduce_dtype,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
-        ignored_params=stage.frozen,
+        ignored_params=None if sharded_frozen else stage.frozen,
     )
-    for block in stage.blocks:
+    for block in [*stage.blocks, *(stage.frozen_units if sharded_frozen else [])]:
         if hasattr(block, "media_kv"):
             # Llama3MM computes each block's media keys/values once, outside its forward: gather for it too.
             register_fsdp_forward_method(block, "media_kv")
+    if sharded_frozen:
+        # fully_shard replaced the frozen parameters with their shards: the set must not keep the unsharded
+        # originals alive (FSDP moved each to the device whole before sharding it).
+        stage.frozen = {p for p in stage.model.parameters() if not p.requires_grad}

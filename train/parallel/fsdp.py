@@ -140,6 +140,18 @@ def apply_fsdp(
     return model
 
 
+def shard_frozen_units(units: Iterable[nn.Module], mesh: DeviceMesh) -> None:
+    """``fully_shard`` each frozen unit (a frozen LM's layers, embeddings, the LM itself), before the root's.
+
+    No mixed-precision policy: a frozen part computes in its stored dtype (``model.lm_dtype``), as it does when
+    replicated, so sharding changes no value. Every unit reshards after forward: nothing of it trains, and a
+    backward that passes through it gathers it again (FSDP2 supports ``requires_grad=False`` parameters).
+    """
+    dp_mesh = dp_mesh_for_fsdp(mesh)
+    for unit in units:
+        fully_shard(unit, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=True)
+
+
 def parallelize(
     model: nn.Module,
     mesh: DeviceMesh,
