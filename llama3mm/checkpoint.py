@@ -20,7 +20,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,25 +100,38 @@ def save(mm: torch.nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if mm.lm_path is None:
         save_pretrained(mm.lm, directory / "lm", format="hf")
-        lm_ref, lm_dir = "lm", directory / "lm"
+        lm_dir = directory / "lm"
     else:
-        lm_dir = Path(mm.lm_path).resolve()
-        lm_ref = _lm_reference(lm_dir, directory.resolve())
+        lm_dir = Path(mm.lm_path)
+    parts = {name: (type(m), m.cfg, m.state_dict()) for name in PARTS if (m := getattr(mm, name)) is not None}
+    return save_parts(directory, lm_dir, mm.prompts, mm.extra_embeddings.detach(), parts)
+
+
+def save_parts(
+    directory: str | Path,
+    lm_dir: str | Path,
+    prompts: Mapping[str, str],
+    extra_embeddings: torch.Tensor,
+    parts: Mapping[str, tuple[type, Any, Mapping[str, torch.Tensor]]],
+) -> Path:
+    """What `save` writes, from the LM's directory, the prompts, the extra-token table and each part's (class,
+    config, state dict): a model sharded over ranks is written from its gathered tensors, never whole anywhere."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lm_dir = Path(lm_dir).resolve()
     manifest = {
         "format": "llama3mm",
         "version": 1,
-        "lm": {"path": lm_ref, "sha256": lm_sha256(lm_dir)},
+        "lm": {"path": _lm_reference(lm_dir, directory.resolve()), "sha256": lm_sha256(lm_dir)},
         "parts": {},
-        "prompts": dict(mm.prompts),
+        "prompts": dict(prompts),
     }
-    save_encoder({"weight": mm.extra_embeddings.detach()}, {}, directory / "extra_embeddings")
-    for name in PARTS:
-        module = getattr(mm, name)
-        if module is None:
-            continue
-        cfg = module.cfg
-        save_encoder(module, cfg.to_dict(), directory / name)
-        manifest["parts"][name] = {"class": _qualname(type(module)), "config_class": _qualname(type(cfg))}
+    save_encoder({"weight": extra_embeddings}, {}, directory / "extra_embeddings")
+    for name, (cls, cfg, state) in parts.items():
+        if name not in PARTS:
+            raise ValueError(f"{name!r} is not a Llama3MM part (one of {', '.join(PARTS)})")
+        save_encoder(dict(state), cfg.to_dict(), directory / name)
+        manifest["parts"][name] = {"class": _qualname(cls), "config_class": _qualname(type(cfg))}
     # Last, so a directory with a manifest always holds every part it names.
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
     # A save over an earlier one (compose over the quickstart's model, say) leaves only the parts it names.
@@ -248,4 +263,5 @@ __all__ = [
     "read",
     "read_manifest",
     "save",
+    "save_parts",
 ]

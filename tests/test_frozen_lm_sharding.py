@@ -273,12 +273,16 @@ def padded_bytes(p: torch.Tensor, ranks: int) -> int:
     return math.ceil(p.shape[0] / ranks) * math.prod(p.shape[1:]) * p.element_size()
 
 
+# Rank 0 generates with its unsharded copy (the config generates sharded: tests/test_sharded_generation_eval.py).
+COPY = "--eval.generate_sharded=false"
+
+
 def plan_70b(rank: int, *overrides: str) -> dict:
     """The dry-run report of configs/adapter/vision_llama3_70b.toml's vision stage for ``rank`` of 8."""
     from train.adapter import AdapterJobConfig, plan
     from train.config import load_config
 
-    cfg = load_config(AdapterJobConfig, "configs/adapter/vision_llama3_70b.toml", list(overrides))
+    cfg = load_config(AdapterJobConfig, "configs/adapter/vision_llama3_70b.toml", [COPY, *overrides])
     return plan(cfg, "vision", 8, rank=rank)
 
 
@@ -320,7 +324,7 @@ def test_dry_run_plans_the_frozen_lm_sharded_and_reports_the_70b_verdict(tmp_pat
     for rank, report in ((0, rank0), (1, sharded)):
         out = tmp_path / f"rank{rank}.json"
         argv = ["--modality", "vision", "--config", "configs/adapter/vision_llama3_70b.toml", "--dry-run"]
-        main([*argv, "--world-size=8", SHARDED, f"--dry-run-rank={rank}", f"--dry-run-out={out}"])
+        main([*argv, "--world-size=8", COPY, SHARDED, f"--dry-run-rank={rank}", f"--dry-run-out={out}"])
         printed, got = capsys.readouterr().out, json.loads(out.read_text())
         assert got["total_bytes"] == report["total_bytes"]
         assert got["fits"] == (got["total_bytes"] <= 80 * GIB)

@@ -18,13 +18,16 @@ itself); either way they stay out of the DCP checkpoints, which hold trainable w
 position and RNG (exact resume), and are read again from their own files on resume.
 
 Held-out evaluation, every ``train.eval_interval`` steps and at the end: the teacher-forced loss on held-out
-samples (all ranks), and accuracy by greedy GENERATION on rank 0 with an unsharded copy of the model: vision,
-the first colour + shape named; video, the direction of motion; speech, the exact transcript. ``eval/chance`` is
-what always answering the most frequent held-out answer scores. Those graders read answers about the embedded
+samples (all ranks), and accuracy by greedy GENERATION on rank 0 with an unsharded copy of the model (or, with
+``eval.generate_sharded``, on every rank for its share with the sharded model itself: ``train.sharded_generation``,
+for a model whose copy would not fit a device): vision, the first colour + shape named; video, the direction of
+motion; speech, the exact transcript. ``eval/chance`` is what always answering the most frequent held-out answer
+scores. Those graders read answers about the embedded
 synthetic data only: on other held-out data (``train.adapter_eval.is_embedded_data``) the stage reports instead
 ``eval/loss_shuffled_media`` (the held-out loss with the media shuffled across the samples, the control beside
 ``eval/loss``) and the greedy answers' ``eval/bleu4`` and ``eval/wer`` (``train.adapter_eval``). At the end rank 0
-writes the Llama3MM checkpoint to RUN_DIR/final (``Llama3MM.from_pretrained`` loads it) and RUN_DIR/final/eval.json.
+writes the Llama3MM checkpoint to RUN_DIR/final (``Llama3MM.from_pretrained`` loads it) and RUN_DIR/final/eval.json,
+from its copy or, under ``eval.generate_sharded``, from the tensors gathered to its host (the same files).
 
 ``--dry-run --world-size W`` plans the run instead (``train.dryrun_media``): per-rank bytes of the frozen LM, the
 trainable parts with their gradients and AdamW state, and the activations of a micro-batch of the ``[plan]``
@@ -73,6 +76,12 @@ from train.config import JobConfig, NonNegativeInt, PositiveInt, Range  # noqa: 
 from train.loop import RunContext  # noqa: E402
 from train.media import MEDIA_KINDS, MediaDataConfig  # noqa: E402
 from train.parallel.mesh import exit_rank, world_size  # noqa: E402
+from train.sharded_generation import (  # noqa: E402
+    gather_answers,
+    gathered_tensors,
+    greedy_batch,
+    padded_share,
+)
 from train.stage import Recipe, Stage  # noqa: E402
 from train.stage import main as stage_main  # noqa: E402
 
@@ -140,7 +149,14 @@ class AdapterEvalConfig:
     max_new_tokens: PositiveInt = 24
     # Held-out samples per rank for the teacher-forced loss.
     loss_samples: PositiveInt = 32
+    # Samples per evaluation batch: of the loss, and with generate_sharded of each rank's generation.
     batch_size: PositiveInt = 16
+    # Every rank generates for its share of the samples with the sharded model itself, in batches of batch_size,
+    # and the export gathers the weights it writes one tensor at a time (train.sharded_generation), instead of
+    # rank 0 generating and exporting with an unsharded copy of the model: that copy (the 18B trained parts of the
+    # 70B vision stage, and its LM too under parallel.shard_frozen) does not fit a device beside the training state.
+    # Off by default: the copy generates one sample at a time, exactly as Llama3MM.generate answers a user.
+    generate_sharded: bool = False
 
 
 @dataclass
@@ -490,12 +506,10 @@ def greedy_answers(mm: Llama3MM, collator: PromptCollator, samples: list[dict], 
     ]
 
 
-def generation_accuracy(
-    mm: Llama3MM, modality: str, collator: PromptCollator, samples: list[dict], max_new_tokens: int
-) -> dict:
-    """Greedy generation for each sample: the share whose answer the reference accepts, chance, exact matches."""
+def generation_accuracy(modality: str, collator: PromptCollator, samples: list[dict], answers: list[str]) -> dict:
+    """The greedy answers to the samples graded: the share the reference accepts, chance, exact matches."""
     hits, exact, accepted, shown = 0, 0, [], []
-    for sample, text in zip(samples, greedy_answers(mm, collator, samples, max_new_tokens), strict=True):
+    for sample, text in zip(samples, answers, strict=True):
         accepted.append(accepted_keys(modality, collator.target(sample)))
         hits += int(is_correct(modality, text, collator.target(sample)))
         exact += int(normalize_text(text) == normalize_text(collator.target(sample)))
@@ -507,8 +521,9 @@ def generation_accuracy(
 
 
 class Evaluator:
-    """Held-out loss on every rank; on rank 0 with an unsharded copy (``shadow``) generation accuracy (embedded
-    data) or caption metrics (any other data, beside the held-out loss with shuffled media)."""
+    """Held-out loss on every rank; generation accuracy (embedded data) or caption metrics (any other data, beside
+    the held-out loss with shuffled media), generated on rank 0 with an unsharded copy (``shadow``) or, under
+    ``eval.generate_sharded``, by every rank with the sharded model and graded on rank 0."""
 
     def __init__(
         self,
@@ -531,7 +546,9 @@ class Evaluator:
         # The control off the embedded data: the same targets, each with the next held-out sample's media.
         control = [] if self.embedded or count * ctx.dp_size < 2 else shuffled_media(mine, following)
         self.control_batches = [collator(control[i : i + ec.batch_size]) for i in range(0, len(control), ec.batch_size)]
-        self.gen_samples = heldout_samples(cfg, modality, ec.samples) if ctx.rank == 0 else []
+        # Sharded generation: every rank answers its share, and rank 0 grades them all.
+        generates = ctx.rank == 0 or ec.generate_sharded
+        self.gen_samples = heldout_samples(cfg, modality, ec.samples) if generates else []
 
     def sync_shadow(self, model: nn.Module) -> None:
         """Copy the trained (sharded) weights into rank 0's unsharded model; a collective."""
@@ -558,29 +575,84 @@ class Evaluator:
         if world_size() > 1:
             dist.all_reduce(sums)
         out = media_losses(sums)
-        self.sync_shadow(model)
         keys = GRADED_KEYS if self.embedded else CAPTION_KEYS
         scores = torch.zeros(len(keys), dtype=torch.float64)
-        if self.shadow is not None:
-            self.shadow.eval()
-            result = self.generation_scores(self.shadow)
+        answers = self.answers(model)
+        if answers is not None:
+            result = self.generation_scores(answers)
             scores = torch.tensor([result[k] for k in keys], dtype=torch.float64)
         if world_size() > 1:
             scores = scores.to(self.ctx.device)
-            dist.broadcast(scores, src=0)  # the others wait here while rank 0 generates
+            dist.broadcast(scores, src=0)  # the others wait here while rank 0 generates or grades
         out.update(zip(keys, scores.tolist(), strict=True))
         return out
 
-    def generation_scores(self, mm: Llama3MM) -> dict:
-        """Rank 0's greedy answers to the generation set, graded (embedded data) or scored as captions."""
+    def answers(self, model: nn.Module) -> list[str] | None:
+        """The greedy answers to the generation set on rank 0 (None on the others): a collective."""
         max_new = self.cfg.eval.max_new_tokens
+        if self.cfg.eval.generate_sharded:
+            return self.sharded_answers(model)
+        self.sync_shadow(model)
+        if self.shadow is None:
+            return None
+        self.shadow.eval()
+        return greedy_answers(self.shadow, self.collator, self.gen_samples, max_new)
+
+    def sharded_answers(self, model: nn.Module) -> list[str] | None:
+        """Every rank's greedy answers to its share of the generation set (train.sharded_generation), gathered on
+        rank 0 in sample order (None on the others)."""
+        ec, device = self.cfg.eval, self.ctx.device
+        share, real = padded_share(len(self.gen_samples), self.ctx.rank, world_size())
+        answers: list[str] = []
+        for i in range(0, len(share), ec.batch_size):
+            inputs = [self.collator.prompt_inputs(self.gen_samples[j]) for j in share[i : i + ec.batch_size]]
+            rows = [x.pop("tokens")[0].tolist() for x in inputs]
+            answers += greedy_batch(model, rows, to_device(collate_media(inputs), device), ec.max_new_tokens, device)
+        return gather_answers(answers[:real])
+
+    def generation_scores(self, answers: list[str]) -> dict:
+        """Rank 0's greedy answers to the generation set, graded (embedded data) or scored as captions."""
         if self.embedded:
-            return generation_accuracy(mm, self.modality, self.collator, self.gen_samples, max_new)
-        answers = greedy_answers(mm, self.collator, self.gen_samples, max_new)
+            return generation_accuracy(self.modality, self.collator, self.gen_samples, answers)
         references = [self.collator.target(sample) for sample in self.gen_samples]
         shown = [f"{r!r} -> {a.strip()!r}" for r, a in zip(references[:3], answers[:3], strict=True)]
         log.info("held-out generations: %s", "; ".join(shown))
         return caption_metrics(answers, references)
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """What RUN_DIR/final holds of the stage's model, read before FSDP wraps it: each part's class and config, the
+    shape of every tensor outside the LM (what ``Llama3MM.save_pretrained`` writes) and the LM's path."""
+
+    parts: dict[str, tuple[type, Any]]
+    shapes: dict[str, torch.Size]
+    lm_path: str | None
+
+
+def export_layout(mm: Llama3MM) -> ExportLayout:
+    """The export layout of an unsharded Llama3MM (FSDP replaces its parameters and the classes of its units)."""
+    from llama3mm.checkpoint import PARTS
+
+    parts = {name: (type(m), m.cfg) for name in PARTS if (m := getattr(mm, name)) is not None}
+    shapes = {name: t.shape for name, t in mm.state_dict().items() if not name.startswith("lm.")}
+    return ExportLayout(parts, shapes, mm.lm_path)
+
+
+def save_gathered(
+    directory: Path, layout: ExportLayout, tensors: dict[str, torch.Tensor], prompts: dict[str, str]
+) -> None:
+    """RUN_DIR/final from the gathered tensors (train.sharded_generation.gathered_tensors): the files
+    ``save_pretrained`` writes of the unsharded model."""
+    from llama3mm.checkpoint import save_parts
+
+    if layout.lm_path is None:
+        raise ValueError("the stage's LM has no path: its checkpoint would have to hold the LM itself")
+    parts = {
+        name: (cls, cfg, {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        for name, (cls, cfg) in layout.parts.items()
+    }
+    save_parts(directory, layout.lm_path, prompts, tensors["extra_embeddings"], parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -608,17 +680,21 @@ class AdapterModality:
             "frozen_parameters": sum(p.numel() for p in mm.parameters() if not p.requires_grad),
         }
         shadow = None
-        if ctx.rank == 0 and sharded_lm:
+        # eval.generate_sharded: no copy; every rank generates with the sharded model, the export gathers its tensors.
+        copies = ctx.rank == 0 and not cfg.eval.generate_sharded
+        if copies and sharded_lm:
             # Rank 0 generates with an unsharded copy. The LM about to be sharded never changes: a copy taken now
             # stays exact (sync_shadow copies only what trains), with no all-gather of it and no reread of its files.
             shadow = copy.deepcopy(mm).to(ctx.device)
-        elif ctx.rank == 0:
+        elif copies:
             # The replicated LM is shared with the copy (never sharded, so never copied).
             shadow = copy.deepcopy(mm, memo={id(mm.lm): mm.lm})
         prompt = cfg.data.prompt or DEFAULT_PROMPTS[MEDIA_KINDS[self.name]]
         collator = PromptCollator(mm, prompt, self.media, cfg.data.target_end)
         frozen = {p for p in mm.parameters() if not p.requires_grad}
         evaluator = Evaluator(cfg, self, ctx, shadow, collator)
+        # Read before FSDP wraps the model: without a copy the export writes from the gathered sharded tensors.
+        layout = export_layout(mm) if cfg.eval.generate_sharded else None
 
         def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
             loss, n = batch_loss(model, batch, ctx.device)
@@ -630,26 +706,39 @@ class AdapterModality:
             transform=lambda batch: collator(split_samples(batch)),
             loss_fn=loss_fn,
             eval_fn=evaluator,
-            export=self.export(cfg, ctx, mm, evaluator, counts),
+            export=self.export(cfg, ctx, mm, evaluator, counts, layout),
             frozen=frozen,
             frozen_units=frozen_units(mm),
             decode=self.decode,
         )
 
     def export(
-        self, cfg: AdapterJobConfig, ctx: RunContext, mm: nn.Module, evaluator: Evaluator, counts: dict[str, int]
+        self,
+        cfg: AdapterJobConfig,
+        ctx: RunContext,
+        mm: nn.Module,
+        evaluator: Evaluator,
+        counts: dict[str, int],
+        layout: ExportLayout | None,
     ) -> Callable[[list[dict], float], None]:
         """Writes RUN_DIR/final: the Llama3MM checkpoint (what trained, the LM by path) and eval.json."""
 
         def export(records: list[dict], seconds: float) -> None:
             # The composed model for inference: adapters and encoders in small files beside a manifest naming the LM.
-            evaluator.sync_shadow(mm)
-            if ctx.rank != 0:
-                return
-            final = Path(cfg.run.dir) / "final"
             # The prompt goes with the checkpoint: an adapter on a base LM answers the prompt it was trained with.
-            evaluator.shadow.prompts[MEDIA_KINDS[self.name]] = evaluator.collator.prompt
-            evaluator.shadow.save_pretrained(final)
+            final = Path(cfg.run.dir) / "final"
+            if layout is not None:  # eval.generate_sharded: no copy to write from
+                tensors = gathered_tensors(mm, layout.shapes)  # a collective: rank 0 gets them whole
+                if ctx.rank != 0:
+                    return
+                prompts = {**mm.prompts, MEDIA_KINDS[self.name]: evaluator.collator.prompt}
+                save_gathered(final, layout, tensors, prompts)
+            else:
+                evaluator.sync_shadow(mm)
+                if ctx.rank != 0:
+                    return
+                evaluator.shadow.prompts[MEDIA_KINDS[self.name]] = evaluator.collator.prompt
+                evaluator.shadow.save_pretrained(final)
             last_eval = next((r for r in reversed(records) if "eval/loss" in r), {})
             summary = {
                 "modality": self.name,
@@ -760,13 +849,25 @@ def plan(cfg: AdapterJobConfig, modality: str, world_size: int, *, rank: int = 0
         frozen = {p for p in mm.parameters() if not p.requires_grad}
         sample = sample_description(cfg, modality, mm)
         # Rank 0's evaluation copy (AdapterModality.build), unsharded: everything but the replicated LM it shares,
-        # or, the LM sharded (parallel.shard_frozen), everything.
-        sharded_lm = cfg.parallel.shard_frozen
+        # or, the LM sharded (parallel.shard_frozen), everything. Under eval.generate_sharded there is none, and
+        # every rank holds a generation batch's KV caches instead.
+        sharded_lm, ec = cfg.parallel.shard_frozen, cfg.eval
         copy_bytes = sum(
             p.numel() * p.element_size() for n, p in mm.named_parameters() if sharded_lm or not n.startswith("lm.")
         )
+        compute = DTYPE_BYTES[cfg.parallel.param_dtype]
+        generation = dryrun_media.generation_bytes(
+            mm, modality, cfg.plan, ec.batch_size, ec.max_new_tokens, compute, lm_bytes
+        )
         return dryrun_media.PlannedStage(
-            mm, fsdp_blocks(mm), frozen, parts, sample, rank0_bytes=copy_bytes, frozen_units=frozen_units(mm)
+            mm,
+            fsdp_blocks(mm),
+            frozen,
+            parts,
+            sample,
+            rank0_bytes=0 if ec.generate_sharded else copy_bytes,
+            generation_bytes=generation if ec.generate_sharded else 0,
+            frozen_units=frozen_units(mm),
         )
 
     title = f"{modality} {TASK}"

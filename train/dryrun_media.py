@@ -21,6 +21,9 @@ fp32 shards, gradients and AdamW moments; the frozen LM in ``model.lm_dtype``. P
   parameters of the root unit (``frozen_gathered_bytes``);
 * trainable parameters, gradients (fp32, sharded) and AdamW's two fp32 moments;
 * FSDP buffers: two units all-gathered at a time with their unsharded gradients (``train.dryrun.fsdp_buffer_bytes``);
+* on rank 0, train/adapter.py's unsharded copy for evaluation and export, unless ``eval.generate_sharded``: then every
+  rank generates with the sharded model, and holds a batch's KV caches (``generation_bytes``) in place of the
+  activations, which are freed between steps;
 * activations of one micro-batch (``train.batch_size / dp / train.grad_accum`` samples of the ``[plan]`` section's
   sizes). ``train.ac = full`` keeps only the inputs of the trainable blocks it wraps (encoder layers, cross-attention
   blocks, the video aggregator's layers), plus one block's full set while backward recomputes it; the frozen LM's
@@ -291,6 +294,28 @@ def adapter_parts(mm: nn.Module, modality: str, plan: Any, batch: int, a: int, a
     raise ValueError(f"no activation model for the {modality!r} adapter stage")
 
 
+def generation_bytes(mm: nn.Module, modality: str, plan: Any, rows: int, new_tokens: int, a: int, a_lm: int) -> int:
+    """What every rank holds while it generates for ``rows`` held-out samples with the sharded model
+    (``eval.generate_sharded``): the LM's KV cache of the prompt and ``new_tokens`` answer tokens, and each
+    cross-attention block's keys and values of the media, kept for every decode step. The training activations are
+    freed by then; the units gathered one at a time are FSDP's buffers."""
+    lm = mm.lm.config
+    text, media_kv = plan.text_tokens + new_tokens, 0
+    if modality in ("vision", "video"):
+        adapter = mm.vision_adapter.cfg if modality == "vision" else mm.video_adapter.cfg
+        if modality == "vision":
+            text += 1  # the <|image|> placeholder
+            keys = (plan.tiles or mm.vision_encoder.cfg.max_num_tiles) * mm.vision_encoder.cfg.num_tokens
+        else:
+            keys = -(-plan.frames // adapter.frames_per_group) * adapter.tokens_per_group
+        kv = adapter.n_kv_heads * (adapter.dim // adapter.n_heads)
+        media_kv = len(adapter.layers) * rows * keys * 2 * kv * a
+    elif modality == "speech":
+        text += -(-speech_steps(mm.speech_encoder.cfg, plan.audio_seconds) // mm.speech_adapter.cfg.conv_stride)
+    cache = lm.n_layers * rows * text * 2 * lm.n_kv_heads * lm.head_dim * a_lm
+    return int(cache + media_kv)
+
+
 def clip_parts(model: nn.Module, batch: int, dp: int, a: int) -> list[Part]:
     """CLIP pretraining (``encoders.objectives.CLIPModel``): the ViT on one square tile, the text tower, the loss."""
     vision, text = model.vision.cfg, model.text_cfg
@@ -339,8 +364,12 @@ class PlannedStage:
     # Names of trainable parameters that never get a gradient (FSDP replaces the parameter objects, not the names).
     idle: set[str] = field(default_factory=set)
     # Bytes rank 0 alone holds: train/adapter.py's unsharded copy (everything but a replicated LM, which it
-    # shares), which generates for the held-out evaluation and writes the checkpoint.
+    # shares), which generates for the held-out evaluation and writes the checkpoint; none under
+    # eval.generate_sharded.
     rank0_bytes: int = 0
+    # Under eval.generate_sharded, what every rank holds while it generates (generation_bytes), in place of the
+    # training activations.
+    generation_bytes: int = 0
     # The frozen FSDP units under parallel.shard_frozen (train.stage.Stage.frozen_units).
     frozen_units: list[nn.Module] = field(default_factory=list)
 
@@ -464,7 +493,10 @@ def plan_stage(
     optimizer = ADAM_STATES * MASTER_BYTES * sizes["learning_params"]
     eval_copy = sizes["stage"].rank0_bytes if rank == 0 else 0
     gathered = frozen_gathered_bytes(sizes, buffers) if sizes["frozen_sharded"] else 0
-    held = sizes["param_bytes"] + sizes["grad_bytes"] + optimizer + buffers + sum(activations.values()) + eval_copy
+    generation = sizes["stage"].generation_bytes
+    # Evaluation runs between steps: its generation and a step's activations are never held together.
+    transient = max(sum(activations.values()), generation)
+    held = sizes["param_bytes"] + sizes["grad_bytes"] + optimizer + buffers + transient + eval_copy
     total = sizes["frozen_bytes"] + gathered + held
     device = int(device_gb * GIB)
     return {
@@ -491,6 +523,7 @@ def plan_stage(
         },
         "buffer_bytes": buffers,
         "eval_copy_bytes": eval_copy,
+        "eval_generation_bytes": generation,
         "activations": activations,
         "total_bytes": total,
         "device_gb": device_gb,
@@ -536,6 +569,10 @@ def format_stage_report(report: dict) -> str:
         lines.append(row("rank 0's unsharded copy for evaluation and export", report["eval_copy_bytes"]))
     lines.append(row("activations of one micro-batch", sum(report["activations"].values())))
     lines += [row(f"  {name}", nbytes) for name, nbytes in report["activations"].items()]
+    if report["eval_generation_bytes"]:
+        lines.append(
+            row("held-out generation's KV caches (in place of the activations)", report["eval_generation_bytes"])
+        )
     lines += [row("total", report["total_bytes"]), dryrun.verdict(report)]
     if not report["fits"] and frozen["frozen_bytes"] and not frozen["frozen_sharded"] and lay["dp_shard"] > 1:
         lines.append(
