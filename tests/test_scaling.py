@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -48,11 +49,11 @@ def test_plan_tokens_times_flops_per_token_is_the_budget():
 
 
 def test_a_grid_over_max_minutes_is_refused(capsys):
-    cfg = replace(scaling.ScalingConfig(), budgets=[1e13])
+    cfg = replace(scaling.ScalingConfig(), budgets=[1e14])
     with pytest.raises(ValueError, match="over --max-minutes 20"):
         scaling.check_time(scaling.plan_grid(cfg), cfg.max_minutes)
     with pytest.raises(SystemExit) as e:
-        scaling.main(["plan", "--budgets", "1e13", "--max-minutes", "1"])
+        scaling.main(["plan", "--budgets", "1e14", "--max-minutes", "1"])
     assert e.value.code == 2
     assert "over --max-minutes 1" in capsys.readouterr().err
     scaling.main(["plan", "--budgets", "1e9", "--max-minutes", "1"])  # a small one passes
@@ -131,3 +132,65 @@ def test_a_grid_dir_refuses_other_training_settings(grid):
     out, _ = grid
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         scaling.run_grid(replace(TINY, lr=1e-3), out, verbose=False)
+
+
+def test_code_source_holds_out_a_tenth_of_the_standard_library_files():
+    from data.default import stdlib_files
+
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files(1 << 40)]
+    n_files = len(set(texts))  # distinct file contents
+    train_docs = list(itertools.islice(scaling.code_documents(0, heldout=False), len(texts)))
+    held_docs = list(itertools.islice(scaling.code_documents(0, heldout=True), len(texts)))
+    train_set, held_set = set(train_docs), set(held_docs)
+    assert not train_set & held_set  # no file is both trained on and held out
+    assert 0.05 < len(held_set) / n_files < 0.2 and len(train_set | held_set) == n_files  # a tenth, every file once
+    assert train_docs[:20] != list(itertools.islice(scaling.code_documents(1, heldout=False), 20))  # seeded order
+    mixed = scaling.corpus_bytes(200_000, 0, {"code": 0.5, "general": 0.5})
+    text = bytes(mixed[mixed < 256].astype("uint8")).decode("utf-8", errors="replace")
+    assert "def " in text and "The " in text  # both sources are in the stream
+    with pytest.raises(ValueError, match="unknown sources \\['poetry'\\]"):
+        scaling.corpus_bytes(100, 0, {"poetry": 1.0})
+
+
+def test_word_cloze_rows_are_the_held_out_texts_words_with_distinct_options():
+    text = scaling.corpus_bytes(100_000, scaling.HELDOUT_SEED_OFFSET + 1, {"code": 0.5, "general": 0.5}, True)
+    raw = bytes(text[text < 256].astype("uint8")).decode("latin-1")
+    contexts, options, gold = scaling.cloze_task(text, 50)
+    assert (contexts, options, gold) == scaling.cloze_task(text, 50)  # deterministic
+    for ctx, opts, g in zip(contexts, options, gold, strict=True):
+        assert len(ctx) == scaling.CLOZE_CONTEXT and len(set(opts)) == scaling.CLOZE_OPTIONS
+        assert (ctx + opts[g]).decode("latin-1") in raw  # the gold word is what follows the context
+    assert 0.1 < sum(g == 0 for g in gold) / len(gold) < 0.45  # gold positions shuffled
+    with pytest.raises(ValueError, match="under the 100000 rows"):
+        scaling.cloze_task(text, 100_000)
+
+
+def test_saved_weights_score_as_the_run_did(grid):
+    out, results = grid
+    run = scaling.plan_grid(TINY)[0]
+    result = next(r for r in results if r["name"] == run.name)
+    model = scaling.load_weights(TINY, run, out / "runs" / run.name)
+    assert scaling.task_scores(model, scaling.downstream_task(TINY, out / "data")) == pytest.approx(
+        (result["task_nll"], result["task_acc"]), abs=1e-6
+    )
+
+
+def test_run_recentres_on_the_smaller_budgets_law_and_extends_an_unbracketed_budget():
+    from tests.test_scaling_fit import TRUE
+
+    from train import scaling_fit
+
+    # On a known surface: two budgets' optima predict the third's compute-optimal tokens.
+    runs = [{**r, "budget": r["compute"]} for r in scaling_fit.synthetic_runs(TRUE, [1e18, 1e19], n_sizes=5)]
+    predicted = scaling.predicted_tokens(runs, 1e20)
+    assert predicted == pytest.approx(float(TRUE.optimum(1e20)[1]), rel=0.05)
+    assert scaling.predicted_tokens(runs[:5], 1e20) is None  # one budget predicts nothing
+    # A budget sampled wholly above its optimum gets the next smaller shape; one below it the next larger; one
+    # that brackets its optimum nothing.
+    above = scaling_fit.synthetic_runs(TRUE, [1e19], n_sizes=5, span=0.3, shift=0.6)
+    assert scaling.extension(above, [4, 5, 6, 7, 8], 13) == 3
+    below = scaling_fit.synthetic_runs(TRUE, [1e19], n_sizes=5, span=0.3, shift=-0.6)
+    assert scaling.extension(below, [4, 5, 6, 7, 8], 13) == 9
+    assert scaling.extension(below, [8, 9, 10, 11, 12], 13) is None  # the ladder ends there
+    bracketed = scaling_fit.synthetic_runs(TRUE, [1e19], n_sizes=5, span=0.6)
+    assert scaling.extension(bracketed, [4, 5, 6, 7, 8], 13) is None

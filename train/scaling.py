@@ -12,25 +12,31 @@ each run's estimated time and is refused when the total exceeds ``max_minutes``.
 train/lm.py configs (TOML) and a Slurm array script; ``--gpu`` plans the paper's budgets and shapes instead.
 
 Run (CPU): a BYTE-LEVEL vocabulary (256 bytes + BOS + EOS), not the 128K one, whose output layer would take nearly all
-FLOPs of these tiny models. The text is the default corpus's general, math and multilingual sources (data.default's
-generators, offline and deterministic; the stdlib code source is left out), mixed by the default weights. Each run
-trains once over contiguous non-overlapping windows of the training stream (no repeats; every run reads the same
-prefix), with AdamW (``train.optim``), linear warmup and a cosine decay to its own length, logs metrics.jsonl, and is
-evaluated on a fixed held-out slice (the same generators from another seed; loss in nats per byte) and on the
-scene_colour task (``evaluation.tasks.scene_colour_rows``, byte-level: NLL of " <colour>." after "<text> The <shape>
-is", per answer; accuracy: the gold colour has the lowest NLL of the six). A run writes result.json atomically at its
-end and is never redone; a missing result.json is (re)run from scratch.
+FLOPs of these tiny models. The text is the default corpus's sources mixed by ``mixture``: its generated general, math
+and multilingual text (data.default's generators, offline and deterministic) and its code, the interpreter's standard
+library files (a tenth of them held out). The code is what makes the loss a power law: the generated sources are
+templates, which a model learns in steps. Each run trains once over non-overlapping windows of the training stream's
+prefix, in a seeded random order (no repeats), with AdamW (``train.optim``), linear warmup and a cosine decay to its
+own length, logs metrics.jsonl, and is evaluated on a fixed held-out slice (the same sources from another seed and the
+held-out files; loss in nats per byte) and on a downstream task: ``word_cloze`` (a held-out word among four, after
+the 64 bytes before it; the option of the lowest summed NLL is the answer, as lm-eval grades multiple choice) or
+``scene_colour`` (``evaluation.tasks.scene_colour_rows``: NLL of " <colour>." after "<text> The <shape> is"). A run
+writes its final weights (model.safetensors) and result.json atomically at its end and is never redone; a missing
+result.json is (re)run from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import re
+import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -38,9 +44,10 @@ import numpy as np
 import tomllib
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_write_text
-from data.default import DEFAULT_WEIGHTS, source_document
+from data.default import DEFAULT_WEIGHTS, source_document, stdlib_files
 from data.scenes import COLOURS
 from evaluation.tasks import scene_colour_rows
 from lm.config import LMConfig
@@ -54,6 +61,7 @@ BOS, EOS = 256, 257
 BYTE_VOCAB = 258
 SOURCES = ("general", "math", "multilingual")  # the default corpus's generated sources (code: stdlib files)
 HELDOUT_SEED_OFFSET = 1_000_003
+WEIGHTS = "model.safetensors"  # each run's final weights, beside its result.json
 TASK_SEED = 7  # scene_colour rows drawn from a seed of their own (evaluation.tasks' committed rows use 0)
 
 # The paper's IsoFLOPs budgets (6e18 to 1e22 FLOPs) and shapes around 40M to 16B parameters, for --gpu.
@@ -68,36 +76,47 @@ PAPER_SHAPES = [
 class ScalingConfig:
     """An IsoFLOPs grid and how each of its runs trains."""
 
-    budgets: list[float] = field(default_factory=lambda: [3e10, 1e11, 3e11, 1e12])
+    budgets: list[float] = field(default_factory=lambda: [1e11, 3e11, 1e12, 3e12])
     # The model ladder, smallest first: [dim, n_layers]; heads of head_dim channels.
     shapes: list[list[int]] = field(
         default_factory=lambda: [
             [8, 1], [16, 1], [24, 1], [32, 1], [32, 2], [48, 2], [64, 2], [64, 3], [96, 3], [128, 3], [128, 4],
+            [160, 4], [192, 4],
         ]
     )  # fmt: skip
     sizes_per_budget: int = 5
-    # Where the grid is centred: the expected optimum has D = tokens_per_param x N.
-    tokens_per_param: float = 200.0
+    # `run` adds up to this many shapes to a budget whose loss minimum lies at an end of its sizes (run_grid).
+    max_extra_sizes: int = 2
+    # Where the plan centres a budget: the expected optimum has D = tokens_per_param x N (`run` re-centres the third
+    # budget on from the smaller ones' optima).
+    tokens_per_param: float = 30.0
     head_dim: int = 16
     n_kv_heads: int = 0  # 0 = n_heads (no GQA); otherwise a divisor of every shape's head count
     vocab_size: int = BYTE_VOCAB
     seq_len: int = 128
-    batch_size: int = 32  # sequences per optimizer step
-    lr: float = 3e-3
+    batch_size: int = 16  # sequences per optimizer step: more steps for the small budgets' runs
+    lr: float = 1e-2  # 3e-3 left every run of the grid 0.15-0.3 nats/byte worse (bench/RESULTS.md)
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05  # of the run's own steps, at most max_warmup
     max_warmup: int = 50
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     seed: int = 0  # model initialisation
-    data_seed: int = 0  # training text; the held-out text uses data_seed + HELDOUT_SEED_OFFSET
-    heldout_windows: int = 64
-    task_rows: int = 120
+    data_seed: int = 0  # training text and its order; the held-out text is the same for every data_seed
+    # Sources of the default corpus and their weights (default: all four at the default corpus's weights; {} = the
+    # generated ones only). "code" is the interpreter's standard library (a tenth of its files held out): real text,
+    # whose loss falls as a power law where the generated sources' templates are learnt in steps.
+    mixture: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    heldout_windows: int = 512  # spread evenly over HELDOUT_TEXT bytes of held-out text
+    # The downstream task: "word_cloze" (a held-out word among word_cloze_options drawn from the held-out text, after
+    # the 64 bytes before it) or "scene_colour" (the colour of a one-object scene's shape, 6 options).
+    task: str = "word_cloze"
+    task_rows: int = 240
     log_points: int = 5  # metrics.jsonl records per run (and the last step)
-    # The time model of the plan, measured on this machine (2 shared CPU cores): s = FLOPs / flops_per_s +
-    # steps x step_overhead_s + eval_s.
-    flops_per_s: float = 8e9
-    step_overhead_s: float = 0.01
+    # The time model of the plan, fitted on the default grid's runs on this machine (2 CPU cores; `run` prints the
+    # fit): s = FLOPs / flops_per_s + steps x step_overhead_s + eval_s.
+    flops_per_s: float = 7e10
+    step_overhead_s: float = 0.009
     eval_s: float = 1.0
     max_minutes: float = 20.0
     # --emit: what the train/lm.py configs get.
@@ -164,33 +183,45 @@ class PlannedRun:
         return self.tokens * self.flops_per_token
 
 
-def _pick_shapes(cfg: ScalingConfig, budget: float, costs: list[float]) -> list[int]:
-    """Indices of sizes_per_budget consecutive ladder shapes centred on the expected optimum (clamped to the ends)."""
-    n_opt = math.sqrt(budget / (6 * cfg.tokens_per_param))
-    centre = int(np.argmin([abs(math.log(c / 6 / n_opt)) for c in costs]))
+def _pick_shapes(cfg: ScalingConfig, budget: float, costs: list[float], tokens_opt: float | None = None) -> list[int]:
+    """Indices of sizes_per_budget consecutive ladder shapes centred on the expected optimum (clamped to the ends):
+    the run whose tokens are nearest ``tokens_opt``, or by default nearest D = tokens_per_param x N."""
+    if tokens_opt is None:
+        n_opt = math.sqrt(budget / (6 * cfg.tokens_per_param))
+        centre = int(np.argmin([abs(math.log(c / 6 / n_opt)) for c in costs]))
+    else:
+        centre = int(np.argmin([abs(math.log(budget / c / tokens_opt)) for c in costs]))
     k = min(cfg.sizes_per_budget, len(costs))
     start = min(max(0, centre - k // 2), len(costs) - k)
     return list(range(start, start + k))
 
 
-def plan_grid(cfg: ScalingConfig) -> list[PlannedRun]:
-    """Every run of the grid: per budget, the shapes around the expected optimum and D = C / FLOPs per token."""
+def ladder(cfg: ScalingConfig) -> tuple[list[LMConfig], list[float]]:
+    """The ladder's model configs and their FLOPs per token; ValueError unless ordered by cost."""
     configs = [lm_config(cfg, d, n) for d, n in cfg.shapes]
     costs = [c.flops_per_token(cfg.seq_len) for c in configs]
     if costs != sorted(costs):
         raise ValueError("shapes must be ordered by cost (FLOPs per token), smallest first")
-    runs = []
-    for budget in sorted(cfg.budgets):
-        for i in _pick_shapes(cfg, budget, costs):
-            (dim, n_layers), fpt = cfg.shapes[i], costs[i]
-            seqs = max(1, round(budget / fpt / cfg.seq_len))
-            steps = math.ceil(seqs / cfg.batch_size)
-            tokens = seqs * cfg.seq_len
-            est = tokens * fpt / cfg.flops_per_s + steps * cfg.step_overhead_s + cfg.eval_s
-            params = configs[i].num_params(exclude_embeddings=True)
-            runs.append(PlannedRun(f"C{budget:.0e}_d{dim}_l{n_layers}", budget, dim, n_layers, params, fpt, tokens,
-                                   steps, est))  # fmt: skip
-    return runs
+    return configs, costs
+
+
+def planned_run(cfg: ScalingConfig, budget: float, index: int, configs: list[LMConfig], costs: list[float]
+                ) -> PlannedRun:  # fmt: skip
+    """Ladder shape ``index`` at ``budget``: D = C / FLOPs per token in whole sequences, steps and estimated time."""
+    (dim, n_layers), fpt = cfg.shapes[index], costs[index]
+    seqs = max(1, round(budget / fpt / cfg.seq_len))
+    steps = math.ceil(seqs / cfg.batch_size)
+    tokens = seqs * cfg.seq_len
+    est = tokens * fpt / cfg.flops_per_s + steps * cfg.step_overhead_s + cfg.eval_s
+    params = configs[index].num_params(exclude_embeddings=True)
+    return PlannedRun(f"C{budget:.0e}_d{dim}_l{n_layers}", budget, dim, n_layers, params, fpt, tokens, steps, est)
+
+
+def plan_grid(cfg: ScalingConfig) -> list[PlannedRun]:
+    """Every run of the grid as planned: per budget, the shapes around the expected optimum (D = tokens_per_param x
+    N) and D = C / FLOPs per token. ``run`` re-centres and extends budgets from the runs it finishes (run_grid)."""
+    configs, costs = ladder(cfg)
+    return [planned_run(cfg, b, i, configs, costs) for b in sorted(cfg.budgets) for i in _pick_shapes(cfg, b, costs)]
 
 
 def check_time(runs: Sequence[PlannedRun], max_minutes: float) -> float:
@@ -314,28 +345,53 @@ def emit(cfg: ScalingConfig, runs: Sequence[PlannedRun], out: str | os.PathLike)
 # ---- data: bytes of the default corpus's text -----------------------------------------------------------------------
 
 
-def corpus_bytes(n_tokens: int, seed: int) -> np.ndarray:
-    """n_tokens byte tokens: documents of the generated sources mixed by the default weights, each BOS ... EOS."""
-    weights = [DEFAULT_WEIGHTS[s] for s in SOURCES]
+def _held_out(name: str) -> bool:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+def code_documents(seed: int, heldout: bool) -> Iterator[str]:
+    """The code source's documents: the interpreter's standard library files (data.default's selection rules), a
+    tenth of them (by a hash of the path) held out, the rest in an order drawn from ``seed``, cycled if exhausted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in stdlib_files(1 << 40) if _held_out(f.relative_to(root).as_posix()) == heldout]
+    random.Random(f"scaling:code:{seed}").shuffle(files)
+    while True:
+        for path in files:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def corpus_bytes(n_tokens: int, seed: int, mixture: dict[str, float] | None = None, heldout: bool = False
+                 ) -> np.ndarray:  # fmt: skip
+    """n_tokens byte tokens: documents of the default corpus's sources mixed by ``mixture`` (default: the generated
+    sources at their default weights), each BOS ... EOS; code documents are standard library files."""
+    mixture = mixture or {s: DEFAULT_WEIGHTS[s] for s in SOURCES}
+    unknown = sorted(set(mixture) - set(DEFAULT_WEIGHTS))
+    if unknown:
+        raise ValueError(f"mixture: unknown sources {unknown}; the default corpus has {sorted(DEFAULT_WEIGHTS)}")
+    sources, weights = list(mixture), list(mixture.values())
     pick = random.Random(f"scaling:mix:{seed}")
-    rngs = {s: random.Random(f"scaling:{s}:{seed}") for s in SOURCES}
+    rngs = {s: random.Random(f"scaling:{s}:{seed}") for s in sources}
+    code = code_documents(seed, heldout) if "code" in mixture else None
     out, used = [], 0
     while used < n_tokens:
-        source = pick.choices(SOURCES, weights)[0]
-        doc = np.frombuffer(source_document(source, rngs[source]).encode(), dtype=np.uint8).astype(np.int16)
+        source = pick.choices(sources, weights)[0]
+        text = next(code) if source == "code" else source_document(source, rngs[source])
+        doc = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int16)
         out.append(np.concatenate([[BOS], doc, [EOS]]).astype(np.int16))
         used += len(out[-1])
     return np.concatenate(out)[:n_tokens]
 
 
-def cached_corpus(data_dir: Path, n_tokens: int, seed: int) -> np.ndarray:
-    """corpus_bytes, cached at data_dir/bytes_<seed>.npy (regenerated when too short): the same prefix always."""
-    path = data_dir / f"bytes_{seed}.npy"
+def cached_corpus(data_dir: Path, n_tokens: int, seed: int, mixture: dict[str, float] | None = None,
+                  heldout: bool = False) -> np.ndarray:  # fmt: skip
+    """corpus_bytes, cached under data_dir (regenerated when too short): the same prefix always."""
+    tag = "" if mixture is None else "_" + hashlib.sha256(json.dumps(mixture, sort_keys=True).encode()).hexdigest()[:8]
+    path = data_dir / f"bytes_{seed}{tag}{'_heldout' if heldout else ''}.npy"
     if path.exists():
         data = np.load(path)
         if len(data) >= n_tokens:
             return data[:n_tokens]
-    data = corpus_bytes(n_tokens, seed)
+    data = corpus_bytes(n_tokens, seed, mixture, heldout)
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
     np.save(tmp, data)
@@ -351,6 +407,59 @@ def colour_task(rows: int, seed: int = TASK_SEED) -> tuple[list[bytes], list[lis
         options.append([f" {c}.".encode() for c in COLOURS])
         gold.append(row["gold"])
     return contexts, options, gold
+
+
+CLOZE_OPTIONS = 4
+CLOZE_CONTEXT = 64  # bytes of context before the word
+CLOZE_TEXT = 400_000  # bytes of held-out text the words are drawn from
+# A word of 3 to 12 letters after a space, newline, "(" or ".", and before a non-letter.
+CLOZE_WORD = re.compile(r"(?<=[ \n(.])[A-Za-z_]{3,12}(?=[^A-Za-z_])")
+
+
+def cloze_task(text: np.ndarray, rows: int, seed: int = TASK_SEED) -> tuple[list[bytes], list[list[bytes]], list[int]]:
+    """word_cloze: per row the CLOZE_CONTEXT bytes before a held-out word, the word and CLOZE_OPTIONS - 1 other
+    words of the same text as options (shuffled), and the gold index. Graded like lm-eval's multiple choice: the
+    option of the lowest summed NLL; its accuracy rises smoothly with the model's loss, where scene_colour's stays
+    at chance until a model learns to copy."""
+    raw = bytes(text[text < 256].astype(np.uint8)).decode("latin-1")
+    words = [(m.start(), m.group()) for m in CLOZE_WORD.finditer(raw) if m.start() >= CLOZE_CONTEXT]
+    vocab = sorted({w for _, w in words})
+    if len(words) < rows or len(vocab) < CLOZE_OPTIONS:
+        raise ValueError(f"word_cloze: the held-out text has {len(words)} words, under the {rows} rows asked")
+    rng = random.Random(f"word_cloze:{seed}")
+    contexts, options, gold = [], [], []
+    for pos, word in rng.sample(words, rows):
+        row = [word, *rng.sample([v for v in vocab if v != word], CLOZE_OPTIONS - 1)]
+        rng.shuffle(row)
+        contexts.append(raw[pos - CLOZE_CONTEXT : pos].encode("latin-1"))
+        options.append([w.encode() for w in row])
+        gold.append(row.index(word))
+    return contexts, options, gold
+
+
+TASK_CHANCE = {"word_cloze": 1 / CLOZE_OPTIONS, "scene_colour": 1 / len(COLOURS)}
+
+
+HELDOUT_TEXT = 2_000_000  # bytes of held-out text the loss windows are spread over (a hundred or so code files)
+
+
+def heldout_windows(cfg: ScalingConfig, data_dir: Path) -> torch.Tensor:
+    """The held-out loss windows [heldout_windows, seq + 1], evenly spaced over HELDOUT_TEXT bytes of held-out text
+    (the held-out code files and the generators from a seed of their own: the same for every data_seed), so that no
+    single long document decides the loss."""
+    text = cached_corpus(data_dir, HELDOUT_TEXT, HELDOUT_SEED_OFFSET, cfg.mixture or None, heldout=True)
+    starts = np.linspace(0, len(text) - cfg.seq_len - 1, cfg.heldout_windows).astype(np.int64)
+    return torch.from_numpy(np.stack([text[s : s + cfg.seq_len + 1] for s in starts]).astype(np.int64))
+
+
+def downstream_task(cfg: ScalingConfig, data_dir: Path) -> tuple[list[bytes], list[list[bytes]], list[int]]:
+    """The configured task's rows (word_cloze: from held-out text of the grid's mixture, cached in data_dir)."""
+    if cfg.task == "scene_colour":
+        return colour_task(cfg.task_rows)
+    if cfg.task != "word_cloze":
+        raise ValueError(f"task: {cfg.task!r} is not one of {sorted(TASK_CHANCE)}")
+    text = cached_corpus(data_dir, CLOZE_TEXT, HELDOUT_SEED_OFFSET + 1, cfg.mixture or None, True)
+    return cloze_task(text, cfg.task_rows)
 
 
 # ---- one run --------------------------------------------------------------------------------------------------------
@@ -374,7 +483,7 @@ def heldout_loss(model: Transformer, windows: torch.Tensor) -> float:
 
 @torch.no_grad()
 def task_scores(model: Transformer, task: tuple[list[bytes], list[list[bytes]], list[int]]) -> tuple[float, float]:
-    """scene_colour: the gold continuation's mean NLL (nats, summed over its bytes) and the accuracy."""
+    """A multiple-choice task: the gold continuation's mean NLL (nats, summed over its bytes) and the accuracy."""
     model.eval()
     contexts, options, gold = task
     seqs = [[BOS, *ctx, *opt] for ctx, opts in zip(contexts, options, strict=True) for opt in opts]
@@ -391,10 +500,24 @@ def task_scores(model: Transformer, task: tuple[list[bytes], list[list[bytes]], 
             i = lo + j
             nll[i] = -tok[j, starts[i] - 1 : len(seqs[i]) - 1].sum()
     model.train()
-    nll = nll.view(len(contexts), len(COLOURS))
+    nll = nll.view(len(contexts), len(options[0]))
     gold_t = torch.tensor(gold)
     acc = (nll.argmin(-1) == gold_t).float().mean().item()
     return nll.gather(1, gold_t[:, None]).mean().item(), acc
+
+
+def save_weights(model: Transformer, path: Path) -> None:
+    """The run's final weights (safetensors, written atomically): a few hundred KB, so tasks can be scored again."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(cfg: ScalingConfig, run: PlannedRun, run_dir: Path) -> Transformer:
+    """A finished run's model from its saved weights."""
+    model = Transformer(lm_config(cfg, run.dim, run.n_layers))
+    model.load_state_dict(load_file(str(run_dir / WEIGHTS)))
+    return model.eval()
 
 
 def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldout: torch.Tensor, task: tuple,
@@ -409,12 +532,15 @@ def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldo
     sched = build_scheduler(opt, optim, run.steps)
     seqs = run.tokens // cfg.seq_len
     data = torch.from_numpy(train_data[: run.tokens + 1].astype(np.int64))
+    # The windows in a seeded random order: in stream order a long document (a standard library file spans dozens of
+    # batches) would make the last steps, and so the final loss, depend on which source the stream ended in.
+    order = torch.randperm(seqs, generator=torch.Generator().manual_seed(cfg.data_seed))
     logger = MetricsLogger(str(run_dir), total_steps=run.steps, quiet=True)  # the grid prints a line per run
     every = max(1, run.steps // max(1, cfg.log_points))
     t0 = time.perf_counter()
     for step in range(run.steps):
         first, last = step * cfg.batch_size, min(seqs, (step + 1) * cfg.batch_size)
-        rows = torch.stack([data[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1] for i in range(first, last)])
+        rows = torch.stack([data[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1] for i in order[first:last].tolist()])
         loss = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -432,6 +558,7 @@ def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldo
     task_nll, task_acc = task_scores(model, task)
     logger.log({"step": run.steps, "eval/heldout_loss": loss_h, "eval/task_nll": task_nll, "eval/task_acc": task_acc})
     logger.close()
+    save_weights(model, run_dir / WEIGHTS)
     return {**asdict(run), "compute": run.compute, "loss": loss_h, "train_loss": loss.item(), "task_nll": task_nll,
             "task_acc": task_acc, "train_s": train_s, "wall_s": time.perf_counter() - t0,
             "params_note": "non-embedding parameters, output layer included", "vocab_size": cfg.vocab_size}  # fmt: skip
@@ -448,8 +575,8 @@ def result_path(out: Path, run: PlannedRun) -> Path:
 # Fields that only choose which runs the grid holds or how long they are expected to take: a grid directory may be
 # extended by changing them. Every other field changes what a run of a given budget and shape computes.
 GRID_ONLY = frozenset(
-    {"budgets", "shapes", "sizes_per_budget", "tokens_per_param", "flops_per_s", "step_overhead_s", "eval_s",
-     "max_minutes", "lm_preset", "lm_data_dir", "lm_run_root", "gpus_per_node"}
+    {"budgets", "shapes", "sizes_per_budget", "max_extra_sizes", "tokens_per_param", "flops_per_s", "step_overhead_s",
+     "eval_s", "max_minutes", "lm_preset", "lm_data_dir", "lm_run_root", "gpus_per_node"}
 )  # fmt: skip
 
 
@@ -467,35 +594,114 @@ def check_settings(cfg: ScalingConfig, out: Path) -> None:
     atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
+def predicted_tokens(results: Sequence[dict], budget: float) -> float | None:
+    """The compute-optimal tokens at ``budget`` from the finished budgets' IsoFLOPs minima (a power law through the
+    usable ones); None under two usable budgets."""
+    if len({r["budget"] for r in results}) < 2:
+        return None
+    points = [(b.compute, 10**b.tokens.x_min) for b in scaling_fit.fit_isoflops(results) if b.tokens.usable]
+    if len(points) < 2:
+        return None
+    return float(scaling_fit.fit_power_law(*zip(*points, strict=True)).predict(budget))
+
+
+def extension(results: Sequence[dict], indices: Sequence[int], n_shapes: int) -> int | None:
+    """The ladder shape to add to a budget whose loss minimum (in log params) is not bracketed by its runs: the next
+    one beyond the end it lies at or beyond; None when bracketed (or the ladder ends there)."""
+    fit = scaling_fit.fit_parabola(np.log10([r["params"] for r in results]), [r["loss"] for r in results])
+    lowest = int(np.argmin([r["loss"] for r in results]))
+    order = np.argsort([r["params"] for r in results])
+    if fit.usable and scaling_fit.ONE_SIDED not in fit.flags:
+        return None
+    if math.isfinite(fit.x_min):
+        smaller = fit.x_min < float(np.median(np.log10([r["params"] for r in results])))
+    elif lowest in (order[0], order[-1]):
+        smaller = lowest == order[0]
+    else:
+        return None  # opens downward around an inner run: noise, not a missing side
+    index = min(indices) - 1 if smaller else max(indices) + 1
+    return index if 0 <= index < n_shapes else None
+
+
 def run_grid(cfg: ScalingConfig, out: str | os.PathLike, *, verbose: bool = True) -> list[dict]:
-    """Run every planned run not yet finished (result.json written atomically at its end); returns all results."""
+    """Run the grid budget by budget, smallest first: each budget centred on the optimum the finished budgets
+    predict (from the third on; the first two as planned), then extended by up to ``max_extra_sizes`` shapes while
+    its minimum lies at an end. A finished run (result.json, written atomically) is never redone, and a rerun makes
+    the same choices from the same results. Returns every run's result."""
     out = Path(out)
     check_settings(cfg, out)
-    runs = plan_grid(cfg)
-    todo = [r for r in runs if not result_path(out, r).exists()]
     say = print if verbose else (lambda *a, **k: None)
-    say(f"BYTE-LEVEL vocabulary ({cfg.vocab_size}: 256 bytes + BOS + EOS) over the default corpus's generated text")
-    est = _hms(sum(r.est_s for r in todo))
-    say(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run (estimated {est})")
-    if todo:
-        need = max(r.tokens for r in todo) + 1
-        train_data = cached_corpus(out / "data", need, cfg.data_seed)
-        held = cached_corpus(out / "data", cfg.heldout_windows * cfg.seq_len + 1, cfg.data_seed + HELDOUT_SEED_OFFSET)
-        heldout = torch.from_numpy(held.astype(np.int64)).unfold(0, cfg.seq_len + 1, cfg.seq_len)
-        task = colour_task(cfg.task_rows)
-    t0 = time.perf_counter()
-    for k, run in enumerate(todo):
-        run_dir = result_path(out, run).parent
-        if run_dir.exists():  # an unfinished run: start it over
-            for stale in run_dir.iterdir():
+    say(f"BYTE-LEVEL vocabulary ({cfg.vocab_size}: 256 bytes + BOS + EOS) over the default corpus "
+        f"({', '.join(f'{k} {v:g}' for k, v in (cfg.mixture or {s: DEFAULT_WEIGHTS[s] for s in SOURCES}).items())})")
+    configs, costs = ladder(cfg)
+    planned = plan_grid(cfg)
+    say(f"{len(planned)} runs planned, {sum(result_path(out, r).exists() for r in planned)} of them done (estimated "
+        f"{_hms(sum(r.est_s for r in planned))} in all); budgets from the third on are re-centred")
+    inputs = GridInputs(cfg, out)
+    results: list[dict] = []
+    for budget in sorted(cfg.budgets):
+        tokens_opt = predicted_tokens(results, budget)
+        indices = _pick_shapes(cfg, budget, costs, tokens_opt)
+        if tokens_opt is not None:
+            say(f"budget {budget:.3g}: centred on {tokens_opt:.3g} tokens, the smaller budgets' optimum law")
+        mine = [inputs.result(planned_run(cfg, budget, i, configs, costs), say) for i in indices]
+        for _ in range(cfg.max_extra_sizes):
+            index = extension(mine, indices, len(costs))
+            if index is None:
+                break
+            say(f"budget {budget:.3g}: the minimum is not bracketed; adding {cfg.shapes[index]}")
+            indices.append(index)
+            mine.append(inputs.result(planned_run(cfg, budget, index, configs, costs), say))
+        results += mine
+    return results
+
+
+class GridInputs:
+    """What every run of a grid reads (training text, held-out windows, the task), made on first need; and the
+    runs themselves, trained unless finished."""
+
+    def __init__(self, cfg: ScalingConfig, out: Path) -> None:
+        self.cfg, self.out, self.t0, self.count = cfg, out, time.perf_counter(), 0
+        self.train_data: np.ndarray | None = None
+
+    def load(self, tokens: int) -> None:
+        """The training stream's first ``tokens`` + 1, the held-out windows and the task."""
+        cfg, data = self.cfg, self.out / "data"
+        self.train_data = cached_corpus(data, tokens + 1, cfg.data_seed, cfg.mixture or None)
+        self.heldout = heldout_windows(cfg, data)
+        self.task = downstream_task(cfg, data)
+
+    def result(self, run: PlannedRun, say: Callable[..., None]) -> dict:
+        """The run's result: read when finished, else trained now (an unfinished run starts over)."""
+        path = result_path(self.out, run)
+        if path.exists():
+            return json.loads(path.read_text())
+        if self.train_data is None or len(self.train_data) < run.tokens + 1:
+            # Enough for the largest planned run, so the stream is generated once.
+            self.load(max([run.tokens, *(r.tokens for r in plan_grid(self.cfg))]))
+        if path.parent.exists():
+            for stale in path.parent.iterdir():
                 stale.unlink()
-        result = train_run(cfg, run, train_data, heldout, task, run_dir)
-        atomic_write_text(result_path(out, run), json.dumps(result, indent=1) + "\n")
-        done = time.perf_counter() - t0
-        say(f"[{k + 1}/{len(todo)}] {run.name}: heldout {result['loss']:.4f} nats/byte, task nll "
-            f"{result['task_nll']:.3f} acc {result['task_acc']:.3f} | {run.tokens / result['train_s']:,.0f} tok/s, "
-            f"{_hms(result['wall_s'])} (est {_hms(run.est_s)}) | elapsed {_hms(done)}", flush=True)  # fmt: skip
-    return [json.loads(result_path(out, r).read_text()) for r in runs]
+        result = train_run(self.cfg, run, self.train_data, self.heldout, self.task, path.parent)
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        self.count += 1
+        say(f"[{self.count}] {run.name}: heldout {result['loss']:.4f} nats/byte, task nll {result['task_nll']:.3f} "
+            f"acc {result['task_acc']:.3f} | {run.tokens / result['train_s']:,.0f} tok/s, {_hms(result['wall_s'])} "
+            f"(est {_hms(run.est_s)}) | elapsed {_hms(time.perf_counter() - self.t0)}", flush=True)  # fmt: skip
+        return result
+
+
+def fit_time_model(results: Sequence[dict]) -> tuple[float, float] | None:
+    """(flops_per_s, step_overhead_s) of the plan's time model, least squares on finished runs' training seconds
+    (train_s = compute / flops_per_s + steps x step_overhead_s); None when under 2 runs or not both positive."""
+    rows = [(r["compute"], r["steps"], r["train_s"]) for r in results if r.get("train_s")]
+    if len(rows) < 2:
+        return None
+    a = np.array([[c, n] for c, n, _ in rows], dtype=float)
+    coef, *_ = np.linalg.lstsq(a, np.array([t for *_, t in rows]), rcond=None)
+    if coef[0] <= 0 or coef[1] <= 0:
+        return None
+    return float(1 / coef[0]), float(coef[1])
 
 
 def collect_runs(runs_dir: str | os.PathLike) -> list[dict]:
@@ -508,21 +714,29 @@ def collect_runs(runs_dir: str | os.PathLike) -> list[dict]:
     return [{k: r[k] for k in keys if k in r} for r in (json.loads(p.read_text()) for p in paths)]
 
 
-def fit_runs(runs: Sequence[dict], out: str | os.PathLike, seed: int = 0, n_boot: int = 1000) -> dict:
+def fit_runs(runs: Sequence[dict], out: str | os.PathLike, seed: int = 0, n_boot: int = 1000,
+             chance: float | None = TASK_CHANCE["word_cloze"]) -> dict:  # fmt: skip
     """fit_all on the runs (runs.csv, fit.json, plots in out; targets: 10x the largest budget) and, with 3+
-    budgets, the hold-out of the largest (holdout.json)."""
+    budgets, the hold-out of the largest (holdout.json); ``chance`` is the task's floor (None: fitted)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scaling_fit.write_runs_csv(runs, out / "runs.csv")
     target = 10 * max(r["compute"] for r in runs)
-    result = scaling_fit.fit_all(runs, out, seed, n_boot=n_boot, targets=(target,), chance=1 / len(COLOURS))
+    result = scaling_fit.fit_all(runs, out, seed, n_boot=n_boot, targets=(target,), chance=chance)
     try:
-        hold = scaling_fit.holdout_largest(runs, chance=1 / len(COLOURS))
+        hold = scaling_fit.holdout_largest(runs, chance=chance)
     except ValueError as e:
         hold = {"error": str(e)}
     atomic_write_text(out / "holdout.json", json.dumps(scaling_fit._jsonable(hold), indent=1) + "\n")
     result["holdout"] = hold
     return result
+
+
+def grid_chance(runs_dir: str | os.PathLike) -> float:
+    """The chance accuracy of the task a grid directory's runs were scored on (its settings.json)."""
+    path = Path(runs_dir) / "settings.json"
+    task = json.loads(path.read_text()).get("task", "scene_colour") if path.exists() else "scene_colour"
+    return TASK_CHANCE[task]
 
 
 def report(result: dict) -> str:
@@ -584,6 +798,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", default=None, help="where fit.json and the plots go (default RUNS/fit)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--n-boot", type=int, default=1000)
+    fit.add_argument("--chance", type=float, default=None,
+                     help="--fit-only: the task's chance accuracy, the sigmoid's floor (default: fitted)")  # fmt: skip
     return parser
 
 
@@ -598,7 +814,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("fit --fit-only: --out DIR is required")
         runs = scaling_fit.read_runs_csv(args.fit_only) if args.fit_only else collect_runs(args.runs)
         out = args.out or os.path.join(args.runs, "fit")
-        print(report(fit_runs(runs, out, args.seed, args.n_boot)))
+        chance = args.chance if args.fit_only else grid_chance(args.runs)
+        print(report(fit_runs(runs, out, args.seed, args.n_boot, chance)))
         print(f"wrote {out}/fit.json, holdout.json and the plots")
         return
     cfg = _config_from_args(args)
@@ -615,13 +832,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     try:
-        run_grid(cfg, args.out)
+        results = run_grid(cfg, args.out)
     except ValueError as e:
         parser.exit(2, f"python -m train.scaling run: error: {e}\n")
     print(f"grid done in {_hms(time.perf_counter() - t0)}")
+    timing = fit_time_model(results)
+    if timing:
+        print(f"time model fitted on these runs: flops_per_s = {timing[0]:.3g}, step_overhead_s = {timing[1]:.3g} "
+              f"(the config's: {cfg.flops_per_s:.3g}, {cfg.step_overhead_s:.3g})")  # fmt: skip
     if args.fit:
         out = os.path.join(args.out, "fit")
-        print(report(fit_runs(collect_runs(args.out), out)))
+        print(report(fit_runs(collect_runs(args.out), out, chance=TASK_CHANCE[cfg.task])))
 
 
 if __name__ == "__main__":
