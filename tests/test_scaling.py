@@ -177,7 +177,6 @@ def test_saved_weights_score_as_the_run_did(grid):
 
 def test_run_recentres_on_the_smaller_budgets_law_and_extends_an_unbracketed_budget():
     from tests.test_scaling_fit import TRUE
-
     from train import scaling_fit
 
     # On a known surface: two budgets' optima predict the third's compute-optimal tokens.
