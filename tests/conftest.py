@@ -56,6 +56,19 @@ class WordVocab:
         return tokens, labels
 
 
+def write_tiny_stage_models(root) -> None:
+    """What the adapter-stage tests train on: a tiny random LM in HF layout at root/lm (the Llama 3 vocabulary the
+    processor needs) and a tiny ViT at root/vision_encoder, from seed 0."""
+    from encoders.vision import VisionEncoder, VisionEncoderConfig
+    from lm.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    lm = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64))
+    lm.init_weights()
+    save_pretrained(lm, root / "lm", format="hf")
+    VisionEncoder(VisionEncoderConfig.from_preset("tiny")).save_pretrained(root / "vision_encoder")
+
+
 def save_run(model: Transformer, run_dir, step: int = 1) -> None:
     """``model`` as a ``train/lm.py`` run: a DCP checkpoint of ``step`` (with AdamW state) and lm_config.json."""
     import torch.distributed as dist

@@ -15,7 +15,7 @@ import random
 import shutil
 
 import pytest
-import torch
+from conftest import write_tiny_stage_models
 from dist_utils import torchrun
 
 from data.scenes import random_scene
@@ -47,22 +47,13 @@ def assets(tmp_path_factory):
     """Tiny media (images, clips, spoken words), a tiny random LM in HF layout and random tiny encoders."""
     from data.synthetic import generate
     from encoders.speech import SpeechEncoder, SpeechEncoderConfig
-    from encoders.vision import VisionEncoder, VisionEncoderConfig
-    from lm.checkpoint import save_pretrained
-    from lm.config import LMConfig
-    from lm.model import Transformer
 
     root = tmp_path_factory.mktemp("adapter")
     media = root / "media"
     generate("images", media, train=96, heldout=16)
     generate("video", media, train=48, heldout=16)
     generate("speech", media, train=64, heldout=16)
-    torch.manual_seed(0)
-    cfg = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64)
-    lm = Transformer(cfg)
-    lm.init_weights()
-    save_pretrained(lm, root / "lm", format="hf")
-    VisionEncoder(VisionEncoderConfig.from_preset("tiny")).save_pretrained(root / "vision_encoder")
+    write_tiny_stage_models(root)
     SpeechEncoder(SpeechEncoderConfig.from_preset("tiny")).save_pretrained(root / "speech_encoder")
     return root
 

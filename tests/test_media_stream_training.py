@@ -54,19 +54,13 @@ COMMON = (
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     """Synthetic scenes in shards of 16, a tiny random LM (HF layout) and a random tiny image encoder."""
+    from conftest import write_tiny_stage_models
+
     from data.synthetic import generate
-    from encoders.vision import VisionEncoder, VisionEncoderConfig
-    from lm.checkpoint import save_pretrained
-    from lm.config import LMConfig
-    from lm.model import Transformer
 
     root = tmp_path_factory.mktemp("stream_training")
     generate("images", root / "media", train=TRAIN, heldout=8, shard_size=SHARD_SIZE, workers=1)
-    torch.manual_seed(0)
-    lm = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64))
-    lm.init_weights()
-    save_pretrained(lm, root / "lm", format="hf")
-    VisionEncoder(VisionEncoderConfig.from_preset("tiny")).save_pretrained(root / "vision_encoder")
+    write_tiny_stage_models(root)
     return root
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import write_tiny_stage_models
 from dist_utils import free_port, torchrun
 
 from train.metrics import read_metrics
@@ -175,18 +176,10 @@ def test_sharded_model_answers_and_gathers_as_the_unsharded_one(tmp_path):
 def assets(tmp_path_factory):
     """Tiny scenes, a tiny random LM in HF layout (the Llama 3 vocabulary the processor needs), a tiny ViT."""
     from data.synthetic import generate
-    from encoders.vision import VisionEncoder, VisionEncoderConfig
-    from lm.checkpoint import save_pretrained
-    from lm.config import LMConfig
-    from lm.model import Transformer
 
     root = tmp_path_factory.mktemp("sharded_generation")
     generate("images", root / "media", train=16, heldout=8)
-    torch.manual_seed(0)
-    lm = Transformer(LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=64))
-    lm.init_weights()
-    save_pretrained(lm, root / "lm", format="hf")
-    VisionEncoder(VisionEncoderConfig.from_preset("tiny")).save_pretrained(root / "vision_encoder")
+    write_tiny_stage_models(root)
     return root
 
 
