@@ -24,12 +24,13 @@ import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from common.video import duration_frames
 
 KINDS = ("image", "audio", "video")
 EXTENSIONS = {
@@ -131,16 +132,7 @@ def _frame_count_guess(container: Any, stream: Any) -> int | None:
     """The clip's frame count as its container declares it, else its duration times its frame rate (None: neither).
 
     MP4 declares its count; Matroska / WebM declare none but give a duration, right for a constant rate."""
-    if stream.frames > 0:
-        return stream.frames
-    rate = stream.average_rate or stream.guessed_rate
-    if stream.duration is not None and stream.time_base is not None:
-        seconds = Fraction(stream.duration) * stream.time_base
-    elif container.duration is not None:
-        seconds = Fraction(container.duration, 1_000_000)  # av.time_base: container durations are in microseconds
-    else:
-        return None
-    return round(seconds * Fraction(rate)) if rate else None
+    return stream.frames if stream.frames > 0 else duration_frames(container, stream)
 
 
 def _decode_picks(container: Any, stream: Any, picks: list[int] | None) -> tuple[np.ndarray | None, int]:

@@ -10,13 +10,13 @@ temporal aggregator of the adapter merges the per-frame features.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.video import duration_frames
 from encoders.tiling import tile_image
 from encoders.vision import VisionEncoder
 
@@ -48,7 +48,7 @@ def load_video(path: str | Path, max_frames: int = 64) -> torch.Tensor:
             # Keep only the wanted frames while decoding, so long clips never sit in memory whole. With no declared
             # count, the duration gives a guess that a second decode corrects when it is wrong (no guess: this
             # pass only counts).
-            count = declared if declared > 0 else _duration_frames(container, stream)
+            count = declared if declared > 0 else (duration_frames(container, stream) or 0)
             frames, seen = _keep_frames(container.decode(stream), set(sample_indices(count, max_frames)))
         if declared <= 0 and seen != count:
             with av.open(str(path)) as container:
@@ -63,18 +63,6 @@ def load_video(path: str | Path, max_frames: int = 64) -> torch.Tensor:
     if len(frames) > max_frames:  # the declared count undercounted: resample what was kept
         frames = [frames[i] for i in sample_indices(len(frames), max_frames)]
     return torch.from_numpy(np.stack(frames))
-
-
-def _duration_frames(container: Any, stream: Any) -> int:
-    """The frame count a clip's duration and rate imply (0 when either is unknown): Matroska / WebM give no count."""
-    rate = stream.average_rate or stream.guessed_rate
-    if stream.duration is not None and stream.time_base is not None:
-        seconds = Fraction(stream.duration) * stream.time_base
-    elif container.duration is not None:
-        seconds = Fraction(container.duration, 1_000_000)  # av.time_base: container durations are in microseconds
-    else:
-        return 0
-    return round(seconds * Fraction(rate)) if rate else 0
 
 
 def _keep_frames(decoded: Iterator[Any], wanted: set[int]) -> tuple[list[np.ndarray], int]:
