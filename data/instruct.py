@@ -14,6 +14,7 @@ import argparse
 import json
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +132,48 @@ def ensure_instruct_data(out: str | Path, *, seed: int = 0) -> Path:
 
 
 _NUMBER = re.compile(r"-?\d+")
+# A worked step: arithmetic expressions joined by "=" ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161").
+_TERM = r"\d+(?:\s*[-+*/]\s*\d+)*"
+_CHAIN = re.compile(rf"{_TERM}(?:\s*=\s*{_TERM})+")
+
+
+def _value(expression: str) -> Fraction | None:
+    """The value of numbers joined by + - * / (the usual precedence); None on a division by zero."""
+    tokens = re.findall(r"\d+|[-+*/]", expression)
+    total, term, op = Fraction(0), Fraction(int(tokens[0])), "+"
+    for symbol, number in zip(tokens[1::2], tokens[2::2], strict=True):
+        if symbol in "*/":
+            if symbol == "/" and int(number) == 0:
+                return None
+            term = term * int(number) if symbol == "*" else term / int(number)
+            continue
+        total, term, op = total + term if op == "+" else total - term, Fraction(int(number)), symbol
+    return total + term if op == "+" else total - term
+
+
+def steps_hold(text: str) -> bool:
+    """Whether every worked step of ``text`` (each "a op b = c", or a longer chain of "=") is true."""
+    for chain in _CHAIN.findall(text.replace(",", "")):
+        values = [_value(side) for side in chain.split("=")]
+        if None in values or len(set(values)) > 1:
+            return False
+    return True
 
 
 def grade(kind: str, generated: str, answer: str) -> bool:
     """Whether a generated answer gives the key: the first colour, shape or number word it names, or its number
-    (after "the answer is" when it says so, else the last one it writes)."""
+    (after "the answer is" when it says so, else the last one it writes) reached by worked steps that all hold.
+
+    A right number after a false step ("3 * 3 = 12. The answer is 12.") is wrong, as the paper filters reasoning
+    traces whose intermediate steps are incorrect (section 4.3.3): a policy's samples are a quarter of the time
+    right for the wrong reason, and chosen as right they would teach the false step.
+    """
     words = normalize_text(generated).split()
     if kind == "math":
         text = generated.lower()
         tail = text.rsplit("the answer is", 1)[1] if "the answer is" in text else text
         numbers = _NUMBER.findall(tail.replace(",", ""))
-        return bool(numbers) and numbers[0 if "the answer is" in text else -1] == answer
+        return bool(numbers) and numbers[0 if "the answer is" in text else -1] == answer and steps_hold(text)
     vocabulary = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "count": scenes.DIGITS}[kind]
     named = [w.removesuffix("s") if kind == "shape" else w for w in words]
     first = next((w for w in named if w in vocabulary), None)

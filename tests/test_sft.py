@@ -4,11 +4,13 @@ and `train/sft.py` runs whose 2-rank FSDP losses equal one rank's and fall."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 
 from data.chat import IGNORE_INDEX, ChatDataError, PackedDialogs, encode_dialog, read_dialogs
+from data.default import arithmetic_problem, word_problem
 from data.instruct import HELDOUT_FILE, TRAIN_FILE, grade, make_dialogs, prompt_of, write_instruct_data
 from lm.tokenizer import ChatFormat, Tokenizer
 from tests.dist_utils import torchrun
@@ -129,6 +131,22 @@ def test_instruct_data_holds_out_its_prompts_and_grades_its_answers(tmp_path):
     for d in rows[HELDOUT_FILE]:
         assert grade(d["kind"], d["messages"][-1]["content"], d["answer"])
     assert not grade("colour", "The star is blue.", "red") and not grade("math", "The answer is 41.", "42")
+
+
+def test_a_right_number_after_a_false_step_is_graded_wrong():
+    """The grader checks every worked step, as the paper filters reasoning traces with incorrect steps: a policy's
+    "3 boxes of 3 make 3 * 3 = 12" would otherwise be chosen as right and teach the false fact."""
+    assert grade("math", "3 boxes of 4 make 3 * 4 = 12. The answer is 12.", "12")
+    assert not grade("math", "3 boxes of 3 make 3 * 3 = 12. The answer is 12.", "12")
+    assert not grade("math", "2 * 9 = 12, so 12 / 2 = 6. The answer is 6.", "6")
+    assert grade("math", "7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161. The answer is 161.", "161")
+    assert not grade("math", "7 * 23 = 7 * 20 + 7 * 3 = 140 + 20 = 161. The answer is 161.", "161")
+    assert not grade("math", "5 / 0 = 0. The answer is 0.", "0")
+    rng = random.Random(0)
+    for i in range(2_000):  # every worked answer of the corpus and the instruction data holds, of every size
+        text = (word_problem if i % 2 else arithmetic_problem)(rng, small=i % 4 < 2)
+        answer = text.split("\nAnswer: ")[1]
+        assert grade("math", answer, answer.rsplit("The answer is ", 1)[1].rstrip(".")), answer
 
 
 def test_embedded_data_of_an_earlier_version_is_written_again(tmp_path):
