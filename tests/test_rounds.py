@@ -87,7 +87,12 @@ def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
     sft_config = (round1 / "sft" / "config.toml").read_text()
     assert str(round1 / "rejection" / "sft.jsonl") in sft_config and str(root / "base") in sft_config
     dpo_config = (round1 / "dpo_seed0" / "config.toml").read_text()
-    assert str(round1 / "sft" / "hf") in dpo_config and str(round1 / "rejection" / "preference.jsonl") in dpo_config
+    assert str(round1 / "sft" / "hf") in dpo_config
+    # DPO trains on the round's own pairs of the policy's answers; on the embedded pairs only when there are none.
+    own = [round1 / stage / "preference.jsonl" for stage in ("preferences", "rejection")]
+    own = [path for path in own if path.stat().st_size]
+    assert all(str(path) in dpo_config for path in own)
+    assert (str(root / "data" / "preference.jsonl") in dpo_config) == (not own)
     policy = load_pretrained(round1 / "policy")
     assert policy.config.num_labels == 0
     # The summary names every stage beside the base LM, with held-out figures from each run.

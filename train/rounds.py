@@ -16,7 +16,8 @@ model finetuned on annotated data). Then, in round r (every stage a process of i
    reward model's best (``sft.jsonl``), the grader labelling right-vs-wrong pairs for later rounds
    (``preference.jsonl``) and every score recorded (``samples.jsonl``);
 3. ``sft``: ``train/sft.py`` from the base LM on the instruction data plus every round's chosen samples;
-4. ``dpo``: ``train/dpo.py`` from that SFT model, once per seed of ``pipeline.dpo_seeds``;
+4. ``dpo``: ``train/dpo.py`` from that SFT model, once per seed of ``pipeline.dpo_seeds``, on the round's own
+   pairs of the policy's answers (``pipeline.dpo_pairs``);
 5. ``policy``: the DPO models averaged (``train.average``; one seed: its export), the next round's policy.
 
 A stage whose output exists is skipped, so an interrupted pipeline picks up where it stopped (a training stage
@@ -67,6 +68,10 @@ class PipelineConfig:
     # ones of the file; rejection sampling takes the first), for the reward model and DPO: the paper has annotators
     # rank the current models' answers, and a reward model that never saw them misranks them. 0 = none.
     collect_prompts: NonNegativeInt = 0
+    # DPO's pairs: "recent", this round's collected and sampled pairs of the current policy's answers (paper 4.1.4:
+    # the latest batches, collected with the best models of the previous round; the embedded pairs instead when
+    # those files hold none), or "all", every pair the reward model saw and this round's sampled ones.
+    dpo_pairs: str = "recent"
 
 
 @dataclass
@@ -143,7 +148,8 @@ class Pipeline:
         cfg, here = self.cfg, self.dir / f"round{number}"
         earlier = [self.dir / f"round{r}" / "rejection" for r in range(1, number)]
         collected = [self.dir / f"round{r}" / "preferences" / "preference.jsonl" for r in range(1, number)]
-        collected = [str(path) for path in collected if path.is_file()] + self.collect(number, policy, here)
+        fresh = self.collect(number, policy, here)
+        collected = [str(path) for path in collected if path.is_file()] + fresh
         pairs = ",".join([self.data_file("preference"), *(str(d / "preference.jsonl") for d in earlier), *collected])
         trunk = cfg.pipeline.base if cfg.pipeline.reward_init == "base" else str(policy)
         reward = self.train(
@@ -165,7 +171,10 @@ class Pipeline:
             f"--model.init_from={cfg.pipeline.base}", f"--data.files={chats}",
             f"--eval.file={Path(cfg.pipeline.data_dir) / 'heldout.jsonl'}",
         )  # fmt: skip
-        pairs = f"{pairs},{samples / 'preference.jsonl'}"
+        recent = [path for path in [*fresh, str(samples / "preference.jsonl")] if Path(path).stat().st_size]
+        if cfg.pipeline.dpo_pairs == "all" or not recent:
+            recent = [pairs, str(samples / "preference.jsonl")]
+        pairs = ",".join(recent)
         dpo_runs = [
             self.train(
                 f"round {number} DPO (seed {seed})",
@@ -287,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     cfg, _ = parse_cli(RoundsConfig, argv, parser)
     if cfg.pipeline.reward_init not in ("base", "policy"):
         parser.error(f"pipeline.reward_init={cfg.pipeline.reward_init!r}: expected 'base' or 'policy'")
+    if cfg.pipeline.dpo_pairs not in ("recent", "all"):
+        parser.error(f"pipeline.dpo_pairs={cfg.pipeline.dpo_pairs!r}: expected 'recent' or 'all'")
     for name in ("sft", "reward", "rejection", "dpo"):
         stage = cfg.stage(name)
         if not Path(stage.config).is_file():
