@@ -171,10 +171,10 @@ class Pipeline:
             f"--model.init_from={cfg.pipeline.base}", f"--data.files={chats}",
             f"--eval.file={Path(cfg.pipeline.data_dir) / 'heldout.jsonl'}",
         )  # fmt: skip
-        recent = [path for path in [*fresh, str(samples / "preference.jsonl")] if Path(path).stat().st_size]
-        if cfg.pipeline.dpo_pairs == "all" or not recent:
-            recent = [pairs, str(samples / "preference.jsonl")]
-        pairs = ",".join(recent)
+        dpo_files = [path for path in [*fresh, str(samples / "preference.jsonl")] if Path(path).stat().st_size]
+        if cfg.pipeline.dpo_pairs == "all" or not dpo_files:
+            dpo_files = [pairs, str(samples / "preference.jsonl")]
+        pairs = ",".join(dpo_files)
         dpo_runs = [
             self.train(
                 f"round {number} DPO (seed {seed})",
