@@ -5,6 +5,7 @@ redoes only what is missing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -128,3 +129,14 @@ def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_fi
     assert str(round1 / "preferences" / "preference.jsonl") in reward_files
     assert str(round2 / "preferences" / "preference.jsonl") in reward_files
     assert load_pretrained(round2 / "policy").config.num_labels == 0
+
+
+@pytest.mark.parametrize("key, value", [("reward_init", "random"), ("dpo_pairs", "newest")])
+def test_an_unknown_choice_is_an_error_naming_its_key_and_value(key, value, capsys):
+    from train.rounds import main
+
+    config = os.path.join(ROOT, "configs", "posttrain", "rounds_tiny.toml")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", config, f"--pipeline.{key}={value}"])
+    assert stopped.value.code == 2
+    assert f"pipeline.{key}='{value}'" in capsys.readouterr().err
