@@ -230,6 +230,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _modalities_worker(rank: int, fn, port: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from train.config import ParallelConfig
+    from train.parallel.mesh import ParallelDims, build_mesh
+
+    torch.set_num_threads(1)  # one thread per rank: two ranks share the 2 cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = build_mesh(ParallelDims.from_config(ParallelConfig(), 2), "cpu")
+        results = {modality: fn(modality, rank, mesh) for modality in ("vision", "video", "speech")}
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def each_modality_on_two_ranks(fn, out_dir: str | os.PathLike) -> list[dict]:
+    """``fn(modality, rank, mesh)`` for vision, video and speech on 2 spawned gloo ranks of one 2-way data-parallel
+    mesh (``fn`` a module-level function returning JSON); each rank's results by modality."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    # Spawned, not forked: see tests/test_cp.py (autograd's threads may already run in this process).
+    mp.start_processes(_modalities_worker, args=(fn, free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    results = []
+    for rank in range(2):
+        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
+
+
 if __name__ == "__main__":
     from train.parallel.mesh import exit_rank
 

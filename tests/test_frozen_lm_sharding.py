@@ -18,15 +18,12 @@ import re
 import shutil
 import warnings
 import weakref
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import write_tiny_stage_models
-from dist_utils import free_port, torchrun
+from dist_utils import each_modality_on_two_ranks, torchrun
 from torch.distributed.tensor import DTensor
 
 from train.metrics import read_metrics
@@ -230,28 +227,12 @@ def sharded_step(modality: str, rank: int, mesh) -> dict:
     }
 
 
-def _gradient_worker(rank: int, port: int, out_dir: str) -> None:
-    from train.config import ParallelConfig
-    from train.parallel.mesh import ParallelDims, build_mesh
-
-    torch.set_num_threads(1)  # one thread per rank: two ranks share the 2 cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = build_mesh(ParallelDims.from_config(ParallelConfig(), 2), "cpu")
-        results = {m: sharded_step(m, rank, mesh) for m in ("vision", "video", "speech")}
-    finally:
-        dist.destroy_process_group()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
-
-
 def test_every_stage_gets_the_unsharded_gradients_with_its_frozen_parts_sharded(tmp_path):
     """Vision, video (its image encoder and adapter frozen too) and speech on 2 ranks, every frozen parameter a
     DTensor: the trained parameters' gradients equal the unsharded run's (fp32, 1e-5), frozen ones get none, and
     no unit returns a view (the frozen cross-attention blocks' ``media_kv`` is registered as the trained ones')."""
-    # Spawned, not forked: see tests/test_cp.py (autograd's threads may already run in this process).
-    mp.start_processes(_gradient_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    for rank in range(2):
-        for modality, r in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+    for rank, results in enumerate(each_modality_on_two_ranks(sharded_step, tmp_path)):
+        for modality, r in results.items():
             assert r["compared"] > 0 and not r["mismatched"], (rank, modality, r["mismatched"])
             assert not r["replicated_frozen"] and not r["frozen_with_grad"] and not r["views"], (rank, modality, r)
             assert r["originals_alive"] == 0 and r["frozen_set_sharded"], (rank, modality, r)

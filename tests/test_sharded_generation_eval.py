@@ -18,10 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import write_tiny_stage_models
-from dist_utils import free_port, torchrun
+from dist_utils import each_modality_on_two_ranks, torchrun
 
 from train.metrics import read_metrics
 
@@ -139,27 +137,11 @@ def sharded_generation(modality: str, rank: int, mesh) -> dict:
     }
 
 
-def _generation_worker(rank: int, port: int, out_dir: str) -> None:
-    from train.config import ParallelConfig
-    from train.parallel.mesh import ParallelDims, build_mesh
-
-    torch.set_num_threads(1)  # one thread per rank: two ranks share the 2 cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = build_mesh(ParallelDims.from_config(ParallelConfig(), 2), "cpu")
-        results = {m: sharded_generation(m, rank, mesh) for m in ("vision", "video", "speech")}
-    finally:
-        dist.destroy_process_group()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
-
-
 def test_sharded_model_answers_and_gathers_as_the_unsharded_one(tmp_path):
     """Vision, video and speech (ragged prompts) on 2 ranks, every frozen part sharded: the batched answers of the
     sharded model equal the unsharded model's one at a time, with rows that stop early on rank 0 while rank 1 decodes
     on; the tensors the export gathers equal the unsharded model's, bit for bit."""
-    # Spawned, not forked: see tests/test_cp.py (autograd's threads may already run in this process).
-    mp.start_processes(_generation_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    results = json.loads((tmp_path / "rank0.json").read_text())
+    results = each_modality_on_two_ranks(sharded_generation, tmp_path)[0]
     for modality, r in results.items():
         assert r["got"] == r["want"], modality
         lengths = [len(a) for a in r["want"]]
