@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -58,6 +59,22 @@ def test_a_grid_over_max_minutes_is_refused(capsys):
     assert "over --max-minutes 1" in capsys.readouterr().err
     scaling.main(["plan", "--budgets", "1e9", "--max-minutes", "1"])  # a small one passes
     assert "BYTE-LEVEL" in capsys.readouterr().out
+
+
+def test_the_plan_is_timed_by_a_time_model_measured_on_this_machine(capsys):
+    # The ladder's ends differ 460x in FLOPs per token, so the two timings fit a positive rate and overhead.
+    cfg = replace(scaling.ScalingConfig(), budgets=[1e9])
+    configs, costs = scaling.ladder(cfg)
+    ends = [scaling.planned_run(cfg, 1e9, i, configs, costs) for i in (0, len(costs) - 1)]
+    flops_per_s, overhead_s = scaling.measure_time_model(cfg, ends, seconds=0.3)
+    assert 1e7 < flops_per_s < 1e15 and 0 < overhead_s < 10
+    scaling.main(["plan", "--budgets", "1e9", "1e10"])
+    printed = capsys.readouterr().out
+    assert "time model measured on this machine" in printed
+    # The printed estimates are the measured model's, not the config's.
+    measured = float(re.search(r"flops_per_s = ([0-9.e+-]+)", printed).group(1))
+    assert measured != cfg.flops_per_s
+    assert not scaling.gpu_config().measure_speed  # a cluster plan is not timed on this machine
 
 
 def test_emitted_configs_parse_and_sbatch_names_every_run(tmp_path):

@@ -8,7 +8,9 @@
 Plan: for each compute budget C, ``sizes_per_budget`` model shapes from the ``shapes`` ladder around the expected
 optimum (N* = sqrt(C / (6·tokens_per_param)), N the matmul parameters ``flops_per_token / 6``); each run trains on
 D = C / ``LMConfig.flops_per_token(seq_len)`` tokens (attention included), rounded to whole sequences. The plan prints
-each run's estimated time and is refused when the total exceeds ``max_minutes``. ``--emit DIR`` writes it as
+each run's estimated time, from a time model measured on the machine it runs on (a few seconds of training steps of
+the ladder's cheapest and dearest shapes; ``measure_speed = false`` keeps the config's numbers), and is refused when
+the total exceeds ``max_minutes``. ``--emit DIR`` writes it as
 train/lm.py configs (TOML) and a Slurm array script; ``--gpu`` plans the paper's budgets and shapes instead.
 
 Run (CPU): a BYTE-LEVEL vocabulary (256 bytes + BOS + EOS), not the 128K one, whose output layer would take nearly all
@@ -113,8 +115,10 @@ class ScalingConfig:
     task: str = "word_cloze"
     task_rows: int = 240
     log_points: int = 5  # metrics.jsonl records per run (and the last step)
-    # The time model of the plan, fitted on the default grid's runs on this machine (2 CPU cores; `run` prints the
-    # fit): s = FLOPs / flops_per_s + steps x step_overhead_s + eval_s.
+    # The time model of the plan: s = FLOPs / flops_per_s + steps x step_overhead_s + eval_s. With measure_speed,
+    # `plan` and `run` measure flops_per_s and step_overhead_s on the machine they run on first (a few seconds); the
+    # numbers here, fitted on the default grid's runs on the project's 2-core machine, are used otherwise.
+    measure_speed: bool = True
     flops_per_s: float = 7e10
     step_overhead_s: float = 0.009
     eval_s: float = 1.0
@@ -132,8 +136,8 @@ def gpu_config(base: ScalingConfig | None = None) -> ScalingConfig:
     return replace(
         base, budgets=list(PAPER_BUDGETS), shapes=[list(s) for s in PAPER_SHAPES], head_dim=128, n_kv_heads=8,
         vocab_size=128256, seq_len=8192, batch_size=64, tokens_per_param=20.0, lr=3e-4, max_warmup=2000,
-        lm_preset="llama3-8b", flops_per_s=0.4 * 989e12 * base.gpus_per_node, step_overhead_s=0.0, eval_s=60.0,
-        max_minutes=math.inf,
+        lm_preset="llama3-8b", measure_speed=False, flops_per_s=0.4 * 989e12 * base.gpus_per_node, step_overhead_s=0.0,
+        eval_s=60.0, max_minutes=math.inf,
     )  # fmt: skip
 
 
@@ -520,6 +524,20 @@ def load_weights(cfg: ScalingConfig, run: PlannedRun, run_dir: Path) -> Transfor
     return model.eval()
 
 
+def _train_step(model: Transformer, rows: torch.Tensor, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
+    """One optimizer step on windows [b, seq + 1]: (loss, gradient norm, the lr it used)."""
+    loss = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = clip_grad_norm(model.parameters(), max_grad_norm)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    return loss, gnorm, lr
+
+
 def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldout: torch.Tensor, task: tuple,
               run_dir: Path) -> dict:  # fmt: skip
     """Train one run once over its windows and evaluate it; returns its result record (not yet written)."""
@@ -541,13 +559,7 @@ def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldo
     for step in range(run.steps):
         first, last = step * cfg.batch_size, min(seqs, (step + 1) * cfg.batch_size)
         rows = torch.stack([data[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1] for i in order[first:last].tolist()])
-        loss = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = clip_grad_norm(model.parameters(), cfg.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
+        loss, gnorm, lr = _train_step(model, rows, opt, sched, cfg.max_grad_norm)
         if (step + 1) % every == 0 or step + 1 == run.steps:
             elapsed = time.perf_counter() - t0
             rate = (last * cfg.seq_len) / elapsed
@@ -575,8 +587,8 @@ def result_path(out: Path, run: PlannedRun) -> Path:
 # Fields that only choose which runs the grid holds or how long they are expected to take: a grid directory may be
 # extended by changing them. Every other field changes what a run of a given budget and shape computes.
 GRID_ONLY = frozenset(
-    {"budgets", "shapes", "sizes_per_budget", "max_extra_sizes", "tokens_per_param", "flops_per_s", "step_overhead_s",
-     "eval_s", "max_minutes", "lm_preset", "lm_data_dir", "lm_run_root", "gpus_per_node"}
+    {"budgets", "shapes", "sizes_per_budget", "max_extra_sizes", "tokens_per_param", "measure_speed", "flops_per_s",
+     "step_overhead_s", "eval_s", "max_minutes", "lm_preset", "lm_data_dir", "lm_run_root", "gpus_per_node"}
 )  # fmt: skip
 
 
@@ -691,6 +703,30 @@ class GridInputs:
         return result
 
 
+def measure_time_model(cfg: ScalingConfig, runs: Sequence[PlannedRun], seconds: float = 1.0
+                       ) -> tuple[float, float] | None:  # fmt: skip
+    """(flops_per_s, step_overhead_s) on this machine, as it is loaded now: training steps of the plan's cheapest and
+    dearest shapes on random bytes, each timed for about ``seconds``, fitted as finished runs are (fit_time_model);
+    None when the two do not give a positive fit."""
+    timed = []
+    ends = [min(runs, key=lambda r: r.flops_per_token), max(runs, key=lambda r: r.flops_per_token)]
+    for run in ends[: 1 + (ends[0].name != ends[1].name)]:
+        model = Transformer(lm_config(cfg, run.dim, run.n_layers))
+        model.init_weights(cfg.seed)
+        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0)
+        opt = build_optimizer(model, optim)
+        sched = build_scheduler(opt, optim, 1_000_000)
+        rows = torch.randint(0, 256, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        _train_step(model, rows, opt, sched, cfg.max_grad_norm)  # the first step allocates: not timed
+        steps, t0 = 0, time.perf_counter()
+        while steps < 3 or time.perf_counter() - t0 < seconds:
+            _train_step(model, rows, opt, sched, cfg.max_grad_norm)
+            steps += 1
+        compute = steps * cfg.batch_size * cfg.seq_len * run.flops_per_token
+        timed.append({"compute": compute, "steps": steps, "train_s": time.perf_counter() - t0})
+    return fit_time_model(timed)
+
+
 def fit_time_model(results: Sequence[dict]) -> tuple[float, float] | None:
     """(flops_per_s, step_overhead_s) of the plan's time model, least squares on finished runs' training seconds
     (train_s = compute / flops_per_s + steps x step_overhead_s); None when under 2 runs or not both positive."""
@@ -776,6 +812,20 @@ def _config_from_args(args: argparse.Namespace) -> ScalingConfig:
     return cfg
 
 
+def _measured(cfg: ScalingConfig, runs: list[PlannedRun]) -> tuple[ScalingConfig, list[PlannedRun]]:
+    """The config with this machine's measured time model, and the plan estimated with it (the config's numbers,
+    said so, when the measurement gives no fit)."""
+    timing = measure_time_model(cfg, runs)
+    if timing is None:
+        print(f"time model: the config's (measuring on this machine gave no fit): flops_per_s = {cfg.flops_per_s:.3g}, "
+              f"step_overhead_s = {cfg.step_overhead_s:.3g}")  # fmt: skip
+        return cfg, runs
+    print(f"time model measured on this machine: flops_per_s = {timing[0]:.3g}, step_overhead_s = {timing[1]:.3g} "
+          f"(the config's: {cfg.flops_per_s:.3g}, {cfg.step_overhead_s:.3g}; measure_speed = false uses those)")
+    cfg = replace(cfg, flops_per_s=timing[0], step_overhead_s=timing[1])
+    return cfg, plan_grid(cfg)
+
+
 def _parser() -> argparse.ArgumentParser:
     """plan, run and fit."""
     parser = argparse.ArgumentParser(prog="python -m train.scaling", description=__doc__,
@@ -820,6 +870,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = _config_from_args(args)
     runs = plan_grid(cfg)
+    if cfg.measure_speed:
+        cfg, runs = _measured(cfg, runs)
     print(format_plan(cfg, runs))
     try:
         check_time(runs, cfg.max_minutes)
