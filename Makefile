@@ -124,8 +124,8 @@ curate: install
 	$(PY) -m data.prepare text --input runs/data/curated/curated --output runs/data/curated/shards --overwrite
 
 # The scaling-law study on this machine: the CPU IsoFLOPs grid of configs/scaling/cpu.toml (byte-level vocabulary,
-# 4 budgets x 5 sizes (up to 2 more where a minimum is not bracketed), run by run, a finished run never redone; about
-# 12 minutes on 2 cores shared with other work), then the fits and
+# 4 budgets x 5 sizes (up to 2 more where a minimum is not bracketed), run by run, a finished run never redone; 12-15
+# minutes on 2 idle cores, and `run` first prints the estimate it measured on this machine), then the fits and
 # plots (isoflops.png, power_law.png, downstream.png, fit.json, holdout.json) in runs/scaling/default.
 scaling: install
 	$(PY) -m train.scaling run --config configs/scaling/cpu.toml --out runs/scaling/default --fit
