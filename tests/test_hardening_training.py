@@ -53,6 +53,7 @@ def test_sigterm_to_one_rank_checkpoints_every_rank_at_that_step_and_the_rerun_r
     extra = ("--toy.dropout=0.2", "--train.grad_accum=2", "--checkpoint.interval=4")
     full, cut = tmp_path / "full", tmp_path / "cut"
     check(torchrun(SCRIPT, 2, args(full, 8, *extra)))
+    assert not (full / LOCK_NAME).exists()  # released by exit_rank, which skips the interpreter's exit handlers
     preempted = torchrun(SCRIPT, 2, args(cut, 8, *extra, "--toy.signal_at_step=5", "--toy.signal_rank=1"))
     check(preempted)  # both ranks exit 0: rank 0 never got the signal but stopped with rank 1
     assert "preempted: stopped after step 5" in preempted.stderr

@@ -1,5 +1,5 @@
 """One job per run directory: rank 0 holds ``RUN_DIR/run.lock`` (host, pid, Slurm job) from before the run writes
-anything until its process exits.
+anything until its process exits (at interpreter exit, or in ``train.parallel.mesh.exit_rank``, which skips it).
 
 A second job on the same directory would delete the first one's in-progress checkpoint (``step-N.tmp``) and
 interleave ``metrics.jsonl``; it is refused instead, naming the holder, on every rank. A lock whose process is gone
@@ -25,6 +25,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+_held: list[tuple[Path, LockHolder]] = []  # the locks this process took, released at exit (release_held)
 
 
 class RunDirLockedError(RuntimeError):
@@ -125,7 +126,9 @@ def acquire(run_dir: str | os.PathLike) -> Path:
         for _ in range(3):
             try:
                 os.link(tmp, path)  # atomic, fails if the lock exists, and never exposes a half-written lock
-                atexit.register(release, path, me)
+                if not _held:
+                    atexit.register(release_held)
+                _held.append((path, me))
                 return path
             except FileExistsError:
                 pass
@@ -153,6 +156,12 @@ def release(path: Path, me: LockHolder) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def release_held() -> None:
+    """Release every lock this process took: at interpreter exit, and from ``exit_rank``, which skips it."""
+    while _held:
+        release(*_held.pop())
 
 
 def claim(run_dir: str | os.PathLike, rank: int) -> None:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from train.config import ParallelConfig
+from train.rundir import release_held
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,8 +156,10 @@ def exit_rank(code: int = 0) -> NoReturn:
     Called by entry scripts once ``main`` has returned (the process group already destroyed). Gloo's C++ threads
     and the tensors they hold can outlive ``destroy_process_group`` until finalization, where freeing them races
     the interpreter's own teardown and, now and then, aborts the rank ("terminate called without an active
-    exception") with its work done and saved. Nothing is left to run at that point, so skip finalization.
+    exception") with its work done and saved. Nothing is left to run at that point but the release of the run
+    directory's lock, so release it and skip finalization.
     """
+    release_held()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
