@@ -67,7 +67,7 @@ def test_the_plan_is_timed_by_a_time_model_measured_on_this_machine(capsys):
     configs, costs = scaling.ladder(cfg)
     ends = [scaling.planned_run(cfg, 1e9, i, configs, costs) for i in (0, len(costs) - 1)]
     flops_per_s, overhead_s = scaling.measure_time_model(cfg, ends, seconds=0.3)
-    assert 1e7 < flops_per_s < 1e15 and 0 < overhead_s < 10
+    assert 1e7 < flops_per_s < 1e15 and 0 <= overhead_s < 10
     scaling.main(["plan", "--budgets", "1e9", "1e10"])
     printed = capsys.readouterr().out
     assert "time model measured on this machine" in printed
@@ -75,6 +75,20 @@ def test_the_plan_is_timed_by_a_time_model_measured_on_this_machine(capsys):
     measured = float(re.search(r"flops_per_s = ([0-9.e+-]+)", printed).group(1))
     assert measured != cfg.flops_per_s
     assert not scaling.gpu_config().measure_speed  # a cluster plan is not timed on this machine
+
+
+def test_each_run_trains_at_its_size_s_learning_rate(tmp_path):
+    cfg = replace(TINY, budgets=[3e8], lr_size_exponent=0.5, lr_reference_params=5_000.0)
+    results = scaling.run_grid(cfg, tmp_path, verbose=False)
+    assert len({r["params"] for r in results}) == 3
+    for r in results:
+        assert r["lr"] == pytest.approx(cfg.lr * (r["params"] / 5_000.0) ** -0.5)
+        logged = [json.loads(line).get("lr") for line in (tmp_path / "runs" / r["name"] / "metrics.jsonl").open()]
+        assert 0 < max(x for x in logged if x is not None) <= r["lr"] * (1 + 1e-6)
+    run = scaling.plan_grid(cfg)[0]
+    assert scaling.lm_job_config(cfg, run).optim.lr == pytest.approx(scaling.run_lr(cfg, run))  # --emit too
+    with pytest.raises(ValueError, match="lr_size_exponent"):  # it changes what a run computes
+        scaling.run_grid(replace(cfg, lr_size_exponent=0.0), tmp_path, verbose=False)
 
 
 def test_emitted_configs_parse_and_sbatch_names_every_run(tmp_path):

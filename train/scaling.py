@@ -98,6 +98,10 @@ class ScalingConfig:
     seq_len: int = 128
     batch_size: int = 16  # sequences per optimizer step: more steps for the small budgets' runs
     lr: float = 1e-2  # 3e-3 left every run of the grid 0.15-0.3 nats/byte worse (bench/RESULTS.md)
+    # The peak learning rate by size: lr x (params / lr_reference_params) ** -lr_size_exponent, params the run's
+    # non-embedding parameters (0: one learning rate for every size).
+    lr_size_exponent: float = 0.0
+    lr_reference_params: float = 35_000.0
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05  # of the run's own steps, at most max_warmup
     max_warmup: int = 50
@@ -295,7 +299,7 @@ def lm_job_config(cfg: ScalingConfig, run: PlannedRun) -> object:
     job.train.steps, job.train.batch_size = run.steps, cfg.batch_size
     job.train.max_grad_norm = cfg.max_grad_norm
     job.optim = OptimConfig(
-        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=_warmup(cfg, run.steps), decay="cosine",
+        lr=run_lr(cfg, run), weight_decay=cfg.weight_decay, warmup_steps=_warmup(cfg, run.steps), decay="cosine",
         min_lr_ratio=cfg.min_lr_ratio,
     )  # fmt: skip
     job.checkpoint.interval = max(1, run.steps // 10)
@@ -469,6 +473,11 @@ def downstream_task(cfg: ScalingConfig, data_dir: Path) -> tuple[list[bytes], li
 # ---- one run --------------------------------------------------------------------------------------------------------
 
 
+def run_lr(cfg: ScalingConfig, run: PlannedRun) -> float:
+    """The run's peak learning rate: ``lr`` scaled to its size by ``lr_size_exponent``."""
+    return cfg.lr * (run.params / cfg.lr_reference_params) ** -cfg.lr_size_exponent
+
+
 def _warmup(cfg: ScalingConfig, steps: int) -> int:
     return min(cfg.max_warmup, int(cfg.warmup_fraction * steps))
 
@@ -544,7 +553,7 @@ def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldo
     torch.manual_seed(cfg.seed)
     model = Transformer(lm_config(cfg, run.dim, run.n_layers))
     model.init_weights(cfg.seed)
-    optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=_warmup(cfg, run.steps),
+    optim = OptimConfig(lr=run_lr(cfg, run), weight_decay=cfg.weight_decay, warmup_steps=_warmup(cfg, run.steps),
                         decay="cosine", min_lr_ratio=cfg.min_lr_ratio)  # fmt: skip
     opt = build_optimizer(model, optim)
     sched = build_scheduler(opt, optim, run.steps)
@@ -571,8 +580,8 @@ def train_run(cfg: ScalingConfig, run: PlannedRun, train_data: np.ndarray, heldo
     logger.log({"step": run.steps, "eval/heldout_loss": loss_h, "eval/task_nll": task_nll, "eval/task_acc": task_acc})
     logger.close()
     save_weights(model, run_dir / WEIGHTS)
-    return {**asdict(run), "compute": run.compute, "loss": loss_h, "train_loss": loss.item(), "task_nll": task_nll,
-            "task_acc": task_acc, "train_s": train_s, "wall_s": time.perf_counter() - t0,
+    return {**asdict(run), "compute": run.compute, "lr": run_lr(cfg, run), "loss": loss_h, "train_loss": loss.item(),
+            "task_nll": task_nll, "task_acc": task_acc, "train_s": train_s, "wall_s": time.perf_counter() - t0,
             "params_note": "non-embedding parameters, output layer included", "vocab_size": cfg.vocab_size}  # fmt: skip
 
 
@@ -706,14 +715,15 @@ class GridInputs:
 def measure_time_model(cfg: ScalingConfig, runs: Sequence[PlannedRun], seconds: float = 1.0
                        ) -> tuple[float, float] | None:  # fmt: skip
     """(flops_per_s, step_overhead_s) on this machine, as it is loaded now: training steps of the plan's cheapest and
-    dearest shapes on random bytes, each timed for about ``seconds``, fitted as finished runs are (fit_time_model);
-    None when the two do not give a positive fit."""
+    dearest shapes on random bytes, each timed for about ``seconds``, fitted as finished runs are (fit_time_model).
+    Where load makes the cheap shape's steps time too fast for a positive overhead, the dearest shape's rate alone
+    (no overhead); None when the plan has only one shape."""
     timed = []
     ends = [min(runs, key=lambda r: r.flops_per_token), max(runs, key=lambda r: r.flops_per_token)]
     for run in ends[: 1 + (ends[0].name != ends[1].name)]:
         model = Transformer(lm_config(cfg, run.dim, run.n_layers))
         model.init_weights(cfg.seed)
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0)
+        optim = OptimConfig(lr=run_lr(cfg, run), weight_decay=cfg.weight_decay, warmup_steps=0)
         opt = build_optimizer(model, optim)
         sched = build_scheduler(opt, optim, 1_000_000)
         rows = torch.randint(0, 256, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
@@ -724,7 +734,9 @@ def measure_time_model(cfg: ScalingConfig, runs: Sequence[PlannedRun], seconds: 
             steps += 1
         compute = steps * cfg.batch_size * cfg.seq_len * run.flops_per_token
         timed.append({"compute": compute, "steps": steps, "train_s": time.perf_counter() - t0})
-    return fit_time_model(timed)
+    if len(timed) < 2:
+        return None
+    return fit_time_model(timed) or (timed[-1]["compute"] / timed[-1]["train_s"], 0.0)
 
 
 def fit_time_model(results: Sequence[dict]) -> tuple[float, float] | None:
