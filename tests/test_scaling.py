@@ -62,7 +62,8 @@ def test_a_grid_over_max_minutes_is_refused(capsys):
 
 
 def test_the_plan_is_timed_by_a_time_model_measured_on_this_machine(capsys):
-    # The ladder's ends differ 460x in FLOPs per token, so the two timings fit a positive rate and overhead.
+    # The ladder's ends differ 460x in FLOPs per token: the two timings give a positive rate (and, unless load makes
+    # the cheap shape's steps time too fast, an overhead; otherwise 0, the rate alone).
     cfg = replace(scaling.ScalingConfig(), budgets=[1e9])
     configs, costs = scaling.ladder(cfg)
     ends = [scaling.planned_run(cfg, 1e9, i, configs, costs) for i in (0, len(costs) - 1)]

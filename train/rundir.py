@@ -126,8 +126,6 @@ def acquire(run_dir: str | os.PathLike) -> Path:
         for _ in range(3):
             try:
                 os.link(tmp, path)  # atomic, fails if the lock exists, and never exposes a half-written lock
-                if not _held:
-                    atexit.register(release_held)
                 _held.append((path, me))
                 return path
             except FileExistsError:
@@ -162,6 +160,9 @@ def release_held() -> None:
     """Release every lock this process took: at interpreter exit, and from ``exit_rank``, which skips it."""
     while _held:
         release(*_held.pop())
+
+
+atexit.register(release_held)
 
 
 def claim(run_dir: str | os.PathLike, rank: int) -> None:
