@@ -140,6 +140,12 @@ class PreferenceBatches(StepBatches):
         start = first - epochs[0] * len(self.pairs)
         return flat[start : start + self.batch_size]
 
+    def pairs_within(self, steps: int) -> list[int]:
+        """The pairs the first ``steps`` global batches hold, in index order (all of them once those span an epoch)."""
+        if steps * self.batch_size >= len(self.pairs):
+            return list(range(len(self.pairs)))
+        return sorted(self._order(0)[: steps * self.batch_size])
+
     def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Padded rows of the pairs ``indices``: chosen rows then rejected rows, and ``index``."""
         dialogs = [self.pairs[i].chosen for i in indices] + [self.pairs[i].rejected for i in indices]

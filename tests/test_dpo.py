@@ -291,3 +291,38 @@ def test_the_stored_reference_is_read_back_for_the_same_pairs_and_weights_only(t
     assert torch.equal(reference_logps(model, cfg, ctx, {"train": data})["train"], first)
     cfg.model.init_from = "b"
     assert not torch.equal(reference_logps(model, cfg, ctx, {"train": data})["train"], first)
+
+
+def test_a_short_run_scores_the_reference_of_the_pairs_it_reaches_only(tmp_path, chat):
+    """Before step 1 only the pairs of the run's ``train.steps`` batches are scored, each as the full pass scores it;
+    more steps on a resume score only the pairs added (the stored ones are read back)."""
+    from types import SimpleNamespace
+
+    from lm import LMConfig, Transformer
+    from train.config import load_config
+    from train.dpo import DPOJobConfig, reference_logps, score_pairs
+
+    write_preference_data(tmp_path, pairs=6)
+    pairs, _ = read_preferences([tmp_path / PREFERENCE_FILE], chat, max_tokens=129)
+    overrides = [f"--run.dir={tmp_path}", "--model.init_from=a", "--train.steps=1"]
+    cfg = load_config(DPOJobConfig, "configs/posttrain/dpo_tiny.toml", overrides)
+    ctx = SimpleNamespace(
+        rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"), dims=SimpleNamespace(cp=1),
+        micro_batch_size=lambda cfg: 3,
+    )  # fmt: skip
+    data = PreferenceBatches(pairs, seq_len=128, batch_size=4, dp_rank=0, dp_size=1, grad_accum=1, seed=0)
+    torch.manual_seed(0)
+    model = Transformer(LMConfig.from_preset("debug", dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
+    model.init_weights()
+    full = score_pairs(model, cfg, ctx, data, 3)
+    first = reference_logps(model, cfg, ctx, {"train": data})["train"]
+    reached = sorted(data.global_indices(0))
+    assert [i for i in range(len(pairs)) if not first[i].isnan().any()] == reached
+    assert torch.allclose(first[reached], full[reached], atol=1e-5)
+    model.init_weights(seed=1)  # other weights: whatever is scored now differs from the initial model's figures
+    cfg.train.steps = 2
+    second = reference_logps(model, cfg, ctx, {"train": data})["train"]
+    assert not second.isnan().any()
+    assert torch.equal(second[reached], first[reached])
+    added = [i for i in range(len(pairs)) if i not in reached]
+    assert not torch.allclose(second[added], full[added], atol=1e-3)

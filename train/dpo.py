@@ -6,7 +6,7 @@ Preference rows (``data.preference``: a prompt, a chosen and a rejected answer; 
 from ``data.instruct``'s tasks) are encoded in the Llama 3 chat format, labelled on each answer and its end of turn,
 and padded into rows, chosen and rejected side by side. The policy starts from ``--model.init_from`` (the SFT run
 exported to HF) and is built and sharded as SFT builds it. The reference is that same initial policy: before step
-1 one pass of it over the whole training set stores each pair's chosen and rejected log-likelihoods in
+1 one pass of it over the training pairs the run will reach stores each pair's chosen and rejected log-likelihoods in
 ``RUN_DIR/reference_logps.pt`` (a resume reads them back, or recomputes them identically from ``init_from``), so no
 second copy of the model exists. The answers' per-token log-probs come from ``lm.loss.token_logprobs`` in the model's
 ``output=`` function (inside forward, where FSDP has the output weight gathered). The loss is
@@ -34,7 +34,7 @@ if __name__ == "__main__":
 import functools  # noqa: E402
 import hashlib  # noqa: E402
 import logging  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Literal  # noqa: E402
@@ -93,7 +93,8 @@ class DPOLossConfig:
     # them, so their likelihoods pull against each other. False keeps them (an ablation).
     mask_formatting: bool = True
     nll_weight: NonNegativeFloat = DPO_NLL_WEIGHT
-    # "precomputed": the initial policy scores every pair once before step 1 (no second model in memory).
+    # "precomputed": the initial policy scores every pair the run's steps reach, once, before step 1 (no second model
+    # in memory).
     # "online": a frozen copy of it, sharded as the policy is, scores each micro-batch (no pass over the data first).
     reference: Literal["precomputed", "online"] = "precomputed"
 
@@ -209,22 +210,28 @@ def online_reference(model: nn.Module, cfg: DPOJobConfig, ctx: RunContext) -> Re
 
 @torch.no_grad()
 def score_pairs(
-    model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, data: PreferenceBatches, micro: int
+    model: nn.Module,
+    cfg: DPOJobConfig,
+    ctx: RunContext,
+    data: PreferenceBatches,
+    micro: int,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Every pair's (chosen, rejected) log-likelihood [pairs, 2] over the DPO masks, by ``model`` as it is now.
+    """The (chosen, rejected) log-likelihoods [pairs, 2] over the DPO masks of the pairs ``indices`` (default:
+    every pair) by ``model`` as it is now; the rows of the pairs not scored are NaN.
 
     Each data-parallel rank scores ``micro`` pairs per forward, every rank the same number of forwards (FSDP
-    gathers weights in each: a rank out of pairs repeats pair 0 and drops it); the shares are gathered over the
-    data-parallel group onto every rank (the TP ranks of one group score the same pairs together).
+    gathers weights in each: a rank out of pairs repeats the first pair and drops it); the shares are gathered over
+    the data-parallel group onto every rank (the TP ranks of one group score the same pairs together).
     """
-    world, n = ctx.dp_size, len(data.pairs)
-    per_round = world * micro
-    result = torch.zeros(n, 2, dtype=torch.float32)
+    world, wanted = ctx.dp_size, list(range(len(data.pairs)) if indices is None else indices)
+    n, per_round = len(wanted), world * micro
+    result = torch.full((len(data.pairs), 2), float("nan"))
     was_training = model.training
     model.eval()
     for start in range(0, n, per_round):
         mine = [start + ctx.dp_rank * micro + k for k in range(micro)]
-        token_logps, dpo_mask, _ = answer_logps(model, cfg, ctx, data.rows([i if i < n else 0 for i in mine]))
+        token_logps, dpo_mask, _ = answer_logps(model, cfg, ctx, data.rows([wanted[i if i < n else 0] for i in mine]))
         scored = sequence_logps(token_logps, dpo_mask).float().view(2, micro).T  # rows: chosen, rejected
         shares = [scored]
         if dist.is_initialized() and world > 1:
@@ -232,7 +239,7 @@ def score_pairs(
             dist.all_gather(shares, scored.contiguous(), group=submesh(ctx.mesh, "dp").get_group())
         for share, first in zip(shares, range(start, start + per_round, micro), strict=True):
             keep = max(0, min(micro, n - first))
-            result[first : first + keep] = share[:keep].cpu()
+            result[wanted[first : first + keep]] = share[:keep].cpu()
     model.train(was_training)
     reshard(model)  # the optimizer built next must see the sharded parameters
     return result
@@ -252,17 +259,26 @@ def pairs_fingerprint(sets: dict[str, PreferenceBatches], init_from: str) -> str
 def reference_logps(
     model: nn.Module, cfg: DPOJobConfig, ctx: RunContext, sets: dict[str, PreferenceBatches]
 ) -> dict[str, torch.Tensor]:
-    """Each set's reference log-likelihoods [pairs, 2]: read from the run dir when stored for these pairs and
-    weights, else scored by the initial ``model`` (before any step, or on a resume before its weights load) and
-    stored."""
+    """Each set's reference log-likelihoods [pairs, 2] of the pairs the run reaches (training: those of its
+    ``train.steps`` batches; any other set: all), NaN elsewhere: read from the run dir when stored for these pairs and
+    weights, the missing ones scored by the initial ``model`` (before any step, or on a resume before its weights
+    load), and stored. A short run over a large set scores only what it trains on."""
     path = Path(cfg.run.dir) / REFERENCE_FILE
     fingerprint = pairs_fingerprint(sets, cfg.model.init_from)
-    if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        if stored.pop("fingerprint") == fingerprint:
-            return stored
-    logps = {name: score_pairs(model, cfg, ctx, data, ctx.micro_batch_size(cfg)) for name, data in sets.items()}
-    if ctx.rank == 0:
+    stored = torch.load(path, weights_only=True) if path.is_file() else {}
+    if stored.pop("fingerprint", None) != fingerprint:
+        stored = {}
+    logps, scored_any = {}, False
+    for name, data in sets.items():
+        wanted = data.pairs_within(cfg.train.steps) if name == "train" else range(len(data.pairs))
+        known = stored.get(name, torch.full((len(data.pairs), 2), float("nan")))
+        missing = [i for i in wanted if known[i].isnan().any()]
+        if missing:
+            fresh = score_pairs(model, cfg, ctx, data, ctx.micro_batch_size(cfg), missing)
+            known = torch.where(fresh.isnan(), known, fresh)
+            scored_any = True
+        logps[name] = known
+    if scored_any and ctx.rank == 0:
         atomic_write(path, lambda tmp: torch.save({"fingerprint": fingerprint, **logps}, tmp))
     if dist.is_initialized():
         dist.barrier()
