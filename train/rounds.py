@@ -105,7 +105,12 @@ class Pipeline:
     def __init__(self, cfg: RoundsConfig) -> None:
         self.cfg, self.dir = cfg, Path(cfg.pipeline.dir)
         self.python = sys.executable
-        self.torchrun = [self.python, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.pipeline.nproc_per_node}"]
+        nproc = cfg.pipeline.nproc_per_node
+        # One process needs no launcher: a script started by python makes its own one-rank group
+        # (train.parallel.mesh.init_distributed), where torchrun's agent would be a second interpreter per stage.
+        self.launch = (
+            [self.python] if nproc == 1 else [self.python, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        )
 
     def run(self, name: str, done: Path, *commands: Sequence[str]) -> bool:
         """Run ``commands`` in turn unless ``done`` exists; True when they ran."""
@@ -124,9 +129,9 @@ class Pipeline:
         return True
 
     def train(self, name: str, script: str, stage: StageConfig, run_dir: Path, *overrides: str) -> Path:
-        """A torchrun training stage exported to ``run_dir/hf``; returns that directory."""
+        """A training stage (launched as `launch` says) exported to ``run_dir/hf``; returns that directory."""
         hf = run_dir / "hf"
-        command = [*self.torchrun, script, "--config", stage.config, f"--run.dir={run_dir}", *stage.overrides]
+        command = [*self.launch, script, "--config", stage.config, f"--run.dir={run_dir}", *stage.overrides]
         export = [self.python, "-m", "train.export", str(run_dir), "--out", str(hf), "--overwrite"]
         self.run(name, hf / EXPORT_MARKER, [*command, *overrides], export)
         return hf
@@ -161,7 +166,7 @@ class Pipeline:
         self.run(
             f"round {number} rejection sampling",
             samples / "summary.json",
-            [*self.torchrun, "train/rejection.py", "--config", rejection.config, *rejection.overrides,
+            [*self.launch, "train/rejection.py", "--config", rejection.config, *rejection.overrides,
              f"--run.dir={samples}", f"--models.policy={policy}", f"--models.reward={reward}",
              f"--data.files={self.data_file('instruct')}"],
         )  # fmt: skip
@@ -204,7 +209,7 @@ class Pipeline:
         self.run(
             f"round {number} preference collection",
             out / "summary.json",
-            [*self.torchrun, "train/rejection.py", "--config", rejection.config, *rejection.overrides,
+            [*self.launch, "train/rejection.py", "--config", rejection.config, *rejection.overrides,
              f"--run.dir={out}", f"--models.policy={policy}", "--models.reward=", f"--data.files={instruct}",
              f"--data.skip={max(0, total - count)}", f"--data.limit={count}"],
         )  # fmt: skip
