@@ -265,28 +265,37 @@ def test_resumed_onto_two_ranks_continues_exactly(dpo_setup, one_rank):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
 
 
-def test_the_stored_reference_is_read_back_for_the_same_pairs_and_weights_only(tmp_path, chat):
-    """A resume in the same run dir reads the stored reference (whatever the model's weights are by then); other
-    pairs or other initial weights recompute it."""
+def _reference_case(tmp_path, chat, micro: int, *overrides: str):
+    """The tiny DPO config, a one-rank context scoring ``micro`` pairs a forward, 6 pairs in batches of 4, a model."""
     from types import SimpleNamespace
 
     from lm import LMConfig, Transformer
     from train.config import load_config
-    from train.dpo import DPOJobConfig, reference_logps
+    from train.dpo import DPOJobConfig
 
     write_preference_data(tmp_path, pairs=6)
     pairs, _ = read_preferences([tmp_path / PREFERENCE_FILE], chat, max_tokens=129)
-    cfg = load_config(DPOJobConfig, "configs/posttrain/dpo_tiny.toml", [f"--run.dir={tmp_path}", "--model.init_from=a"])
+    args = [f"--run.dir={tmp_path}", "--model.init_from=a", *overrides]
+    cfg = load_config(DPOJobConfig, "configs/posttrain/dpo_tiny.toml", args)
     ctx = SimpleNamespace(
         rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"), dims=SimpleNamespace(cp=1),
-        micro_batch_size=lambda cfg: 4,
+        micro_batch_size=lambda cfg: micro,
     )  # fmt: skip
     data = PreferenceBatches(pairs, seq_len=128, batch_size=4, dp_rank=0, dp_size=1, grad_accum=1, seed=0)
     torch.manual_seed(0)
     model = Transformer(LMConfig.from_preset("debug", dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
     model.init_weights()
+    return cfg, ctx, data, model
+
+
+def test_the_stored_reference_is_read_back_for_the_same_pairs_and_weights_only(tmp_path, chat):
+    """A resume in the same run dir reads the stored reference (whatever the model's weights are by then); other
+    pairs or other initial weights recompute it."""
+    from train.dpo import reference_logps
+
+    cfg, ctx, data, model = _reference_case(tmp_path, chat, 4)
     first = reference_logps(model, cfg, ctx, {"train": data})["train"]
-    assert first.shape == (len(pairs), 2) and (first < 0).all()
+    assert first.shape == (len(data.pairs), 2) and (first < 0).all()
     model.init_weights()  # other weights: as a resumed run's model after its checkpoint loads
     assert torch.equal(reference_logps(model, cfg, ctx, {"train": data})["train"], first)
     cfg.model.init_from = "b"
@@ -296,33 +305,18 @@ def test_the_stored_reference_is_read_back_for_the_same_pairs_and_weights_only(t
 def test_a_short_run_scores_the_reference_of_the_pairs_it_reaches_only(tmp_path, chat):
     """Before step 1 only the pairs of the run's ``train.steps`` batches are scored, each as the full pass scores it;
     more steps on a resume score only the pairs added (the stored ones are read back)."""
-    from types import SimpleNamespace
+    from train.dpo import reference_logps, score_pairs
 
-    from lm import LMConfig, Transformer
-    from train.config import load_config
-    from train.dpo import DPOJobConfig, reference_logps, score_pairs
-
-    write_preference_data(tmp_path, pairs=6)
-    pairs, _ = read_preferences([tmp_path / PREFERENCE_FILE], chat, max_tokens=129)
-    overrides = [f"--run.dir={tmp_path}", "--model.init_from=a", "--train.steps=1"]
-    cfg = load_config(DPOJobConfig, "configs/posttrain/dpo_tiny.toml", overrides)
-    ctx = SimpleNamespace(
-        rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"), dims=SimpleNamespace(cp=1),
-        micro_batch_size=lambda cfg: 3,
-    )  # fmt: skip
-    data = PreferenceBatches(pairs, seq_len=128, batch_size=4, dp_rank=0, dp_size=1, grad_accum=1, seed=0)
-    torch.manual_seed(0)
-    model = Transformer(LMConfig.from_preset("debug", dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
-    model.init_weights()
+    cfg, ctx, data, model = _reference_case(tmp_path, chat, 3, "--train.steps=1")
     full = score_pairs(model, cfg, ctx, data, 3)
     first = reference_logps(model, cfg, ctx, {"train": data})["train"]
     reached = sorted(data.global_indices(0))
-    assert [i for i in range(len(pairs)) if not first[i].isnan().any()] == reached
+    assert [i for i in range(len(data.pairs)) if not first[i].isnan().any()] == reached
     assert torch.allclose(first[reached], full[reached], atol=1e-5)
     model.init_weights(seed=1)  # other weights: whatever is scored now differs from the initial model's figures
     cfg.train.steps = 2
     second = reference_logps(model, cfg, ctx, {"train": data})["train"]
     assert not second.isnan().any()
     assert torch.equal(second[reached], first[reached])
-    added = [i for i in range(len(pairs)) if i not in reached]
+    added = [i for i in range(len(data.pairs)) if i not in reached]
     assert not torch.allclose(second[added], full[added], atol=1e-3)
