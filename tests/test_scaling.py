@@ -24,6 +24,7 @@ TINY = replace(
     heldout_windows=16,
     task_rows=12,
     lr=1e-2,
+    lr_size_exponent=0.0,
     max_minutes=5.0,
 )
 
@@ -108,6 +109,7 @@ def test_emitted_configs_parse_and_sbatch_names_every_run(tmp_path):
         assert shape.flops_per_token(job.data.seq_len) == run.flops_per_token
         assert job.train.steps * job.train.batch_size * job.data.seq_len >= run.tokens
         assert job.model.vocab_size == 128256
+        assert job.optim.lr == 3e-4  # one rate at every size, whatever the CPU grid's per-size rule
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert [r["name"] for r in plan["runs"]] == [r.name for r in runs]
 
