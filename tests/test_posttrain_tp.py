@@ -97,4 +97,6 @@ def test_dpo_under_tp_gives_one_rank_losses_and_reference(dpo_setup):
     stored = [
         torch.load(d / REFERENCE_FILE, weights_only=True)["train"] for d in (dpo_setup / "one", dpo_setup / "tp2")
     ]
-    torch.testing.assert_close(stored[1], stored[0], rtol=1e-5, atol=1e-5)
+    # Only the pairs the 3 steps reach are scored (the rest NaN, in the same rows for both layouts).
+    assert not stored[0].isnan().all()
+    torch.testing.assert_close(stored[1], stored[0], rtol=1e-5, atol=1e-5, equal_nan=True)
