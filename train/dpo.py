@@ -272,7 +272,8 @@ def reference_logps(
     for name, data in sets.items():
         wanted = data.pairs_within(cfg.train.steps) if name == "train" else range(len(data.pairs))
         known = stored.get(name, torch.full((len(data.pairs), 2), float("nan")))
-        missing = [i for i in wanted if known[i].isnan().any()]
+        unscored = known.isnan().any(dim=1)
+        missing = [i for i in wanted if unscored[i]]
         if missing:
             fresh = score_pairs(model, cfg, ctx, data, ctx.micro_batch_size(cfg), missing)
             known = torch.where(fresh.isnan(), known, fresh)
