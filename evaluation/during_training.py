@@ -49,9 +49,9 @@ class TaskEvalConfig:
 
 def load_tasks(config: TaskEvalConfig) -> dict[str, Any]:
     """The leaf tasks of ``config.tasks`` by name; every one must be a multiple choice (named when it is not)."""
-    from lm_eval.tasks import TaskManager
+    from evaluation.harness import task_manager
 
-    manager = TaskManager(include_path=[DEFAULT_INCLUDE, *config.include_path])
+    manager = task_manager(list(config.tasks), [DEFAULT_INCLUDE, *config.include_path])
     unknown = [name for name in config.tasks if name not in manager.all_tasks]
     if unknown:
         raise ValueError(f"eval.tasks: no lm-eval task or group named {unknown} (include_path {config.include_path})")

@@ -274,6 +274,18 @@ class Llama3HerdLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
+def task_manager(names: list[str], include_path: list[str | Path]) -> Any:
+    """lm-eval's TaskManager for ``names``: the include paths alone when they define every one of them, else
+    lm-eval's own tasks as well (indexing those thousands of YAMLs costs about 15 s a process on a small CPU)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(path) for path in include_path]
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(name in local.all_tasks for name in names):
+        return local
+    return TaskManager(include_path=paths)
+
+
 def save_hf_tokenizer(directory: str | Path) -> None:
     """Write the Llama 3 tokenizer as transformers' tokenizer files into ``directory`` (converted from the same
     tokenizer.model by transformers' TikTokenConverter, <|begin_of_text|> before every text as in Meta's release),

