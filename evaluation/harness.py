@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from tqdm import tqdm
 from lm.generate import generate
 from lm.model import Transformer
 from lm.tokenizer import ChatFormat, Tokenizer
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 BOS_TEXT = "<|begin_of_text|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -274,7 +277,7 @@ class Llama3HerdLM(TemplateLM):
         return out  # type: ignore[return-value]
 
 
-def task_manager(names: list[str], include_path: list[str | Path]) -> Any:
+def task_manager(names: list[str], include_path: list[str | Path]) -> TaskManager:
     """lm-eval's TaskManager for ``names``: the include paths alone when they define every one of them, else
     lm-eval's own tasks as well (indexing those thousands of YAMLs costs about 15 s a process on a small CPU)."""
     from lm_eval.tasks import TaskManager
