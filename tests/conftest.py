@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lm.config import LMConfig, RopeScaling
 from lm.model import Transformer
+from tests.dist_utils import threads_per_process
 from tests.lm_runs import reference, setup  # noqa: F401  (session fixtures of the torchrun train/lm.py tests)
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Each of make test's workers, and every process its tests start (they inherit OMP_NUM_THREADS), keeps to its
+    # share of the cores: oversubscribed OpenMP threads spin (the SFT learning test took 442 s instead of 141).
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_process())
+    torch.set_num_threads(threads_per_process())
 
 
 def tiny_config(**overrides) -> LMConfig:

@@ -181,9 +181,7 @@ def torchrun(
 
     port = free_port()
     base_env = dict(os.environ)
-    # The machine's cores split among the ranks: a one-rank run gets them all rather than leaving half idle.
-    threads = max(1, len(os.sched_getaffinity(0)) // nproc)
-    base_env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    base_env.update({"OMP_NUM_THREADS": str(threads_per_process(nproc)), "PYTHONUNBUFFERED": "1"})
     base_env.update(env or {})
     base_env.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc)}
@@ -221,6 +219,14 @@ def torchrun(
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
+
+
+def threads_per_process(nproc: int = 1) -> int:
+    """Intra-op threads for each of ``nproc`` processes of one test: the machine's cores split among them and among
+    pytest-xdist's workers, since OpenMP threads on a core another process holds spin rather than wait (a one-rank
+    run alone gets every core; under ``make test``'s two workers, one)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // (nproc * workers))
 
 
 def free_port() -> int:
