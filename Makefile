@@ -52,7 +52,10 @@ test: install lint
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
 # checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves out the video
 # stage (about 2 minutes on an idle machine).
-TORCHRUN := $(VENV)/bin/torchrun --nproc-per-node 2
+# torchrun gives each of several ranks one intra-op thread unless OMP_NUM_THREADS is set, which would leave all but
+# two cores of a larger machine idle: each rank gets half the cores (on 2 cores, the same one thread each).
+RANK_THREADS := $(shell echo $$(( ($$(nproc) + 1) / 2 )))
+TORCHRUN := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(RANK_THREADS)} $(VENV)/bin/torchrun --nproc-per-node 2
 LM_RUN := runs/lm/debug
 ADAPTER_STAGES ?= vision video speech
 MM_DIR := runs/llama3mm/tiny
