@@ -15,8 +15,9 @@ from tests.lm_runs import reference, setup  # noqa: F401  (session fixtures of t
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Each of make test's workers, and every process its tests start (they inherit OMP_NUM_THREADS), keeps to its
     # share of the cores: oversubscribed OpenMP threads spin (the SFT learning test took 442 s instead of 141).
-    os.environ["OMP_NUM_THREADS"] = str(threads_per_process())
-    torch.set_num_threads(threads_per_process())
+    _threads = threads_per_process()
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 def tiny_config(**overrides) -> LMConfig:
