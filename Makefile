@@ -57,8 +57,9 @@ test: install lint
 RANK_THREADS := $(shell echo $$(( ($$(nproc) + 1) / 2 )))
 TORCHRUN := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(RANK_THREADS)} $(VENV)/bin/torchrun --nproc-per-node 2
 LM_RUN := runs/lm/debug
-# The debug LM trains in one process on every core: on 2 cores a quarter faster than 2 gloo ranks, whose FSDP
-# gathers the 128K embedding at every step, to the same losses (bench/RESULTS.md, issue 22); the tests run it on 2.
+# The debug LM trains in one process on every core, to the same losses as 2 gloo ranks (whose FSDP gathers the 128K
+# embedding at every step): 464 against 350 tokens/s over 30 steps on an idle 2-core machine, though a whole run
+# there later averaged 304 (bench/RESULTS.md, issue 22). The tests run it on 2 ranks.
 LM_STAGE := test -f $(LM_RUN)/hf/config.json || { OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} \
   $(VENV)/bin/torchrun --nproc-per-node 1 train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
   $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
