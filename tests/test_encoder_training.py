@@ -10,6 +10,8 @@ import pytest
 import torch
 from dist_utils import torchrun
 
+from train.config import load_config
+from train.encoder import EncoderJobConfig
 from train.metrics import CONTRACT_KEYS, read_metrics
 
 SCRIPT = "train/encoder.py"
@@ -40,20 +42,23 @@ def run(modality: str, run_dir, media, nproc: int, *extra: str) -> list[dict]:
 
 
 def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
+    # The first 180 steps of the shipped 1,200-step schedule: on 96 px tiles the loss sits at chance (log 32) for
+    # about 100 steps before retrieval rises, so a schedule shortened to 70 steps decays before it leaves chance.
     recs = run(
         "vision",
         tmp_path / "clip",
         media,
         2,
-        "--train.steps=70",
-        "--train.eval_interval=70",
-        "--checkpoint.interval=70",
+        "--train.steps=180",
+        "--optim.schedule_steps=1200",
+        "--train.eval_interval=180",
+        "--checkpoint.interval=180",
         "--metrics.log_interval=10",
     )
     for key in CONTRACT_KEYS:
         assert key in recs[0], key
     final = recs[-1]
-    assert final["step"] == 70
+    assert final["step"] == 180
     # Zero-shot retrieval among 20 held-out captions: chance is 5%.
     assert final["eval/retrieval_chance"] == pytest.approx(0.05)
     assert final["eval/retrieval_top1"] >= 0.2, final
@@ -62,9 +67,10 @@ def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
     from encoders.vision import VisionEncoder
 
     enc = VisionEncoder.from_pretrained(tmp_path / "clip" / "final" / "encoder")
-    assert enc.cfg.image_size == 64
+    shipped = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", []).model.vision
+    assert (enc.cfg.image_size, enc.cfg.patch_size) == (shipped["image_size"], shipped["patch_size"])
     meta = json.loads((tmp_path / "clip" / "final" / "pretraining.json").read_text())
-    assert meta["objective"]["kind"] == "vision" and meta["last"]["step"] == 70
+    assert meta["objective"]["kind"] == "vision" and meta["last"]["step"] == 180
     from train.plot import plot_run
 
     assert os.path.getsize(plot_run(str(tmp_path / "clip"))) > 1000
