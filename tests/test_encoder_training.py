@@ -42,15 +42,16 @@ def run(modality: str, run_dir, media, nproc: int, *extra: str) -> list[dict]:
 
 
 def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
-    # The first 180 steps of the shipped 1,200-step schedule: on 96 px tiles the loss sits at chance (log 32) for
+    # The first 180 steps of the shipped (1,200-step) schedule: on 96 px tiles the loss sits at chance (log 32) for
     # about 100 steps before retrieval rises, so a schedule shortened to 70 steps decays before it leaves chance.
+    shipped = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", [])
     recs = run(
         "vision",
         tmp_path / "clip",
         media,
         2,
         "--train.steps=180",
-        "--optim.schedule_steps=1200",
+        f"--optim.schedule_steps={shipped.train.steps}",
         "--train.eval_interval=180",
         "--checkpoint.interval=180",
         "--metrics.log_interval=10",
@@ -67,8 +68,8 @@ def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
     from encoders.vision import VisionEncoder
 
     enc = VisionEncoder.from_pretrained(tmp_path / "clip" / "final" / "encoder")
-    shipped = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", []).model.vision
-    assert (enc.cfg.image_size, enc.cfg.patch_size) == (shipped["image_size"], shipped["patch_size"])
+    vision = shipped.model.vision
+    assert (enc.cfg.image_size, enc.cfg.patch_size) == (vision["image_size"], vision["patch_size"])
     meta = json.loads((tmp_path / "clip" / "final" / "pretraining.json").read_text())
     assert meta["objective"]["kind"] == "vision" and meta["last"]["step"] == 180
     from train.plot import plot_run
