@@ -211,11 +211,27 @@ def _parse_value(text: str, tp: Any) -> Any:
         return text
 
 
+def _table_value_type(tp: Any) -> Any | None:
+    """The value type of a table (dict) field, Any for a bare ``dict``; None for any other type."""
+    if tp is dict:
+        return Any
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1]
+    return None
+
+
 def _field_type(cls: type, dotted: str) -> Any:
-    """The type hint of ``section.key`` (any depth) in root dataclass ``cls``; an error names unknown parts."""
+    """The type hint of ``section.key`` (any depth) in root dataclass ``cls``, or of one key of a table field
+    (``--optim.lr_scale.output=10``); an error names unknown parts."""
     tp: Any = cls
     parts = dotted.split(".")
     for i, part in enumerate(parts):
+        value_type = _table_value_type(tp)
+        if value_type is not None and i == len(parts) - 1:
+            return value_type
+        if value_type is not None:
+            table = ".".join(parts[:i])
+            raise ConfigError(f"--{dotted}: '{table}' is a table of single keys (--{table}.KEY=value)")
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"--{dotted}: '{'.'.join(parts[:i])}' is not a section")
         hints = _hints(tp)

@@ -111,3 +111,20 @@ def test_lr_schedule_shape():
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False)) and f[119] == pytest.approx(0.1)
     assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+
+
+def test_a_table_fields_keys_are_overridden_one_by_one():
+    """``--model.vision.image_size=64`` sets one key of a table field, keeping the file's other keys; a table's
+    value type is checked as the file's values are."""
+    from train.encoder import EncoderJobConfig
+
+    path = "configs/encoder/vision_tiny.toml"
+    shipped = load_config(EncoderJobConfig, path).model.vision
+    cfg = load_config(EncoderJobConfig, path, ["--model.vision.patch_size=8", "--model.text.width=32"])
+    assert cfg.model.vision == {**shipped, "patch_size": 8} and cfg.model.text == {"width": 32}
+    cfg = load_config(JobConfig, None, ["--optim.lr_scale.output=10"])
+    assert cfg.optim.lr_scale == {"output": 10.0} and isinstance(cfg.optim.lr_scale["output"], float)
+    with pytest.raises(ConfigError, match=r"optim\.lr_scale\.output.*-1"):
+        load_config(JobConfig, None, ["--optim.lr_scale.output=-1"])
+    with pytest.raises(ConfigError, match=r"--optim\.lr_scale\.output\.x: 'optim\.lr_scale' is a table of single keys"):
+        load_config(JobConfig, None, ["--optim.lr_scale.output.x=1"])
