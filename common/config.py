@@ -231,7 +231,10 @@ def _field_type(cls: type, dotted: str) -> Any:
             return value_type
         if value_type is not None:
             table = ".".join(parts[:i])
-            raise ConfigError(f"--{dotted}: '{table}' is a table of single keys (--{table}.KEY=value)")
+            raise ConfigError(
+                f"--{dotted}: '{table}' is a table of single keys: give --{table}.KEY=value, or the whole table "
+                f"as TOML (--{table}='{{\"a.b\" = 1}}') for a key with dots"
+            )
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"--{dotted}: '{'.'.join(parts[:i])}' is not a section")
         hints = _hints(tp)
