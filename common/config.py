@@ -213,10 +213,8 @@ def _parse_value(text: str, tp: Any) -> Any:
 
 def _table_value_type(tp: Any) -> Any | None:
     """The value type of a table (dict) field, Any for a bare ``dict``; None for any other type."""
-    if tp is dict:
-        return Any
-    if typing.get_origin(tp) is dict:
-        return typing.get_args(tp)[1]
+    if tp is dict or typing.get_origin(tp) is dict:
+        return (typing.get_args(tp) or (Any, Any))[1]
     return None
 
 
@@ -227,9 +225,9 @@ def _field_type(cls: type, dotted: str) -> Any:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         value_type = _table_value_type(tp)
-        if value_type is not None and i == len(parts) - 1:
-            return value_type
         if value_type is not None:
+            if i == len(parts) - 1:
+                return value_type
             table = ".".join(parts[:i])
             raise ConfigError(
                 f"--{dotted}: '{table}' is a table of single keys: give --{table}.KEY=value, or the whole table "
