@@ -46,7 +46,7 @@ test: install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM on
-# 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; synthetic media and CLIP / BEST-RQ
+# 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; synthetic media and tag / BEST-RQ
 # pretraining of the tiny encoders; the adapters on the frozen LM (vision: image encoder + adapter; speech: speech
 # encoder + adapter; video, on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last

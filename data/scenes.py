@@ -211,6 +211,19 @@ def translate_caption(scene: Scene, language: str) -> str:
     return text.replace("' ", "'")
 
 
+# Image tags of the embedded default (what `train/encoder.py --vision.objective=tags` classifies): each object's
+# shape, colour and size, and its colour bound to its shape, so that a caption's "a red circle" is one label.
+TAGS = SHAPES + COLOURS + SIZES + tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+
+
+def scene_tags(scene: Scene) -> list[str]:
+    """The scene's tags (a subset of TAGS, in TAGS order)."""
+    present = set()
+    for obj in scene.objects:
+        present.update((obj.shape, obj.colour, obj.size, f"{obj.colour} {obj.shape}"))
+    return [tag for tag in TAGS if tag in present]
+
+
 def motion_caption(obj: SceneObject, direction: str) -> str:
     """Caption of a clip: 'a red circle moves to the right'."""
     if direction not in DIRECTIONS:

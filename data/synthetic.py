@@ -2,7 +2,8 @@
 
     python -m data.synthetic {images,video,speech,all} --out DIR [--train N] [--heldout M] [--seed S] [--size PX]
 
-Writes DIR/<kind>/{train,heldout}-NNNNNN.tar and DIR/<kind>/manifest.json. Everything is a pure function of the
+Writes DIR/<kind>/{train,heldout}-NNNNNN.tar and DIR/<kind>/manifest.json (and DIR/images/tags.txt, the image
+tags' vocabulary, one per line, which each image's json lists under "tags"). Everything is a pure function of the
 arguments: the same seed gives byte-identical shards, whatever the number of worker threads. A kind whose
 manifest matches the arguments is skipped, so rerunning is cheap; an interrupted kind (no manifest) is redone.
 
@@ -40,11 +41,13 @@ from data.scenes import (
     RGB,
     SHAPES,
     SIZES,
+    TAGS,
     Scene,
     SceneObject,
     caption,
     motion_caption,
     random_scene,
+    scene_tags,
 )
 
 KINDS = ("images", "video", "speech")
@@ -61,7 +64,9 @@ VOICES = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", 
 VARIANTS = ("", "f1", "f2", "f3", "f4", "m1", "m2", "m3", "m4")
 SPEEDS = (120, 200)  # words per minute, inclusive range
 PITCHES = (25, 75)  # espeak-ng pitch 0..99, inclusive range
-VERSION = 1  # bump when the rendering changes, so old manifests no longer match
+# The image tags' vocabulary beside the image shards (train/encoder.py's tags objective reads it).
+TAGS_FILE = "tags.txt"
+VERSION = 2  # bump when the rendering changes, so old manifests no longer match
 
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -118,6 +123,7 @@ def _render_image(job: tuple[Scene, int]) -> dict[str, bytes]:
     scene, size = job
     meta = scene_to_json(scene)
     meta["caption"] = caption(scene)
+    meta["tags"] = scene_tags(scene)
     return {"png": _png(draw_scene(scene, size)), "txt": meta["caption"].encode(), "json": _dumps(meta)}
 
 
@@ -468,6 +474,8 @@ def generate(
                 writer.write(f"{split}-{index:06d}", result)
         splits[split] = {"count": len(jobs), "shards": writer.shards}
 
+    if kind == "images":
+        atomic_write_text(directory / TAGS_FILE, "".join(f"{tag}\n" for tag in TAGS))
     manifest = {"kind": kind, "args": args, "splits": splits}
     if kind == "speech":
         manifest["sample_rate"] = SAMPLE_RATE

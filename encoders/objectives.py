@@ -1,8 +1,14 @@
-"""Encoder pretraining objectives: CLIP (image-text contrastive) and BEST-RQ (speech masked prediction).
+"""Encoder pretraining objectives: CLIP (image-text contrastive), image tags (multi-label classification) and
+BEST-RQ (speech masked prediction).
 
 CLIP: our VisionEncoder's pooled embedding against a small open_clip TextTransformer (causal, EOT pooling,
 open_clip's BPE tokenizer shipped in its package), a learned temperature, and open_clip's ClipLoss, which
 gathers features across data-parallel ranks (`rank`, `world_size`, `local_loss`, `gather_with_grad`).
+
+Tags: the ViT trained to say which of a fixed vocabulary of tags each image carries (binary cross-entropy per
+tag), as ViT was pretrained on JFT's multi-label classes. The logits read the largest value of each feature over
+the patch tokens: on the embedded scenes a shape fills a few patches, and a maximum keeps it where a class token or
+a mean learns it several times slower (bench/RESULTS.md, issue 22).
 
 BEST-RQ (Chiu et al. 2022): a frozen random-projection quantizer turns each normalised 40 ms stacked step into
 one discrete target per codebook (project to 16 dims, l2-normalise, nearest neighbour by cosine in a frozen,
@@ -133,6 +139,22 @@ def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float
     """Top-1 image-to-text retrieval: fraction of images whose own caption (same index) scores highest."""
     best = (image_emb @ text_emb.T).argmax(dim=1)
     return (best == torch.arange(image_emb.shape[0], device=best.device)).float().mean().item()
+
+
+# ---------------------------------------------------------------- tags
+
+
+class TagClassifier(nn.Module):
+    """VisionEncoder trunk + a linear head over the patch tokens' per-feature maximum: one logit per tag."""
+
+    def __init__(self, vision_cfg: VisionEncoderConfig, num_tags: int):
+        super().__init__()
+        self.vision = VisionEncoder(vision_cfg)
+        self.head = nn.Linear(vision_cfg.width, num_tags)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Square images [B, 3, S, S] (CLIP-normalised) -> tag logits [B, num_tags]."""
+        return self.head(self.vision.encode_tokens(images)[:, 1:].amax(dim=1))
 
 
 # ---------------------------------------------------------------- BEST-RQ

@@ -239,12 +239,20 @@ class VisionEncoder(nn.Module):
 
     def encode_pooled(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding of square images [B, 3, S, S] -> [B, embed_dim] (trunk only, unnormalised)."""
+        return self.ln_post(self._trunk(images)[:, 0]) @ self.proj
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's tokens of square images [B, 3, S, S] after ``ln_post`` -> [B, 1 + patches, width]
+        (class token first)."""
+        return self.ln_post(self._trunk(images))
+
+    def _trunk(self, images: torch.Tensor) -> torch.Tensor:
         x = self._embed_patches(images)
         x = x + self.positional_embedding.to(x.dtype)
         x = self.ln_pre(x)
         for block in self.transformer.resblocks:
             x = block(x)
-        return self.ln_post(x[:, 0]) @ self.proj
+        return x
 
     def _embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [N, patches, width]

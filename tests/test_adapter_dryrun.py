@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from train import dryrun_media as dm
 from train.dryrun import GIB, optimizer_state_bytes
-from train.dryrun_media import activation_bytes, adapter_parts, bestrq_parts, clip_parts
+from train.dryrun_media import activation_bytes, adapter_parts, bestrq_parts, clip_parts, tags_parts
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny shapes
 
@@ -262,7 +263,7 @@ def test_full_checkpointing_keeps_the_block_inputs(case):
 
 def test_encoder_activation_formulas_are_what_autograd_keeps():
     """CLIP (ViT, text tower, contrastive loss) and BEST-RQ (Conformer, head) on fp32 micro-batches, to 2%."""
-    from encoders.objectives import BEST_RQ_PRESETS, BestRQ, CLIPModel, TextTowerConfig, clip_loss
+    from encoders.objectives import BEST_RQ_PRESETS, BestRQ, CLIPModel, TagClassifier, TextTowerConfig, clip_loss
     from encoders.speech import SpeechEncoderConfig, log_mel, num_feature_frames
     from encoders.vision import VisionEncoderConfig
 
@@ -280,6 +281,13 @@ def test_encoder_activation_formulas_are_what_autograd_keeps():
 
     kept = saved_bytes(clip_step, exclude=[*clip.parameters(), *clip.buffers()])
     assert sum(activation_bytes(clip_parts(clip, batch, 1, 4), "none").values()) == pytest.approx(kept, rel=0.02)
+
+    tagger = TagClassifier(vision, 36)
+    targets = (torch.rand(batch, 36) < 0.2).float()
+    kept = saved_bytes(
+        lambda: F.binary_cross_entropy_with_logits(tagger(images).float(), targets), exclude=[*tagger.parameters()]
+    )
+    assert sum(activation_bytes(tags_parts(tagger, batch, 4), "none").values()) == pytest.approx(kept, rel=0.02)
 
     bestrq = BestRQ(SpeechEncoderConfig.from_preset("tiny"), **BEST_RQ_PRESETS["tiny"])
     seconds = 2.0
@@ -372,21 +380,28 @@ def real_batch(mm, modality: str) -> dict:
     return with_labels({k: inputs[k] for k in ("tokens", "audio", "audio_lengths")})
 
 
-def test_clip_plan_gives_no_adamw_state_to_the_parts_clip_never_runs():
-    """CLIP pretraining never runs the Llama 3.2 tile embeddings and global layers: a real step leaves them without
-    gradients or AdamW moments, and the plan counts exactly the moments the real optimizer holds."""
+@pytest.mark.parametrize("objective", ["clip", "tags"])
+def test_vision_plan_gives_no_adamw_state_to_the_parts_pretraining_never_runs(objective):
+    """Encoder pretraining (CLIP or tags) never runs the Llama 3.2 tile embeddings and global layers: a real step
+    leaves them without gradients or AdamW moments, and the plan counts exactly the moments the real optimizer holds."""
     from encoders.objectives import clip_loss
     from train.config import load_config
     from train.dryrun_media import plan_stage
-    from train.encoder import EncoderJobConfig, build_vision, planned_stage
+    from train.encoder import EncoderJobConfig, build_tagger, build_vision, planned_stage
     from train.optim import build_optimizer
 
-    cfg = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", [])
+    overrides = [f"--vision.objective={objective}", "--plan.tags=36"]
+    cfg = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", overrides)
     torch.manual_seed(0)
-    model, vision, text = build_vision(cfg)
-    images = torch.rand(4, 3, vision.image_size, vision.image_size)
-    img, txt, scale = model(images, torch.randint(1, 1000, (4, text.context_length)))
-    clip_loss()(img, txt, scale).backward()
+    if objective == "clip":
+        model, vision, text = build_vision(cfg)
+        images = torch.rand(4, 3, vision.image_size, vision.image_size)
+        img, txt, scale = model(images, torch.randint(1, 1000, (4, text.context_length)))
+        clip_loss()(img, txt, scale).backward()
+    else:
+        model, vision = build_tagger(cfg, 36)
+        logits = model(torch.rand(4, 3, vision.image_size, vision.image_size))
+        F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
     optimizer = build_optimizer(model, cfg.optim)
     optimizer.step()
     assert model.vision.global_transformer.resblocks[0].gate_attn.grad is None

@@ -10,6 +10,7 @@ import pytest
 import torch
 from dist_utils import torchrun
 
+from encoders.vision import VisionEncoderConfig
 from train.config import load_config
 from train.encoder import EncoderJobConfig
 from train.metrics import CONTRACT_KEYS, read_metrics
@@ -42,16 +43,19 @@ def run(modality: str, run_dir, media, nproc: int, *extra: str) -> list[dict]:
 
 
 def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
-    # The first 180 steps of the shipped (1,200-step) schedule: on 96 px tiles the loss sits at chance (log 32) for
-    # about 100 steps before retrieval rises, so a schedule shortened to 70 steps decays before it leaves chance.
+    # The first 180 steps of a 1,200-step schedule on the shipped encoder: on 96 px tiles the loss sits at chance
+    # (log 32) for about 100 steps before retrieval rises, so a schedule shortened to 70 steps decays before it
+    # leaves chance.
     shipped = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", [])
     recs = run(
         "vision",
         tmp_path / "clip",
         media,
         2,
+        "--vision.objective=clip",
+        "--optim.weight_decay=0.1",
         "--train.steps=180",
-        f"--optim.schedule_steps={shipped.train.steps}",
+        "--optim.schedule_steps=1200",
         "--train.eval_interval=180",
         "--checkpoint.interval=180",
         "--metrics.log_interval=10",
@@ -75,6 +79,60 @@ def test_clip_pretraining_learns_retrieval_on_two_ranks(tmp_path, media):
     from train.plot import plot_run
 
     assert os.path.getsize(plot_run(str(tmp_path / "clip"))) > 1000
+
+
+def test_tag_pretraining_learns_on_two_ranks(tmp_path, media):
+    """The shipped objective (tags) for the first 300 steps of its schedule: held-out tags called right beyond
+    always calling each tag's commoner answer, and the encoder exports with its tags beside it."""
+    shipped = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", [])
+    assert shipped.vision.objective == "tags"
+    recs = run(
+        "vision",
+        tmp_path / "tags",
+        media,
+        2,
+        "--train.steps=300",
+        f"--optim.schedule_steps={shipped.train.steps}",
+        "--train.eval_interval=300",
+        "--checkpoint.interval=300",
+    )
+    final = recs[-1]
+    assert final["step"] == 300
+    # 36 tags: 4 shapes, 6 colours, 2 sizes, 24 colour-shape pairs; about 0.83 right by the commoner answers.
+    assert 0.75 < final["eval/tag_majority"] < 0.9, final
+    assert final["eval/tag_accuracy"] >= final["eval/tag_majority"] + 0.04, final
+    assert final["loss"] < recs[0]["loss"] - 0.3
+    from encoders.vision import VisionEncoder
+
+    enc = VisionEncoder.from_pretrained(tmp_path / "tags" / "final" / "encoder")
+    assert enc.cfg.image_size == shipped.model.vision["image_size"]
+    meta = json.loads((tmp_path / "tags" / "final" / "pretraining.json").read_text())
+    assert meta["objective"]["tags"] == (media / "images" / "tags.txt").read_text().split("\n")[:-1]
+
+
+def test_tags_need_their_vocabulary_and_each_image_known_tags(tmp_path):
+    from train.encoder import read_tags, tags_transform
+
+    cfg = load_config(EncoderJobConfig, "configs/encoder/vision_tiny.toml", [f"--data.dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="shards"):
+        read_tags(cfg)  # no data, no tags beside it
+    cfg.vision.tags_file = str(tmp_path / "tags.txt")
+    with pytest.raises(FileNotFoundError, match="tags.txt"):
+        read_tags(cfg)
+    (tmp_path / "tags.txt").write_text("red\ncircle\nred\n")
+    with pytest.raises(ValueError, match="'red'"):
+        read_tags(cfg)
+    (tmp_path / "tags.txt").write_text("red\n\ncircle\n")
+    tags = read_tags(cfg)
+    assert tags == ["red", "circle"]
+    transform = tags_transform(VisionEncoderConfig.from_preset("tiny"), tags)
+    batch = {"key": ["a", "b"], "image": torch.rand(2, 3, 64, 64), "meta": [{"tags": ["circle"]}, {"tags": []}]}
+    out = transform(batch)
+    assert out["targets"].tolist() == [[0.0, 1.0], [0.0, 0.0]] and out["images"].shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="'square' of image b"):
+        transform(dict(batch, meta=[{"tags": ["red"]}, {"tags": ["square"]}]))
+    with pytest.raises(ValueError, match="image a has no"):
+        transform(dict(batch, meta=[{}, {"tags": []}]))
 
 
 def test_bestrq_learns_and_resume_is_exact(tmp_path, media):

@@ -194,7 +194,26 @@ def test_rerun_skips_a_matching_kind_and_redoes_a_changed_one(tmp_path: Path, ca
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
         "heldout-000000.tar",
         "manifest.json",
+        "tags.txt",
         "train-000000.tar",
         "train-000001.tar",
     ]
     assert "images: train 6, heldout 2 (written)" in capsys.readouterr().out
+
+
+def test_image_tags_are_the_scene_objects_and_their_vocabulary_is_written(media: Path) -> None:
+    from data.scenes import TAGS, scene_tags
+
+    vocabulary = (media / "images" / synthetic.TAGS_FILE).read_text().splitlines()
+    assert vocabulary == list(TAGS) and len(set(vocabulary)) == 4 + 6 + 2 + 24
+    for shard in sorted((media / "images").glob("*.tar")):
+        for sample in _samples(shard).values():
+            meta = json.loads(sample["json"])
+            objects = [SceneObject(**{k: o[k] for k in ("shape", "colour", "size", "x", "y")}) for o in meta["objects"]]
+            assert meta["tags"] == scene_tags(Scene(objects=tuple(objects)))
+            for obj in objects:  # each object's shape, colour, size and its colour bound to its shape
+                assert {obj.shape, obj.colour, obj.size, f"{obj.colour} {obj.shape}"} <= set(meta["tags"])
+    two = Scene(
+        objects=(SceneObject("star", "red", "small", 0.2, 0.2), SceneObject("circle", "blue", "large", 0.8, 0.8))
+    )
+    assert scene_tags(two) == ["circle", "star", "red", "blue", "small", "large", "red star", "blue circle"]

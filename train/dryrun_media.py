@@ -334,6 +334,21 @@ def clip_parts(model: nn.Module, batch: int, dp: int, a: int) -> list[Part]:
     ]
 
 
+def tags_parts(model: nn.Module, batch: int, a: int) -> list[Part]:
+    """Tag pretraining (``encoders.objectives.TagClassifier``): the ViT on one square tile, its ln_post over every
+    token and their maximum, the head's logits and the fp32 loss."""
+    vision = model.vision.cfg
+    n = vision.num_tokens
+    image = n * vit_block_bytes(vision.width, vision.heads, 0, a, gated=False)
+    # Stems: pixels, ln_pre and ln_post (input, output and statistics of each token), the pooled features.
+    once = 3 * vision.image_size**2 * a + n * (4 * a * vision.width + 4 * STAT) + a * vision.width
+    head = model.head.out_features * (a + 2 * 4)
+    return [
+        Part("image encoder", vision.layers, batch * image, batch * n * a * vision.width, True, batch * once),
+        Part("tag head and loss", once=batch * head),
+    ]
+
+
 def bestrq_parts(model: nn.Module, seconds: float, batch: int, a: int) -> list[Part]:
     """BEST-RQ pretraining: the Conformer on the corrupted steps, the head and its fp32 log-softmax on the masked
     steps (the expected share ``1 - (1 - p)^span`` of them)."""

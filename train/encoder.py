@@ -30,7 +30,7 @@ import logging  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Annotated, Any  # noqa: E402
+from typing import TYPE_CHECKING, Annotated, Any, Literal  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -48,7 +48,7 @@ from train.stage import Recipe, Stage  # noqa: E402
 from train.stage import main as stage_main  # noqa: E402
 
 if TYPE_CHECKING:  # the encoders import open_clip, torchvision and torchaudio: loaded only where used
-    from encoders.objectives import BestRQ, CLIPModel, TextTowerConfig
+    from encoders.objectives import BestRQ, CLIPModel, TagClassifier, TextTowerConfig
     from encoders.speech import SpeechEncoderConfig
     from encoders.vision import VisionEncoderConfig
 
@@ -82,20 +82,27 @@ class EncoderDataConfig(MediaDataConfig):
 
 @dataclass
 class EncoderEvalConfig:
-    """Held-out evaluation: retrieval among groups (vision) or masked-prediction accuracy (speech)."""
+    """Held-out evaluation: retrieval among groups (CLIP), tags right (tags) or masked-prediction accuracy (speech)."""
 
     group_size: Annotated[int, Range(min=2)] = 20
-    # Held-out groups (vision) or batches (speech) evaluated each time.
+    # Held-out groups (CLIP) or batches (tags, speech) evaluated each time.
     batches: PositiveInt = 10
     batch_size: PositiveInt = 20
 
 
 @dataclass
 class EncoderVisionConfig:
-    """Where CLIP pretraining starts: fresh weights, or an open_clip checkpoint on local disk."""
+    """How the ViT is pretrained, and where it starts: fresh weights, or an open_clip checkpoint on local disk."""
 
     # An open_clip CLIP (or visual-only) state dict, .pt/.bin/.safetensors: e.g. ViT-H-14 for the paper's encoder.
     pretrained: str = ""
+    # "clip": image-text contrastive against a text tower, as the paper's encoder was. "tags": multi-label
+    # classification of each image's json "tags" over the vocabulary of tags_file, as ViT was pretrained on JFT.
+    # The embedded default takes tags: on its 4,000 scenes CLIP learns colour but not shape within the quickstart's
+    # budget, however its captions are varied (bench/RESULTS.md, issue 22).
+    objective: Literal["clip", "tags"] = "clip"
+    # The tags, one per line; empty: tags.txt beside data.dir's training shards (data.synthetic writes it).
+    tags_file: str = ""
 
 
 @dataclass
@@ -105,6 +112,8 @@ class EncoderPlanConfig:
 
     # Seconds per utterance (speech).
     audio_seconds: Annotated[float, Range(min=0.05)] = 30.0
+    # Tags the head classifies (vision.objective = "tags"; a real run counts its tags file).
+    tags: PositiveInt = 1000
 
 
 @dataclass
@@ -122,21 +131,71 @@ class EncoderJobConfig(JobConfig):
 # Batches.
 
 
-def vision_transform(model_cfg: VisionEncoderConfig, tokenize: Tokenize) -> Callable[[dict], dict]:
-    """Batch of decoded images/captions -> (normalised pixels [B,3,S,S], token ids, captions)."""
+def image_pixels(model_cfg: VisionEncoderConfig) -> Callable[[torch.Tensor | list[torch.Tensor]], torch.Tensor]:
+    """Decoded images (a stacked batch, or a list of mixed sizes) -> CLIP-normalised square tiles [B, 3, S, S]."""
     from encoders.tiling import CLIP_MEAN, CLIP_STD
 
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     size = model_cfg.image_size
 
-    def fn(batch: dict) -> dict:
-        images = batch["image"]
+    def fn(images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):  # mixed sizes: resize each
             images = torch.stack([F.interpolate(im[None], size=(size, size), mode="bilinear")[0] for im in images])
         elif images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-        return {"images": (images - mean) / std, "tokens": tokenize(batch["text"]), "text": batch["text"]}
+        return (images - mean) / std
+
+    return fn
+
+
+def vision_transform(model_cfg: VisionEncoderConfig, tokenize: Tokenize) -> Callable[[dict], dict]:
+    """Batch of decoded images/captions -> (normalised pixels [B,3,S,S], token ids, captions)."""
+    pixels = image_pixels(model_cfg)
+
+    def fn(batch: dict) -> dict:
+        return {"images": pixels(batch["image"]), "tokens": tokenize(batch["text"]), "text": batch["text"]}
+
+    return fn
+
+
+def read_tags(cfg: EncoderJobConfig) -> list[str]:
+    """The tags' vocabulary: ``vision.tags_file``, or tags.txt beside ``data.dir``'s training shards."""
+    from data.media import find_shards
+    from data.synthetic import TAGS_FILE
+
+    if cfg.vision.tags_file:
+        path = Path(cfg.vision.tags_file)
+    elif cfg.data.shards:
+        raise ValueError("vision.objective = 'tags' over data.shards needs vision.tags_file (one tag per line)")
+    else:
+        path = find_shards(cfg.data.dir, "image", "train")[0].parent / TAGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no tags file {path} (vision.tags_file: the tags, one per line)")
+    tags = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not tags:
+        raise ValueError(f"{path} lists no tags")
+    repeated = sorted({t for t in tags if tags.count(t) > 1})
+    if repeated:
+        raise ValueError(f"{path} lists {repeated} more than once")
+    return tags
+
+
+def tags_transform(model_cfg: VisionEncoderConfig, tags: list[str]) -> Callable[[dict], dict]:
+    """Batch of decoded images with json "tags" -> (normalised pixels [B,3,S,S], multi-hot targets [B, tags])."""
+    pixels = image_pixels(model_cfg)
+    index = {tag: i for i, tag in enumerate(tags)}
+
+    def fn(batch: dict) -> dict:
+        targets = torch.zeros(len(batch["meta"]), len(tags))
+        for row, (key, meta) in enumerate(zip(batch["key"], batch["meta"], strict=True)):
+            if not isinstance(meta.get("tags"), list):
+                raise ValueError(f"image {key} has no \"tags\" list in its json (vision.objective = 'tags')")
+            for tag in meta["tags"]:
+                if tag not in index:
+                    raise ValueError(f"tag {tag!r} of image {key} is not one of the {len(tags)} in the tags file")
+                targets[row, index[tag]] = 1.0
+        return {"images": pixels(batch["image"]), "targets": targets}
 
     return fn
 
@@ -155,19 +214,37 @@ def speech_transform(batch: dict) -> dict:
 # Models, losses and evals.
 
 
-def build_vision(cfg: EncoderJobConfig) -> tuple[CLIPModel, VisionEncoderConfig, TextTowerConfig]:
-    """CLIPModel (our VisionEncoder + open_clip text tower) from the config's presets and overrides."""
-    from encoders.objectives import CLIPModel, TextTowerConfig
+def vision_config(cfg: EncoderJobConfig) -> VisionEncoderConfig:
+    """The ViT's shape: the config's preset and overrides."""
     from encoders.vision import VisionEncoderConfig
 
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.vision.items()}
-    vcfg = VisionEncoderConfig.from_preset(cfg.model.vision_preset, **overrides)
+    return VisionEncoderConfig.from_preset(cfg.model.vision_preset, **overrides)
+
+
+def build_vision(cfg: EncoderJobConfig) -> tuple[CLIPModel, VisionEncoderConfig, TextTowerConfig]:
+    """CLIPModel (our VisionEncoder + open_clip text tower) from the config's presets and overrides."""
+    from encoders.objectives import CLIPModel, TextTowerConfig
+
+    vcfg = vision_config(cfg)
     tcfg = TextTowerConfig.from_preset(cfg.model.text_preset, **cfg.model.text)
     model = CLIPModel(vcfg, tcfg)
     if cfg.vision.pretrained:
         left = model.load_open_clip(cfg.vision.pretrained)
         log.info("loaded %s; %d tensors start fresh (%s)", cfg.vision.pretrained, len(left), ", ".join(left[:4]))
     return model, vcfg, tcfg
+
+
+def build_tagger(cfg: EncoderJobConfig, num_tags: int) -> tuple[TagClassifier, VisionEncoderConfig]:
+    """TagClassifier (our VisionEncoder + a linear head of ``num_tags``) from the config's presets and overrides."""
+    from encoders.objectives import TagClassifier
+
+    vcfg = vision_config(cfg)
+    model = TagClassifier(vcfg, num_tags)
+    if cfg.vision.pretrained:
+        left = model.vision.load_open_clip(cfg.vision.pretrained)
+        log.info("loaded %s; %d tensors start fresh (%s)", cfg.vision.pretrained, len(left), ", ".join(left[:4]))
+    return model, vcfg
 
 
 def build_speech(cfg: EncoderJobConfig) -> tuple[BestRQ, SpeechEncoderConfig, dict[str, Any]]:
@@ -214,6 +291,42 @@ def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize: Tokenize, vcfg
             count += len(best)
         correct, count = _all_reduce_sum([correct, count], ctx.device)
         return {"eval/retrieval_top1": correct / max(count, 1), "eval/retrieval_chance": 1.0 / group}
+
+    return fn
+
+
+def tags_eval(cfg: EncoderJobConfig, ctx: RunContext, transform: Callable[[dict], dict]) -> EvalFn:
+    """On held-out images: the share whose every tag is called right (``exact_tags``), the mean accuracy per tag
+    beside what always calling each tag's commoner answer gets (``tag_majority``), and the loss."""
+    from data.media import MediaSamples, collate_samples
+
+    heldout = MediaSamples(cfg.data.dir, kind="image", split="heldout", shuffle=False, epochs=1)
+    bs = cfg.eval.batch_size
+    n = min(cfg.eval.batches, heldout.num_samples // bs) // ctx.dp_size * ctx.dp_size
+    stream = iter(heldout)
+    cached = [transform(collate_samples([next(stream) for _ in range(bs)])) for _ in range(n)]
+    mine = cached[ctx.dp_rank :: ctx.dp_size]
+    share = torch.cat([b["targets"] for b in cached]).mean(0) if cached else torch.zeros(0)
+    majority = torch.maximum(share, 1 - share).mean().item()
+
+    def fn(model: nn.Module, step: int) -> dict:
+        exact = right = loss_sum = count = 0.0
+        for b in mine:
+            logits = model(b["images"].to(ctx.device)).float()
+            targets = b["targets"].to(ctx.device)
+            hits = (logits > 0) == targets.bool()
+            exact += hits.all(1).sum().item()
+            right += hits.float().mean(1).sum().item()
+            loss_sum += F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum().item()
+            count += len(targets)
+        exact, right, loss_sum, count = _all_reduce_sum([exact, right, loss_sum, count], ctx.device)
+        count = max(count, 1)
+        return {
+            "eval/exact_tags": exact / count,
+            "eval/tag_accuracy": right / count,
+            "eval/tag_majority": majority,
+            "eval/loss": loss_sum / count,
+        }
 
     return fn
 
@@ -302,6 +415,34 @@ def clip_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
     )
 
 
+def tags_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
+    """Tag pretraining of the vision encoder (multi-label classification); exports the vision encoder."""
+    tags = read_tags(cfg)
+    model, vcfg = build_tagger(cfg, len(tags))
+    objective = {"kind": "vision", "vision": vcfg.to_dict(), "tags": tags}
+    transform = tags_transform(vcfg, tags)
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = model(batch["images"].to(ctx.device)).float()
+        targets = batch["targets"].to(ctx.device)
+        exact = ((logits > 0) == targets.bool()).all(1).float().mean()
+        return F.binary_cross_entropy_with_logits(logits, targets), {"batch_exact_tags": exact.detach()}
+
+    return Stage(
+        model=model,
+        blocks=list(model.vision.transformer.resblocks),
+        transform=transform,
+        loss_fn=loss_fn,
+        eval_fn=tags_eval(cfg, ctx, transform),
+        export=encoder_export(cfg, ctx, model, "vision.", objective),
+    )
+
+
+def vision_stage(cfg: EncoderJobConfig, ctx: RunContext) -> Stage:
+    """The vision encoder's pretraining by ``vision.objective``: CLIP or tags."""
+    return tags_stage(cfg, ctx) if cfg.vision.objective == "tags" else clip_stage(cfg, ctx)
+
+
 def bestrq_blocks(model: BestRQ) -> list[nn.Module]:
     """The units FSDP shards and checkpoints one by one: the Conformer blocks."""
     return list(model.encoder.layers.values())
@@ -352,7 +493,7 @@ def encoder_export(
     return export
 
 
-RECIPES = {"vision": Recipe("vision", TASK, clip_stage), "speech": Recipe("speech", TASK, bestrq_stage)}
+RECIPES = {"vision": Recipe("vision", TASK, vision_stage), "speech": Recipe("speech", TASK, bestrq_stage)}
 MODALITIES = tuple(RECIPES)
 
 
@@ -374,18 +515,26 @@ def planned_stage(cfg: EncoderJobConfig, modality: str) -> dryrun_media.PlannedS
                 lambda batch, a, dp: dryrun_media.bestrq_parts(model, cfg.plan.audio_seconds, batch, a),
                 f"{cfg.plan.audio_seconds:g} s of audio ({steps} encoder steps)",
             )
-        model, vcfg, tcfg = build_vision(planned)
-    # The Llama 3.2 extensions (tile embeddings, global layers) never run in CLIP pretraining: no gradient and
-    # no AdamW state for them.
+        tags = cfg.vision.objective == "tags"
+        if tags:
+            model, vcfg = build_tagger(planned, cfg.plan.tags)
+            blocks, sample = list(model.vision.transformer.resblocks), f"{cfg.plan.tags} tags"
+        else:
+            model, vcfg, tcfg = build_vision(planned)
+            blocks, sample = clip_blocks(model), f"a caption of {tcfg.context_length} tokens"
+
+    def parts(batch: int, a: int, dp: int) -> list[dryrun_media.Part]:
+        if tags:
+            return dryrun_media.tags_parts(model, batch, a)
+        return dryrun_media.clip_parts(model, batch, dp, a)
+
+    # The Llama 3.2 extensions (tile embeddings, global layers) never run in the encoder's pretraining: no gradient
+    # and no AdamW state for them.
     idle = {f"vision.{name}" for name, _ in model.vision.named_parameters() if name.startswith(model.vision.OURS_ONLY)}
-    return dryrun_media.PlannedStage(
-        model,
-        clip_blocks(model),
-        set(),
-        lambda batch, a, dp: dryrun_media.clip_parts(model, batch, dp, a),
-        f"an image of {vcfg.image_size} px ({vcfg.num_tokens} tokens) and a caption of {tcfg.context_length} tokens",
-        idle=idle,
-    )
+    if tags:  # nor the CLIP projection: the tag head reads the patch tokens
+        idle.add("vision.proj")
+    plan_sample = f"an image of {vcfg.image_size} px ({vcfg.num_tokens} tokens) and {sample}"
+    return dryrun_media.PlannedStage(model, blocks, set(), parts, plan_sample, idle=idle)
 
 
 def dry_run(cfg: EncoderJobConfig, modality: str, world_size: int, args: Any) -> dict:
