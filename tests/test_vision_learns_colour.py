@@ -4,8 +4,9 @@ object in held-out one-object scenes far above chance (a forced choice among the
 with the image replaced by a blank one stay near chance, so it is the image that is read (measured 2026-12-04 on
 74 held-out scenes, LM and init seeds 0, 1, 2: 0.86, 0.82, 0.88 with the images; 0.22, 0.19, 0.14 blank; 13 s per
 pair of runs). The quickstart's
-figures with the pretrained encoder and LM are in bench/RESULTS.md; the ViT there knows colour well and shape
-hardly at all (bench/probe_vision.py), which is why this test asks for the colour."""
+figures with the pretrained encoder and LM are in bench/RESULTS.md; a ViT sees colour from its first steps and
+shape only after about 2,000 steps of pretraining on the scenes' tags (bench/probe_vision.py), which is why this
+test, on a random ViT, asks for the colour."""
 
 from __future__ import annotations
 

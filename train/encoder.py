@@ -1,4 +1,5 @@
-"""Encoder pretraining: CLIP (vision) or BEST-RQ (speech) on media shards, with the shared training machinery.
+"""Encoder pretraining: CLIP or image tags (vision, ``vision.objective``) or BEST-RQ (speech) on media shards, with
+the shared training machinery.
 
     torchrun --nproc-per-node N train/encoder.py --modality vision|speech --config configs/encoder/vision_tiny.toml \
         [--train.steps N] [--run.dir DIR] [--section.key=value ...]
