@@ -296,17 +296,25 @@ def vision_eval(cfg: EncoderJobConfig, ctx: RunContext, tokenize: Tokenize, vcfg
     return fn
 
 
-def tags_eval(cfg: EncoderJobConfig, ctx: RunContext, transform: Callable[[dict], dict]) -> EvalFn:
-    """On held-out images: the share whose every tag is called right (``exact_tags``), the mean accuracy per tag
-    beside what always calling each tag's commoner answer gets (``tag_majority``), and the loss."""
+def heldout_batches(
+    cfg: EncoderJobConfig, ctx: RunContext, kind: str, transform: Callable[[dict], dict]
+) -> tuple[list[dict], list[dict]]:
+    """The first ``eval.batches`` held-out batches of ``eval.batch_size`` samples, transformed (as many as split
+    evenly over the data-parallel ranks), and this rank's share of them."""
     from data.media import MediaSamples, collate_samples
 
-    heldout = MediaSamples(cfg.data.dir, kind="image", split="heldout", shuffle=False, epochs=1)
+    heldout = MediaSamples(cfg.data.dir, kind=kind, split="heldout", shuffle=False, epochs=1)
     bs = cfg.eval.batch_size
     n = min(cfg.eval.batches, heldout.num_samples // bs) // ctx.dp_size * ctx.dp_size
     stream = iter(heldout)
     cached = [transform(collate_samples([next(stream) for _ in range(bs)])) for _ in range(n)]
-    mine = cached[ctx.dp_rank :: ctx.dp_size]
+    return cached, cached[ctx.dp_rank :: ctx.dp_size]
+
+
+def tags_eval(cfg: EncoderJobConfig, ctx: RunContext, transform: Callable[[dict], dict]) -> EvalFn:
+    """On held-out images: the share whose every tag is called right (``exact_tags``), the mean accuracy per tag
+    beside what always calling each tag's commoner answer gets (``tag_majority``), and the loss."""
+    cached, mine = heldout_batches(cfg, ctx, "image", transform)
     share = torch.cat([b["targets"] for b in cached]).mean(0) if cached else torch.zeros(0)
     majority = torch.maximum(share, 1 - share).mean().item()
 
@@ -350,14 +358,7 @@ def _target_baselines(model: nn.Module, batches: list[dict]) -> tuple[float, flo
 
 def speech_eval(cfg: EncoderJobConfig, ctx: RunContext, model: nn.Module) -> EvalFn:
     """Masked-prediction accuracy on held-out utterances, with fixed masks (a seeded generator)."""
-    from data.media import MediaSamples, collate_samples
-
-    heldout = MediaSamples(cfg.data.dir, kind="audio", split="heldout", shuffle=False, epochs=1)
-    bs = cfg.eval.batch_size
-    n = min(cfg.eval.batches, heldout.num_samples // bs) // ctx.dp_size * ctx.dp_size
-    stream = iter(heldout)
-    cached = [speech_transform(collate_samples([next(stream) for _ in range(bs)])) for _ in range(n)]
-    mine = cached[ctx.dp_rank :: ctx.dp_size]
+    cached, mine = heldout_batches(cfg, ctx, "audio", speech_transform)
     majority, entropy = _target_baselines(model, cached)
 
     def fn(model: nn.Module, step: int) -> dict:
