@@ -4,7 +4,9 @@
 
 Writes DIR/<kind>/{train,heldout}-NNNNNN.tar and DIR/<kind>/manifest.json (and DIR/images/tags.txt, the image
 tags' vocabulary, one per line, which each image's json lists under "tags"). Everything is a pure function of the
-arguments: the same seed gives byte-identical shards, whatever the number of worker threads. A kind whose
+arguments: the same seed gives byte-identical shards, whatever the number of worker threads, except that x264 now
+and then codes a clip's first frame differently to the same decoded pixels (one clip in a few hundred, seen under
+CPU load; the decoded frames are always identical). A kind whose
 manifest matches the arguments is skipped, so rerunning is cheap; an interrupted kind (no manifest) is redone.
 
 Held-out splits: scenes with two or three objects in `heldout` have captions that never occur in `train`; one-object
@@ -177,7 +179,8 @@ def clip_frames(clip: dict, size: int = 64, frames: int = 16) -> list[Image.Imag
 
 
 def encode_mp4(frames: list[Image.Image], fps: int = 8) -> bytes:
-    """H.264 mp4 bytes of RGB frames (one encoder thread, so the bytes are reproducible)."""
+    """H.264 mp4 bytes of RGB frames (one encoder thread: the decoded frames are reproducible, the bytes nearly
+    always; see the module docstring)."""
     import av
 
     buf = io.BytesIO()

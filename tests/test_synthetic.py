@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from data import synthetic
 from data.media import decode_video
@@ -62,12 +63,21 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path: Path) -> None:
     assert other_seed != (tmp_path / "a" / "images" / "train-000000.tar").read_bytes()
 
 
-def test_video_and_speech_bytes_are_reproducible(tmp_path: Path, media: Path) -> None:
+def test_video_and_speech_are_reproducible(tmp_path: Path, media: Path) -> None:
+    """Speech shards are byte-identical; so are the clips' captions and json, and their mp4s decode to identical
+    frames. x264 (one thread) now and then codes a clip's first frame differently to the same pixels: measured
+    2026-12-06 under CPU load, one clip of 16 differed in 201 bytes of its first IDR slice in 2 of about 60 runs."""
     synthetic.generate("video", tmp_path, train=16, heldout=4, seed=1, workers=1)
     synthetic.generate("speech", tmp_path, train=16, heldout=4, seed=1, workers=1)
-    for kind in ("video", "speech"):
-        for shard in ("train-000000.tar", "heldout-000000.tar"):
-            assert (tmp_path / kind / shard).read_bytes() == (media / kind / shard).read_bytes(), (kind, shard)
+    for shard in ("train-000000.tar", "heldout-000000.tar"):
+        assert (tmp_path / "speech" / shard).read_bytes() == (media / "speech" / shard).read_bytes(), shard
+        again, first = _samples(tmp_path / "video" / shard), _samples(media / "video" / shard)
+        assert again.keys() == first.keys()
+        for key, sample in first.items():
+            assert again[key]["txt"] == sample["txt"] and again[key]["json"] == sample["json"], key
+            frames, fps = decode_video(sample["mp4"])
+            frames_again, fps_again = decode_video(again[key]["mp4"])
+            assert fps_again == fps and torch.equal(frames_again, frames), key
 
 
 def test_caption_colours_are_the_pixels_at_the_shapes(media: Path) -> None:
