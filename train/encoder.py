@@ -25,6 +25,7 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -176,7 +177,7 @@ def read_tags(cfg: EncoderJobConfig) -> list[str]:
     tags = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not tags:
         raise ValueError(f"{path} lists no tags")
-    repeated = sorted({t for t in tags if tags.count(t) > 1})
+    repeated = sorted(t for t, n in collections.Counter(tags).items() if n > 1)  # one pass: vocabularies run to 10^4+
     if repeated:
         raise ValueError(f"{path} lists {repeated} more than once")
     return tags
