@@ -45,8 +45,8 @@ TEST_WORKERS ?= 2
 test: install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-# The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM on
-# 2 ranks (FSDP), its export to an HF checkpoint and a generation from it; synthetic media and tag / BEST-RQ
+# The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM, its
+# export to an HF checkpoint and a generation from it; synthetic media and tag / BEST-RQ
 # pretraining of the tiny encoders; the adapters on the frozen LM (vision: image encoder + adapter; speech: speech
 # encoder + adapter; video, on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
@@ -56,13 +56,14 @@ test: install lint
 # two cores of a larger machine idle: each rank gets half the cores (on 2 cores, the same one thread each).
 RANK_THREADS := $(shell echo $$(( ($$(nproc) + 1) / 2 )))
 TORCHRUN := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(RANK_THREADS)} $(VENV)/bin/torchrun --nproc-per-node 2
+# Every quickstart stage trains in one process on every core. The debug LM reaches the same losses as on 2 gloo ranks
+# (whose FSDP gathers the 128K embedding at every step): 464 against 350 tokens/s over 30 steps on an idle 2-core
+# machine. The tiny encoders and adapters, whose steps are many small operations, run 1.1-1.6 times as fast as on 2
+# ranks of one thread (bench/RESULTS.md, issue 22). The tests run every stage on 2 ranks.
+STAGE := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/torchrun --nproc-per-node 1
 LM_RUN := runs/lm/debug
-# The debug LM trains in one process on every core, to the same losses as 2 gloo ranks (whose FSDP gathers the 128K
-# embedding at every step): 464 against 350 tokens/s over 30 steps on an idle 2-core machine, though a whole run
-# there later averaged 304 (bench/RESULTS.md, issue 22). The tests run it on 2 ranks.
-LM_STAGE := test -f $(LM_RUN)/hf/config.json || { OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} \
-  $(VENV)/bin/torchrun --nproc-per-node 1 train/lm.py --config configs/lm/debug.toml --run.dir $(LM_RUN) && \
-  $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
+LM_STAGE := test -f $(LM_RUN)/hf/config.json || { $(STAGE) train/lm.py --config configs/lm/debug.toml \
+  --run.dir $(LM_RUN) && $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
 ADAPTER_STAGES ?= vision video speech
 MM_DIR := runs/llama3mm/tiny
 DEMO ?= 1
@@ -73,14 +74,14 @@ quickstart: install
 	$(PY) -m lm.generate --checkpoint $(LM_RUN)/hf --prompt "A small red circle" --max-new-tokens 24 --temperature 0
 	$(PY) -m data.synthetic all --out runs/data/media
 	test -f runs/encoder/vision_tiny/final/encoder/model.safetensors || \
-	  $(TORCHRUN) train/encoder.py --modality vision --config configs/encoder/vision_tiny.toml
+	  $(STAGE) train/encoder.py --modality vision --config configs/encoder/vision_tiny.toml
 	test -f runs/encoder/speech_tiny/final/encoder/model.safetensors || \
-	  $(TORCHRUN) train/encoder.py --modality speech --config configs/encoder/speech_tiny.toml
+	  $(STAGE) train/encoder.py --modality speech --config configs/encoder/speech_tiny.toml
 	$(PY) -m train.plot runs/encoder/vision_tiny
 	$(PY) -m train.plot runs/encoder/speech_tiny
 	for stage in $(ADAPTER_STAGES); do \
 	  test -f runs/adapter/$${stage}_tiny/final/eval.json || \
-	    $(TORCHRUN) train/adapter.py --modality $$stage --config configs/adapter/$${stage}_tiny.toml || exit 1; \
+	    $(STAGE) train/adapter.py --modality $$stage --config configs/adapter/$${stage}_tiny.toml || exit 1; \
 	  $(PY) -m train.plot runs/adapter/$${stage}_tiny; done
 	$(PY) -m llama3mm.compose $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny/final) --out $(MM_DIR)
 	$(PY) -c "$$ADAPTER_DEMO"
