@@ -58,8 +58,8 @@ RANK_THREADS := $(shell echo $$(( ($$(nproc) + 1) / 2 )))
 TORCHRUN := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(RANK_THREADS)} $(VENV)/bin/torchrun --nproc-per-node 2
 # Every quickstart stage trains in one process on every core. The debug LM reaches the same losses as on 2 gloo ranks
 # (whose FSDP gathers the 128K embedding at every step): 464 against 350 tokens/s over 30 steps on an idle 2-core
-# machine. The tiny encoders and adapters, whose steps are many small operations, run 1.1-1.6 times as fast as on 2
-# ranks of one thread (bench/RESULTS.md, issue 22). The tests run every stage on 2 ranks.
+# machine. The tags ViT and the vision stage, whose steps are many small operations, run 1.5 times as fast as on 2
+# ranks of one thread, the other stages as fast (bench/RESULTS.md, issue 22). The tests run every stage on 2 ranks.
 STAGE := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/torchrun --nproc-per-node 1
 LM_RUN := runs/lm/debug
 LM_STAGE := test -f $(LM_RUN)/hf/config.json || { $(STAGE) train/lm.py --config configs/lm/debug.toml \
