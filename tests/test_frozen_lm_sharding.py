@@ -49,6 +49,9 @@ COMMON = (
     # Two cross-attention blocks on the 2-layer LM, and the ViT trains too: every kind of unit is sharded.
     "--model.vision_layers=2",
     "--model.train_encoder=true",
+    # Rank 0 generates with its unsharded copy, which the sharded LM must fill (the tiny config generates batched on
+    # every rank instead: tests/test_sharded_generation_eval.py).
+    "--eval.generate_sharded=false",
 )
 SHARDED = "--parallel.shard_frozen=true"
 
@@ -247,7 +250,7 @@ def padded_bytes(p: torch.Tensor, ranks: int) -> int:
     return math.ceil(p.shape[0] / ranks) * math.prod(p.shape[1:]) * p.element_size()
 
 
-# Rank 0 generates with its unsharded copy (the config generates sharded: tests/test_sharded_generation_eval.py).
+# Rank 0 generates with its unsharded copy (the 70B config generates sharded: tests/test_sharded_generation_eval.py).
 COPY = "--eval.generate_sharded=false"
 
 

@@ -43,6 +43,7 @@ COMMON = (
     "--model.vision_layers=2",
 )
 SHARDED = "--eval.generate_sharded=true"
+COPY = "--eval.generate_sharded=false"  # the tiny config sets the option: off is said explicitly
 
 
 def test_padded_share_gives_every_rank_as_many_samples_and_each_sample_once():
@@ -179,7 +180,7 @@ def run(run_dir: Path, assets: Path, data: Path, *extra: str) -> tuple[list[dict
 def runs(assets: Path, tmp_path: Path, data: Path, *extra: str) -> dict[str, tuple[Path, list[dict], str]]:
     """The stage with the option off (rank 0's copy) and on: {name: (run dir, records, output)}."""
     out = {}
-    for name, option in (("copy", ()), ("sharded", (SHARDED,))):
+    for name, option in (("copy", (COPY,)), ("sharded", (SHARDED,))):
         out[name] = (tmp_path / name, *run(tmp_path / name, assets, data, *extra, *option))
     return out
 
@@ -256,7 +257,7 @@ def test_70b_vision_plan_with_sharded_generation_fits_8_ranks(tmp_path, capsys):
         need = report["worst_total_gb"]
         assert f"FITS: the fullest rank ({rank}) needs {need:.2f} of 80 GiB" in capsys.readouterr().out
     # With rank 0's copy instead (the option off), nothing else changes, and rank 0 does not fit.
-    overrides = ["--eval.generate_sharded=false"]
+    overrides = [COPY]
     with_copy = plan(load_config(AdapterJobConfig, "configs/adapter/vision_llama3_70b.toml", overrides), "vision", 8)
     assert not with_copy["fits"] and with_copy["eval_copy_bytes"] > 190 * GIB
     assert with_copy["total_bytes"] - with_copy["eval_copy_bytes"] == reports[0]["total_bytes"]
