@@ -46,9 +46,9 @@ test: install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The embedded default end to end: the default text corpus (made offline), Llama 3 pretraining of the debug LM, its
-# export to an HF checkpoint and a generation from it; synthetic media and tag / BEST-RQ
-# pretraining of the tiny encoders; the adapters on the frozen LM (vision: image encoder + adapter; speech: speech
-# encoder + adapter; video, on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
+# export to an HF checkpoint and a generation from it; synthetic media and tag / BEST-RQ pretraining of the tiny
+# encoders; the adapters on the frozen LM (vision: image encoder + adapter; speech: speech encoder + adapter; video,
+# on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
 # checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves out the video
 # stage (about 2 minutes on an idle machine).
