@@ -334,6 +334,7 @@ def test_planned_bytes_are_a_real_one_rank_build(modality, checkpoints):
         "--model.lm_dtype=bfloat16",
         "--model.train_encoder=true",
         "--model.vision_layers=2",
+        "--eval.generate_sharded=false",  # rank 0's evaluation copy, planned below (the tiny configs generate batched)
     ]
     cfg = load_config(AdapterJobConfig, f"configs/adapter/{modality}_tiny.toml", overrides)
     build = next(m for m in MODALITY_TABLE if m.name == modality).build_model
