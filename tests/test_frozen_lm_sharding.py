@@ -34,6 +34,9 @@ SCRIPT = "train/adapter.py"
 STEPS = 6
 CUT = 3  # the checkpoint the resumed run starts from
 GIB = 2**30
+# Rank 0 generates with its unsharded copy, which the sharded LM must fill (the tiny and 70B configs generate batched on
+# every rank instead: tests/test_sharded_generation_eval.py).
+COPY = "--eval.generate_sharded=false"
 COMMON = (
     f"--train.steps={STEPS}",
     "--train.batch_size=4",
@@ -49,9 +52,7 @@ COMMON = (
     # Two cross-attention blocks on the 2-layer LM, and the ViT trains too: every kind of unit is sharded.
     "--model.vision_layers=2",
     "--model.train_encoder=true",
-    # Rank 0 generates with its unsharded copy, which the sharded LM must fill (the tiny config generates batched on
-    # every rank instead: tests/test_sharded_generation_eval.py).
-    "--eval.generate_sharded=false",
+    COPY,
 )
 SHARDED = "--parallel.shard_frozen=true"
 
@@ -249,9 +250,6 @@ def padded_bytes(p: torch.Tensor, ranks: int) -> int:
     """What a rank holds of ``p`` sharded by FSDP2: ceil(rows / ranks) rows."""
     return math.ceil(p.shape[0] / ranks) * math.prod(p.shape[1:]) * p.element_size()
 
-
-# Rank 0 generates with its unsharded copy (the 70B config generates sharded: tests/test_sharded_generation_eval.py).
-COPY = "--eval.generate_sharded=false"
 
 
 def plan_70b(rank: int, *overrides: str) -> dict:
