@@ -89,6 +89,23 @@ def test_bfloat16_inputs_close_to_fp32_reference():
     _assert_close(ours, _reference(hidden, weight, targets), rtol=2e-2, atol=2e-3)
 
 
+def test_bfloat16_equals_the_whole_logits_recipe_and_kept_buffers_do_not_mix_dtypes():
+    """bf16 matmuls, fp32 softmax: what autograd gives for bf16 logits upcast to fp32 (HF's loss), call after call,
+    with fp32 and bf16 calls (each dtype has its own kept CPU buffer) and a larger call between them."""
+    hidden, weight, targets = _inputs(n_tokens=64, dim=32, vocab=300, ignored=(1, 2))
+    h16, w16 = (x.bfloat16().requires_grad_() for x in (hidden, weight))
+    loss = F.cross_entropy((h16 @ w16.T).float(), targets)
+    loss.backward()
+    expected = tuple(x.detach().double() for x in (loss, h16.grad, w16.grad))
+    fp32 = _ours(hidden, weight, targets, chunk_size=24)
+    for n_tokens in (64, 200, 64):
+        big = _inputs(n_tokens=n_tokens, dim=32, vocab=300, seed=1)
+        _ours(*big, chunk_size=24)
+        _assert_close(_ours(hidden.bfloat16(), weight.bfloat16(), targets, chunk_size=24), expected, 1e-2, 1e-3)
+        for a, b in zip(_ours(hidden, weight, targets, chunk_size=24), fp32, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_shape_mismatch_fails_clearly():
     hidden, weight, targets = _inputs()
     with pytest.raises(ValueError, match="disagree"):
