@@ -64,7 +64,7 @@ STAGE := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/torchrun --n
 LM_RUN := runs/lm/debug
 # On CPUs with bf16 dot products (AVX512-BF16, AMX) the LM computes in bf16 (FSDP's mixed precision: fp32 weights
 # and optimizer, fp32 softmax in the loss), 1.5 times as fast: its 128K output projection is most of its work, and
-# those matmuls run 2.4 times as fast as in fp32 (bench/loss.py). Elsewhere bf16 would be slower; it stays fp32.
+# those matmuls run 2.4 times as fast as in fp32 (bench/loss.py). Other CPUs have no bf16 arithmetic to gain: fp32.
 LM_PRECISION := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && \
   echo --parallel.mixed_precision_on_cpu=true)
 LM_STAGE := test -f $(LM_RUN)/hf/config.json || { $(STAGE) train/lm.py --config configs/lm/debug.toml \
