@@ -110,6 +110,18 @@ def test_tag_pretraining_learns_on_two_ranks(tmp_path, media):
     assert meta["objective"]["tags"] == (media / "images" / "tags.txt").read_text().split("\n")[:-1]
 
 
+def test_mixed_precision_on_cpu_reaches_the_encoder_stage(tmp_path, media):
+    """`--parallel.mixed_precision_on_cpu` computes the stage in bf16 (train/stage.py once ignored it): the losses
+    move off fp32's and stay near them."""
+    steps = ["--train.steps=20", "--train.eval_interval=20", "--checkpoint.interval=20", "--metrics.log_interval=5"]
+    fp32 = run("vision", tmp_path / "fp32", media, 1, *steps)
+    bf16 = run("vision", tmp_path / "bf16", media, 1, *steps, "--parallel.mixed_precision_on_cpu=true")
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(fp32, bf16, strict=True) if "loss" in a]
+    assert len(pairs) >= 4, pairs
+    assert any(a != b for a, b in pairs), pairs
+    assert all(abs(a - b) < 0.02 for a, b in pairs), pairs
+
+
 def test_tags_need_their_vocabulary_and_each_image_known_tags(tmp_path):
     from train.encoder import read_tags, tags_transform
 

@@ -199,6 +199,7 @@ def shard(cfg: JobConfig, ctx: RunContext, stage: Stage) -> None:
         reduce_dtype=cfg.parallel.reduce_dtype,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         ignored_params=None if sharded_frozen else stage.frozen,
+        mixed_precision_on_cpu=cfg.parallel.mixed_precision_on_cpu,
     )
     for block in [*stage.blocks, *(stage.frozen_units if sharded_frozen else [])]:
         if hasattr(block, "media_kv"):
