@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.posttrain_step import memory_kb  # noqa: E402
 from lm.loss import linear_cross_entropy  # noqa: E402
 
 VOCAB = 128256
@@ -43,17 +43,6 @@ def peer(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy((hidden @ weight.t()).float(), targets)
 
 
-def peak_rss_kb() -> int:
-    """This process's resident-set high-water mark in KiB: VmHWM, which (unlike ru_maxrss) an exec resets."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def timed_call(fn, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
     """Seconds, loss and peak extra memory (GB) of one forward and backward."""
     hidden = hidden.detach().requires_grad_()
@@ -63,7 +52,7 @@ def timed_call(fn, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = peak_rss_kb()
+        base = memory_kb("VmHWM")
     start = time.perf_counter()
     loss = fn(hidden, weight, targets)
     loss.backward()
@@ -71,7 +60,7 @@ def timed_call(fn, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
     else:
-        peak = (peak_rss_kb() - base) * 1024 / 1e9
+        peak = (memory_kb("VmHWM") - base) * 1024 / 1e9
     return time.perf_counter() - start, float(loss.detach()), peak
 
 

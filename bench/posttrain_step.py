@@ -143,7 +143,8 @@ def _ours_setup(stage: str, model_dir: str, batch_file: str):
     return model, step
 
 
-def _memory_kb(field: str) -> int:
+def memory_kb(field: str) -> int:
+    """A KiB figure of this process from /proc/self/status (VmRSS, VmHWM: the high-water mark, which exec resets)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -156,7 +157,7 @@ def measure(stage: str, side: str, model_dir: str, batch_file: str, repeats: int
     model, loss_of = setup(stage, model_dir, batch_file)
     optimizer = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from here (Linux)
-    start_kb = _memory_kb("VmRSS")
+    start_kb = memory_kb("VmRSS")
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -173,7 +174,7 @@ def measure(stage: str, side: str, model_dir: str, batch_file: str, repeats: int
         began = time.perf_counter()
         step()
         times.append(time.perf_counter() - began)
-    peak_kb = _memory_kb("VmHWM")
+    peak_kb = memory_kb("VmHWM")
     return {
         "first_loss": first_loss,
         "step_s": statistics.median(times),
