@@ -51,44 +51,35 @@ test: install lint
 # on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
 # checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves out the video
-# stage (about 3 minutes on an idle machine).
+# stage (about 3 minutes).
 # torchrun gives each of several ranks one intra-op thread unless OMP_NUM_THREADS is set, which would leave all but
 # two cores of a larger machine idle: each rank gets half the cores (on 2 cores, the same one thread each).
 RANK_THREADS := $(shell echo $$(( ($$(nproc) + 1) / 2 )))
 TORCHRUN := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(RANK_THREADS)} $(VENV)/bin/torchrun --nproc-per-node 2
-# Every quickstart stage trains in one process on every core. The debug LM reaches the same losses as on 2 gloo ranks
-# (whose FSDP gathers the 128K embedding at every step): 464 against 350 tokens/s over 30 steps on an idle 2-core
-# machine. The tags ViT and the vision stage, whose steps are many small operations, run 1.5 times as fast as on 2
-# ranks of one thread, the other stages as fast (bench/RESULTS.md, issue 22). The tests run every stage on 2 ranks.
+# A stage that runs alone trains in one process on every core: the debug LM reaches the same losses as on 2 gloo
+# ranks (whose FSDP gathers the 128K embedding at every step), faster (bench/RESULTS.md, issue 22).
 STAGE := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/torchrun --nproc-per-node 1
+# The quickstart runs its stages two at a time (make -j2 in two lanes), each in one process on half the cores: a
+# second thread makes a stage's step only 1.1-1.45 times as fast, while two one-thread stages side by side each keep
+# their one-thread speed (bench/RESULTS.md, issue 22). --standalone: each picks a free rendezvous port.
+LANE := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(RANK_THREADS)} $(VENV)/bin/torchrun --standalone --nproc-per-node 1
 LM_RUN := runs/lm/debug
 # On CPUs with bf16 dot products (AVX512-BF16, AMX) the LM computes in bf16 (FSDP's mixed precision: fp32 weights
 # and optimizer, fp32 softmax in the loss), 1.5 times as fast: its 128K output projection is most of its work, and
 # those matmuls run 2.4 times as fast as in fp32 (bench/loss.py). Other CPUs have no bf16 arithmetic to gain: fp32.
 LM_PRECISION := $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && \
   echo --parallel.mixed_precision_on_cpu=true)
-LM_STAGE := test -f $(LM_RUN)/hf/config.json || { $(STAGE) train/lm.py --config configs/lm/debug.toml \
+# The debug LM and its HF export, launched by $(1).
+lm_stage = test -f $(LM_RUN)/hf/config.json || { $(1) train/lm.py --config configs/lm/debug.toml \
   --run.dir $(LM_RUN) $(LM_PRECISION) && \
   $(PY) -m train.export $(LM_RUN) --out $(LM_RUN)/hf --overwrite; }
 ADAPTER_STAGES ?= vision video speech
 MM_DIR := runs/llama3mm/tiny
 DEMO ?= 1
+# Each line of a stage that runs beside another carries the stage's name.
+label = 2>&1 | sed -u 's/^/[$(1)] /'
 quickstart: install
-	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
-	$(LM_STAGE)
-	$(PY) -m train.plot $(LM_RUN)
-	$(PY) -m lm.generate --checkpoint $(LM_RUN)/hf --prompt "A small red circle" --max-new-tokens 24 --temperature 0
-	$(PY) -m data.synthetic all --out runs/data/media
-	test -f runs/encoder/vision_tiny/final/encoder/model.safetensors || \
-	  $(STAGE) train/encoder.py --modality vision --config configs/encoder/vision_tiny.toml
-	test -f runs/encoder/speech_tiny/final/encoder/model.safetensors || \
-	  $(STAGE) train/encoder.py --modality speech --config configs/encoder/speech_tiny.toml
-	$(PY) -m train.plot runs/encoder/vision_tiny
-	$(PY) -m train.plot runs/encoder/speech_tiny
-	for stage in $(ADAPTER_STAGES); do \
-	  test -f runs/adapter/$${stage}_tiny/final/eval.json || \
-	    $(STAGE) train/adapter.py --modality $$stage --config configs/adapter/$${stage}_tiny.toml || exit 1; \
-	  $(PY) -m train.plot runs/adapter/$${stage}_tiny; done
+	$(MAKE) --no-print-directory -j2 $(addprefix qs-adapter-,$(ADAPTER_STAGES))
 	$(PY) -m llama3mm.compose $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny/final) --out $(MM_DIR)
 	$(PY) -c "$$ADAPTER_DEMO"
 	@echo "quickstart: what each stage achieved (held-out figures beside chance; curves.png in each run dir):"
@@ -96,6 +87,34 @@ quickstart: install
 	  $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny)
 	@if [ "$(DEMO)" = 1 ]; then $(PY) -m demo --checkpoint $(MM_DIR); \
 	  else echo "quickstart: the model is $(MM_DIR); serve it with: $(PY) -m demo --checkpoint $(MM_DIR)"; fi
+
+# The quickstart's stages (run by `make quickstart`, which installs first). SHELL is bash: pipefail keeps a stage's
+# failure through its label; unbuffered, a piped Python still prints each line as it comes.
+QS_ENCODERS := qs-encoder-vision qs-encoder-speech
+QS_ADAPTERS := qs-adapter-vision qs-adapter-video qs-adapter-speech
+.PHONY: qs-text qs-lm qs-media $(QS_ENCODERS) $(QS_ADAPTERS)
+qs-%: export PYTHONUNBUFFERED := 1
+qs-text:
+	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
+qs-lm: qs-text
+	set -o pipefail; { $(call lm_stage,$(LANE)) && $(PY) -m train.plot $(LM_RUN) && \
+	  $(PY) -m lm.generate --checkpoint $(LM_RUN)/hf --prompt "A small red circle" --max-new-tokens 24 \
+	  --temperature 0; } $(call label,lm)
+qs-media:
+	set -o pipefail; $(PY) -m data.synthetic all --out runs/data/media $(call label,media)
+$(QS_ENCODERS): qs-encoder-%: qs-media
+	set -o pipefail; { test -f runs/encoder/$*_tiny/final/encoder/model.safetensors || \
+	  $(LANE) train/encoder.py --modality $* --config configs/encoder/$*_tiny.toml; } $(call label,$* encoder) && \
+	  $(PY) -m train.plot runs/encoder/$*_tiny
+# The quickstart evaluates each adapter once, at its end (the configs also every few hundred steps, for the curves):
+# the vision and video stages are the quickstart's longest chain.
+qs-adapter-vision: qs-lm qs-encoder-vision
+qs-adapter-video: qs-adapter-vision
+qs-adapter-speech: qs-lm qs-encoder-speech
+$(QS_ADAPTERS): qs-adapter-%:
+	set -o pipefail; { test -f runs/adapter/$*_tiny/final/eval.json || $(LANE) train/adapter.py --modality $* \
+	  --config configs/adapter/$*_tiny.toml --train.eval_interval=0; } $(call label,$* adapter) && \
+	  $(PY) -m train.plot runs/adapter/$*_tiny
 
 # The composed model captions a scene it never saw (drawn from a seed outside the data's).
 define ADAPTER_DEMO
@@ -117,7 +136,7 @@ export ADAPTER_DEMO
 # runs/posttrain/rounds/round1/policy, which the demo serves in the chat format (`make posttrain DEMO=0` stops before).
 posttrain: install
 	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
-	$(LM_STAGE)
+	$(call lm_stage,$(STAGE))
 	$(PY) -m train.rounds --config configs/posttrain/rounds_tiny.toml
 	@if [ "$(DEMO)" = 1 ]; then $(PY) -m demo --checkpoint runs/posttrain/rounds/round1/policy; fi
 
@@ -125,7 +144,7 @@ posttrain: install
 # documents split over 2 ranks: runs/eval/debug/report.md, report.json and needle.png.
 eval: install
 	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
-	$(LM_STAGE)
+	$(call lm_stage,$(STAGE))
 	$(TORCHRUN) -m evaluation.suite --checkpoint $(LM_RUN)/hf --suite default --out runs/eval/debug
 
 # Curation on datatrove: the default raw corpus (clean documents with labelled defects planted), quality and domain
