@@ -78,13 +78,16 @@ MM_DIR := runs/llama3mm/tiny
 DEMO ?= 1
 # Each line of a stage that runs beside another carries the stage's name.
 label = 2>&1 | sed -u 's/^/[$(1)] /'
+QS_RUNS := $(LM_RUN) runs/encoder/vision_tiny runs/encoder/speech_tiny \
+  $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny)
 quickstart: install
 	$(MAKE) --no-print-directory -j2 $(addprefix qs-adapter-,$(ADAPTER_STAGES))
+	$(PY) -m train.plot $(QS_RUNS)
+	$(PY) -m lm.generate --checkpoint $(LM_RUN)/hf --prompt "A small red circle" --max-new-tokens 24 --temperature 0
 	$(PY) -m llama3mm.compose $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny/final) --out $(MM_DIR)
 	$(PY) -c "$$ADAPTER_DEMO"
 	@echo "quickstart: what each stage achieved (held-out figures beside chance; curves.png in each run dir):"
-	@$(PY) -m train.report $(LM_RUN) runs/encoder/vision_tiny runs/encoder/speech_tiny \
-	  $(foreach stage,$(ADAPTER_STAGES),runs/adapter/$(stage)_tiny)
+	@$(PY) -m train.report $(QS_RUNS)
 	@if [ "$(DEMO)" = 1 ]; then $(PY) -m demo --checkpoint $(MM_DIR); \
 	  else echo "quickstart: the model is $(MM_DIR); serve it with: $(PY) -m demo --checkpoint $(MM_DIR)"; fi
 
@@ -97,15 +100,13 @@ qs-%: export PYTHONUNBUFFERED := 1
 qs-text:
 	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
 qs-lm: qs-text
-	set -o pipefail; { $(call lm_stage,$(LANE)) && $(PY) -m train.plot $(LM_RUN) && \
-	  $(PY) -m lm.generate --checkpoint $(LM_RUN)/hf --prompt "A small red circle" --max-new-tokens 24 \
-	  --temperature 0; } $(call label,lm)
-qs-media:
+	set -o pipefail; { $(call lm_stage,$(LANE)); } $(call label,lm)
+# After the text corpus (seconds), so that the LM, the longest chain's first stage, starts at once.
+qs-media: qs-text
 	set -o pipefail; $(PY) -m data.synthetic all --out runs/data/media $(call label,media)
 $(QS_ENCODERS): qs-encoder-%: qs-media
 	set -o pipefail; { test -f runs/encoder/$*_tiny/final/encoder/model.safetensors || \
-	  $(LANE) train/encoder.py --modality $* --config configs/encoder/$*_tiny.toml; } $(call label,$* encoder) && \
-	  $(PY) -m train.plot runs/encoder/$*_tiny
+	  $(LANE) train/encoder.py --modality $* --config configs/encoder/$*_tiny.toml; } $(call label,$* encoder)
 # The quickstart evaluates each adapter once, at its end (the configs also every few hundred steps, for the curves):
 # the vision and video stages are the quickstart's longest chain.
 qs-adapter-vision: qs-lm qs-encoder-vision
@@ -113,8 +114,7 @@ qs-adapter-video: qs-adapter-vision
 qs-adapter-speech: qs-lm qs-encoder-speech
 $(QS_ADAPTERS): qs-adapter-%:
 	set -o pipefail; { test -f runs/adapter/$*_tiny/final/eval.json || $(LANE) train/adapter.py --modality $* \
-	  --config configs/adapter/$*_tiny.toml --train.eval_interval=0; } $(call label,$* adapter) && \
-	  $(PY) -m train.plot runs/adapter/$*_tiny
+	  --config configs/adapter/$*_tiny.toml --train.eval_interval=0; } $(call label,$* adapter)
 
 # The composed model captions a scene it never saw (drawn from a seed outside the data's).
 define ADAPTER_DEMO

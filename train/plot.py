@@ -55,10 +55,13 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command line entry."""
     parser = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__)
-    parser.add_argument("run_dir")
-    parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    parser.add_argument("run_dirs", nargs="+", metavar="run_dir")
+    parser.add_argument("--out", default=None, help="PNG path, with one run dir (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
-    print(plot_run(args.run_dir, args.out))
+    if args.out is not None and len(args.run_dirs) > 1:
+        parser.error("--out takes one run dir")
+    for run_dir in args.run_dirs:
+        print(plot_run(run_dir, args.out))
 
 
 if __name__ == "__main__":
