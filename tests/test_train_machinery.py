@@ -209,3 +209,54 @@ def test_report_gives_start_end_loss_and_the_last_held_out_figures(tmp_path):
     assert "held-out at step 9: accuracy 0.6, chance 0.1" in line
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         summarize(str(tmp_path / "missing"))
+
+
+# A one-rank save and load, in a process of two intra-op threads: the threads it has before, after the save and
+# after the load. Each OpenMP team opened on one of gloo's threads is a thread more.
+THREADS_AFTER_SAVE = """
+import os, sys, tempfile, torch, torch.distributed as dist
+from train.checkpoint import Checkpointer
+from train.config import CheckpointConfig
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[1])
+model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(200)])
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.randn(4, 16)).sum().backward()
+optimizer.step()
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+checkpointer = Checkpointer(CheckpointConfig(), tempfile.mkdtemp(), model, optimizer)
+path = checkpointer.save(1)
+after_save = threads()
+checkpointer.load(path)
+print(before, after_save, threads())
+"""
+
+
+def test_a_one_rank_checkpoint_leaves_no_openmp_team_behind_and_resumes_on_two_ranks(tmp_path):
+    """A one-rank save or load runs no collective: gloo would run it on its own threads, and a copy there opened an
+    OpenMP team that made libgomp stop every worker spinning (each later 2-thread step up to half as fast). The
+    checkpoint so written resumes on 2 FSDP ranks to the one-rank run's losses."""
+    import subprocess
+    import sys
+
+    from dist_utils import ROOT, free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", THREADS_AFTER_SAVE, str(free_port())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after_save, after_load = map(int, proc.stdout.split()[-3:])
+    assert after_save == before and after_load == before, (before, after_save, after_load)
+
+    one = tmp_path / "one"
+    check(torchrun(SCRIPT, 1, args(one, 8)))  # its own process: an in-process run keeps the run dir's lock
+    ck = one / "checkpoints"
+    for step in ("step-6", "step-8"):
+        for name in os.listdir(ck / step):
+            os.remove(ck / step / name)
+        os.rmdir(ck / step)
+    reference = losses(one)
+    check(torchrun(SCRIPT, 2, args(one, 8)))
+    resumed = losses(one)
+    assert sorted(resumed) == list(range(1, 9))
+    assert_close(resumed, reference, range(4, 9), 1e-5)

@@ -354,7 +354,10 @@ class Checkpointer:
             fut = dcp.async_save(state, checkpoint_id=tmp, process_group=self._async_pg)
             self._pending = (fut, tmp, final, step, meta)
         else:
-            dcp.save(state, checkpoint_id=tmp)
+            # One rank needs no collectives, and they cost: gloo runs them on its own threads, where copying the
+            # save plans opens an OpenMP team; libgomp, then managing more threads than cores, stops the workers
+            # of every team spinning, and each later step on 2 threads ran up to half as fast (bench/RESULTS.md).
+            dcp.save(state, checkpoint_id=tmp, no_dist=_world() == 1)
             self._commit(tmp, final, step, meta)
         return final
 
@@ -425,7 +428,8 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path}: cannot read {META}: {e}") from e
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+            dcp.load(state, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(),
+                     no_dist=_world() == 1)  # as in save
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"checkpoint {path} cannot be loaded: {type(e).__name__}: {e}") from e
         set_state_dict(
