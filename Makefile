@@ -101,9 +101,10 @@ qs-text:
 	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
 qs-lm: qs-text
 	set -o pipefail; { $(call lm_stage,$(LANE)); } $(call label,lm)
-# After the text corpus (seconds), so that the LM, the longest chain's first stage, starts at once.
+# After the text corpus (seconds), so that the LM, the longest chain's first stage, starts at once; on its lane's
+# share of the cores, so that it does not slow the LM.
 qs-media: qs-text
-	set -o pipefail; $(PY) -m data.synthetic all --out runs/data/media $(call label,media)
+	set -o pipefail; $(PY) -m data.synthetic all --out runs/data/media --workers $(RANK_THREADS) $(call label,media)
 $(QS_ENCODERS): qs-encoder-%: qs-media
 	set -o pipefail; { test -f runs/encoder/$*_tiny/final/encoder/model.safetensors || \
 	  $(LANE) train/encoder.py --modality $* --config configs/encoder/$*_tiny.toml; } $(call label,$* encoder)
