@@ -51,7 +51,7 @@ test: install lint
 # on top of the vision stage), composed into one Llama3MM; what each stage achieved; then
 # the demo on the result. Each stage is skipped when its output exists (an interrupted run resumes from its last
 # checkpoint). `make quickstart DEMO=0` stops before serving; ADAPTER_STAGES="vision speech" leaves out the video
-# stage (about 3 minutes).
+# stage (about 2.5 minutes).
 # torchrun gives each of several ranks one intra-op thread unless OMP_NUM_THREADS is set, which would leave all but
 # two cores of a larger machine idle: each rank gets half the cores (on 2 cores, the same one thread each).
 RANK_THREADS := $(shell echo $$(( ($$(nproc) + 1) / 2 )))
