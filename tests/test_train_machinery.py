@@ -214,7 +214,7 @@ def test_report_gives_start_end_loss_and_the_last_held_out_figures(tmp_path):
 # A one-rank save and load, in a process of two intra-op threads: the threads it has before, after the save and
 # after the load. Each OpenMP team opened on one of gloo's threads is a thread more.
 THREADS_AFTER_SAVE = """
-import os, sys, tempfile, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from train.checkpoint import Checkpointer
 from train.config import CheckpointConfig
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[1])
@@ -224,7 +224,7 @@ model(torch.randn(4, 16)).sum().backward()
 optimizer.step()
 threads = lambda: len(os.listdir("/proc/self/task"))
 before = threads()
-checkpointer = Checkpointer(CheckpointConfig(), tempfile.mkdtemp(), model, optimizer)
+checkpointer = Checkpointer(CheckpointConfig(), sys.argv[2], model, optimizer)
 path = checkpointer.save(1)
 after_save = threads()
 checkpointer.load(path)
@@ -242,8 +242,8 @@ def test_a_one_rank_checkpoint_leaves_no_openmp_team_behind_and_resumes_on_two_r
     from dist_utils import ROOT, free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", THREADS_AFTER_SAVE, str(free_port())], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", THREADS_AFTER_SAVE, str(free_port()), str(tmp_path / "saved")]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after_save, after_load = map(int, proc.stdout.split()[-3:])
     assert after_save == before and after_load == before, (before, after_save, after_load)
