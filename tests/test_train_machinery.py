@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.nn as nn
-from dist_utils import ToyModel, main, torchrun
+from dist_utils import ROOT, ToyModel, free_port, main, torchrun
 
 from train.checkpoint import CRASH_BEFORE_COMMIT_ENV, CheckpointError, is_complete, latest_checkpoint
 from train.loop import NonFiniteLossError
@@ -236,11 +238,6 @@ def test_a_one_rank_checkpoint_leaves_no_openmp_team_behind_and_resumes_on_two_r
     """A one-rank save or load runs no collective: gloo would run it on its own threads, and a copy there opened an
     OpenMP team that made libgomp stop every worker spinning (each later 2-thread step up to half as fast). The
     checkpoint so written resumes on 2 FSDP ranks to the one-rank run's losses."""
-    import subprocess
-    import sys
-
-    from dist_utils import ROOT, free_port
-
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-c", THREADS_AFTER_SAVE, str(free_port()), str(tmp_path / "saved")]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
