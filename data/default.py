@@ -59,7 +59,8 @@ LANGUAGES = ("fr", "de", "es", "it")
 LANGUAGE_NAMES = {"en": "English", "fr": "Français", "de": "Deutsch", "es": "Español", "it": "Italiano"}
 
 
-def _sentence(text: str) -> str:
+def sentence(text: str) -> str:
+    """The text with a capital first letter and a full stop: how the corpus writes a caption."""
     return text[0].upper() + text[1:] + "."
 
 
@@ -79,7 +80,7 @@ def _describe(rng: random.Random) -> str:
         f"the scene has {count} {'shape' if len(objs) == 1 else 'shapes'}: {cap}",
         f"look at {cap}",
     )
-    sentences = [_sentence(rng.choice(openers))]
+    sentences = [sentence(rng.choice(openers))]
     for obj in rng.sample(objs, len(objs)):
         facts = (
             f"the {obj.shape} is {obj.colour}",
@@ -87,12 +88,12 @@ def _describe(rng: random.Random) -> str:
             f"there is a {obj.size} {obj.shape}",
             f"one of the shapes is a {obj.colour} {obj.shape}",
         )
-        sentences.append(_sentence(rng.choice(facts)))
+        sentences.append(sentence(rng.choice(facts)))
     if len(objs) > 1 and rng.random() < 0.5:
         a, b = objs[1], objs[0]
-        sentences.append(_sentence(f"{a.phrase()} is {scenes.relation(a, b)} {b.phrase()}"))
+        sentences.append(sentence(f"{a.phrase()} is {scenes.relation(a, b)} {b.phrase()}"))
     if rng.random() < 0.3:
-        sentences.append(_sentence(f"the background is {scene.background}"))
+        sentences.append(sentence(f"the background is {scene.background}"))
     return " ".join(sentences)
 
 
@@ -104,7 +105,7 @@ SHORT_DOCUMENTS = 0.5
 
 def _general(rng: random.Random) -> str:
     if rng.random() < SHORT_DOCUMENTS:
-        return _sentence(scenes.caption(scenes.random_scene(rng)))
+        return sentence(scenes.caption(scenes.random_scene(rng)))
     return "\n\n".join(_describe(rng) for _ in range(rng.randint(2, 6)))
 
 
@@ -184,10 +185,10 @@ def _multilingual(rng: random.Random, language: str | None = None) -> str:
     lines = []
     for _ in range(rng.randint(3, 8)):
         scene = scenes.random_scene(rng)
-        text = _sentence(scenes.translate_caption(scene, language))
+        text = sentence(scenes.translate_caption(scene, language))
         if rng.random() < 0.3:
             # Parallel pairs tie the word tables to the English the general source teaches.
-            text = f"English: {_sentence(scenes.caption(scene))}\n{LANGUAGE_NAMES[language]}: {text}"
+            text = f"English: {sentence(scenes.caption(scene))}\n{LANGUAGE_NAMES[language]}: {text}"
         lines.append(text)
     return "\n".join(lines)
 

@@ -21,6 +21,11 @@ def normalize_text(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split())
 
 
+def casefold_words(text: str) -> list[str]:
+    """The words of a text in any of the corpus's languages, case and punctuation aside (ü, é and ß kept)."""
+    return re.sub(r"[^\w ]+", " ", text.casefold()).split()
+
+
 def named_objects(text: str) -> list[str]:
     """The 'colour shape' objects a text names, in order."""
     return [f"{c} {s}" for c, s in _OBJECT.findall(normalize_text(text))]

@@ -1,8 +1,9 @@
 """Embedded instruction data for SFT, made offline from the default corpus's world, with a grader.
 
 Dialogs in the field's format (``{"messages": [{role, content}], "kind", "answer"}``, one JSON object a line):
-questions about a described scene (the colour of a shape, the shape of a colour, how many shapes), some of them
-two turns long, and the default corpus's arithmetic and word problems with one-digit numbers. ``answer`` is the
+questions about a described scene (the colour of a shape, the shape of a colour, how many shapes, where one shape
+lies relative to another), some of them two turns long; the default corpus's arithmetic and word problems with
+one-digit numbers; and a scene's sentence to translate into one of the corpus's other languages. ``answer`` is the
 checkable key `grade` compares a generation with. The held-out prompts never occur in the training file.
 
     python -m data.instruct --out runs/data/instruct
@@ -20,18 +21,25 @@ from typing import Any
 
 from common.atomic import atomic_write_text
 from data import scenes
-from data.default import arithmetic_problem, word_problem
-from data.grading import normalize_text
+from data.default import LANGUAGE_NAMES, LANGUAGES, arithmetic_problem, sentence, word_problem
+from data.grading import casefold_words, normalize_text
 
 TRAIN_FILE, HELDOUT_FILE = "train.jsonl", "heldout.jsonl"
-# The embedded data's version, recorded beside them: files an earlier version wrote (2,000 dialogs, three-digit sums)
-# are written again instead of trained on.
-DATA_VERSION, VERSION_FILE = 2, "version.json"
-KINDS = ("colour", "shape", "count", "math")
+# The embedded data's version, recorded beside them: files an earlier version wrote (2: no relations or translations;
+# 1: 2,000 dialogs, three-digit sums) are written again instead of trained on.
+DATA_VERSION, VERSION_FILE = 3, "version.json"
+KINDS = ("colour", "shape", "count", "relation", "math", "translation")
+# The relation a reader gives when the two objects are named the other way round.
+INVERSE_RELATION = {
+    "above": "below",
+    "below": "above",
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+}
 # Enough that the tiny SFT run (2,400 steps of 4 packed rows) sees each dialog about once rather than learning
 # 2,000 of them by heart (bench/RESULTS.md).
 TRAIN_DIALOGS = 20_000
-SYSTEM = "You answer questions about scenes of coloured shapes and small arithmetic problems."
+SYSTEM = "You answer questions about scenes of coloured shapes, translate them and solve small arithmetic problems."
 
 
 def _scene_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str, str, str]:
@@ -39,8 +47,18 @@ def _scene_question(scene: scenes.Scene, rng: random.Random) -> tuple[str, str, 
     objs = scene.objects
     unique_shapes = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
     unique_colours = [o for o in objs if sum(p.colour == o.colour for p in objs) == 1]
-    kinds = ["count"] + ["colour"] * bool(unique_shapes) + ["shape"] * bool(unique_colours)
+    # The first two objects are the ones the caption relates; a phrase two objects share could not be asked about.
+    phrases = [o.phrase() for o in objs]
+    related = len(objs) > 1 and phrases.count(phrases[0]) == phrases.count(phrases[1]) == 1
+    kinds = ["count"] + ["colour"] * bool(unique_shapes) + ["shape"] * bool(unique_colours) + ["relation"] * related
     kind = rng.choice(kinds)
+    if kind == "relation":
+        # Half the questions name the objects in the caption's order (a copy), half the other way (the inverse).
+        first, second = (objs[0], objs[1]) if rng.random() < 0.5 else (objs[1], objs[0])
+        where = scenes.relation(first, second)
+        the_first, the_second = (o.phrase().replace("a ", "the ", 1) for o in (first, second))
+        question = f"Where is {the_first} relative to {the_second}?"
+        return kind, question, sentence(f"{the_first} is {where} {the_second}"), where
     if kind == "colour":
         obj = rng.choice(unique_shapes)
         return kind, f"What colour is the {obj.shape}?", f"The {obj.shape} is {obj.colour}.", obj.colour
@@ -77,12 +95,22 @@ def math_dialog(rng: random.Random) -> dict[str, Any]:
     return {"messages": messages, "kind": "math", "answer": key}
 
 
+def translation_dialog(rng: random.Random) -> dict[str, Any]:
+    """A scene's English sentence to translate into French, German, Spanish or Italian (the corpus's word tables)."""
+    scene, language = scenes.random_scene(rng), rng.choice(LANGUAGES)
+    target = sentence(scenes.translate_caption(scene, language))
+    question = f"Translate into {LANGUAGE_NAMES[language]}: {sentence(scenes.caption(scene))}"
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": target}]
+    return {"messages": messages, "kind": "translation", "answer": target}
+
+
 def make_dialogs(count: int, seed: int) -> list[dict[str, Any]]:
-    """``count`` dialogs, two thirds about scenes, a system prompt on some."""
+    """``count`` dialogs: half about scenes, three in ten sums, two in ten translations; a system prompt on some."""
     rng = random.Random(seed)
     dialogs = []
     for _ in range(count):
-        dialog = scene_dialog(rng) if rng.random() < 2 / 3 else math_dialog(rng)
+        draw = rng.random()
+        dialog = scene_dialog(rng) if draw < 0.5 else math_dialog(rng) if draw < 0.8 else translation_dialog(rng)
         if rng.random() < 0.25:
             dialog["messages"].insert(0, {"role": "system", "content": SYSTEM})
         dialogs.append(dialog)
@@ -132,6 +160,7 @@ def ensure_instruct_data(out: str | Path, *, seed: int = 0) -> Path:
 
 
 _NUMBER = re.compile(r"-?\d+")
+_RELATION = re.compile(r"\b(" + "|".join(scenes.RELATIONS) + r")\b")
 # A worked step: arithmetic expressions joined by "=" ("7 * 23 = 7 * 20 + 7 * 3 = 140 + 21 = 161").
 _TERM = r"\d+(?:\s*[-+*/]\s*\d+)*"
 _CHAIN = re.compile(rf"{_TERM}(?:\s*=\s*{_TERM})+")
@@ -161,13 +190,19 @@ def steps_hold(text: str) -> bool:
 
 
 def grade(kind: str, generated: str, answer: str) -> bool:
-    """Whether a generated answer gives the key: the first colour, shape or number word it names, or its number
-    (after "the answer is" when it says so, else the last one it writes) reached by worked steps that all hold.
+    """Whether a generated answer gives the key: the first colour, shape, number word or relation it names; the
+    translation word for word (case and punctuation aside); or its number (after "the answer is" when it says so,
+    else the last one it writes) reached by worked steps that all hold.
 
     A right number after a false step ("3 * 3 = 12. The answer is 12.") is wrong, as the paper filters reasoning
     traces whose intermediate steps are incorrect (section 4.3.3): a policy's samples are a quarter of the time
     right for the wrong reason, and chosen as right they would teach the false step.
     """
+    if kind == "translation":
+        return casefold_words(generated) == casefold_words(answer)
+    if kind == "relation":
+        named = _RELATION.search(normalize_text(generated))
+        return named is not None and named.group(0) == answer
     words = normalize_text(generated).split()
     if kind == "math":
         text = generated.lower()

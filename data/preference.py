@@ -34,6 +34,7 @@ from data.chat import IGNORE_INDEX, EncodedDialog, StepBatches, encode_checked, 
 from data.instruct import (
     DATA_VERSION,
     HELDOUT_FILE,
+    INVERSE_RELATION,
     VERSION_FILE,
     data_versions,
     ensure_instruct_data,
@@ -192,8 +193,14 @@ def _replace_word(text: str, word: str, by: str) -> str:
 
 def wrong_answer(dialog: dict[str, Any], rng: random.Random) -> str:
     """A plausible wrong version of the dialog's last answer: the scene's other colour or shape (a colour or shape
-    not in it when it has no other), a count off by one, an arithmetic result off by one or by a carry (ten)."""
+    not in it when it has no other), a count off by one, the inverse relation (the objects read the other way
+    round), an arithmetic result off by one or by a carry (ten), or a translation left in the wrong language (the
+    English sentence it was asked to translate)."""
     kind, key, answer = dialog["kind"], dialog["answer"], dialog["messages"][-1]["content"]
+    if kind == "relation":
+        return _replace_word(answer, key, INVERSE_RELATION[key])
+    if kind == "translation":
+        return dialog["messages"][-2]["content"].split(": ", 1)[1]
     if kind == "count":
         number = scenes.DIGITS.index(key)
         step = 1 if number <= 1 else -1 if number == len(scenes.DIGITS) - 1 else rng.choice([-1, 1])

@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
-from data.default import LANGUAGE_NAMES, LANGUAGES, arithmetic_problem, word_problem
+from data.default import LANGUAGE_NAMES, LANGUAGES, arithmetic_problem, sentence, word_problem
+from data.grading import casefold_words
 from data.instruct import grade
 from data.scenes import COLOURS, caption, random_scene, translate_caption
 
@@ -70,9 +70,9 @@ def translation_rows(count: int, seed: int = 0) -> list[dict]:
         english, target = caption(scene), translate_caption(scene, language)
         rows.append(
             {
-                "english": english[0].upper() + english[1:] + ".",
+                "english": sentence(english),
                 "language": LANGUAGE_NAMES[language],
-                "target": target[0].upper() + target[1:] + ".",
+                "target": sentence(target),
             }
         )
     return rows
@@ -96,14 +96,9 @@ def grade_math(doc: dict, results: list[str]) -> dict[str, float]:
     return {"acc": float(grade("math", results[0], doc["answer"]))}
 
 
-def _words(text: str) -> list[str]:
-    # Unlike data.grading.normalize_text (English transcripts, ASCII only), letters such as ü and ß are kept.
-    return re.sub(r"[^\w ]+", " ", text.casefold()).split()
-
-
 def grade_translation(doc: dict, results: list[str]) -> dict[str, float]:
     """``acc``: whether the generated sentence is the translation, case and punctuation aside."""
-    return {"acc": float(_words(results[0]) == _words(doc["target"]))}
+    return {"acc": float(casefold_words(results[0]) == casefold_words(doc["target"]))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.chat import IGNORE_INDEX, ChatDataError, formatting_mask
-from data.instruct import HELDOUT_FILE, grade, prompt_of
+from data.instruct import HELDOUT_FILE, KINDS, grade, prompt_of
 from data.preference import (
     HELDOUT_PREFERENCE_FILE,
     PREFERENCE_FILE,
@@ -113,7 +113,7 @@ def test_embedded_pairs_prefer_the_right_answer_and_hold_out_the_eval_prompts(tm
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     held = {json.dumps(prompt_of(json.loads(line))) for line in (tmp_path / HELDOUT_FILE).read_text().splitlines()}
     assert not held & {json.dumps(r["prompt_messages"]) for r in rows}
-    assert {r["kind"] for r in rows} == {"colour", "shape", "count", "math"}
+    assert {r["kind"] for r in rows} == set(KINDS)
     heldout_rows = [json.loads(line) for line in (tmp_path / HELDOUT_PREFERENCE_FILE).read_text().splitlines()]
     assert {json.dumps(r["prompt_messages"]) for r in heldout_rows} == held
     for r in rows + heldout_rows:

@@ -9,9 +9,19 @@ import random
 import pytest
 import torch
 
+from data import scenes
 from data.chat import IGNORE_INDEX, ChatDataError, PackedDialogs, encode_dialog, read_dialogs
-from data.default import arithmetic_problem, word_problem
-from data.instruct import HELDOUT_FILE, TRAIN_FILE, grade, make_dialogs, prompt_of, write_instruct_data
+from data.default import arithmetic_problem, sentence, word_problem
+from data.instruct import (
+    HELDOUT_FILE,
+    INVERSE_RELATION,
+    KINDS,
+    TRAIN_FILE,
+    grade,
+    make_dialogs,
+    prompt_of,
+    write_instruct_data,
+)
 from lm.tokenizer import ChatFormat, Tokenizer
 from tests.dist_utils import torchrun
 from train.metrics import read_metrics
@@ -127,10 +137,32 @@ def test_instruct_data_holds_out_its_prompts_and_grades_its_answers(tmp_path):
     }
     held = {json.dumps(prompt_of(d)) for d in rows[HELDOUT_FILE]}
     assert not held & {json.dumps(prompt_of(d)) for d in rows[TRAIN_FILE]}
-    assert {d["kind"] for d in rows[TRAIN_FILE]} == {"colour", "shape", "count", "math"}
+    assert {d["kind"] for d in rows[TRAIN_FILE]} == set(KINDS)
     for d in rows[HELDOUT_FILE]:
         assert grade(d["kind"], d["messages"][-1]["content"], d["answer"])
     assert not grade("colour", "The star is blue.", "red") and not grade("math", "The answer is 41.", "42")
+
+
+def test_relations_and_translations_are_graded_on_what_they_say():
+    """A relation is the first one named, whichever way round the question put the objects; a translation must be
+    the word tables' sentence word for word (case and punctuation aside), so an English echo or one wrong word
+    fails."""
+    scene = scenes.Scene(
+        (
+            scenes.SceneObject("circle", "red", "small", 0.2, 0.5),
+            scenes.SceneObject("square", "blue", "large", 0.8, 0.5),
+        )
+    )
+    assert (
+        scenes.relation(*scene.objects) == "to the left of" and INVERSE_RELATION["to the left of"] == "to the right of"
+    )
+    assert grade("relation", "The small red circle is to the left of the large blue square.", "to the left of")
+    assert not grade("relation", "It is to the right of it, not to the left of it.", "to the left of")
+    assert not grade("relation", "The circle is left.", "to the left of")
+    target = sentence(scenes.translate_caption(scene, "de"))
+    assert grade("translation", target.upper().rstrip("."), target)
+    assert not grade("translation", sentence(scenes.caption(scene)), target)
+    assert not grade("translation", target.replace("rote", "blaue"), target), target
 
 
 def test_a_right_number_after_a_false_step_is_graded_wrong():
