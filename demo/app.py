@@ -795,8 +795,16 @@ def make_examples(chat: DemoChat, directory: str | Path) -> tuple[list[dict], li
         for path, text in examples_audio:
             examples.append({"text": ask("audio"), "files": [str(path)]})
             labels.append(f"Audio: “{text}” spoken")
-    examples.append({"text": "A small red circle", "files": []})
-    labels.append("Text: A small red circle")
+    if chat.default_settings().prompt_format == "chat":
+        # A post-trained LM: requests of the kinds its instruction data taught, about the demo's own scenes and sums.
+        from data.instruct import math_dialog, scene_dialog, translation_dialog
+
+        for dialog in (scene_dialog(rng), translation_dialog(rng), math_dialog(rng)):
+            examples.append({"text": dialog["messages"][0]["content"], "files": []})
+            labels.append(f"Text: {dialog['messages'][1]['content']}")
+    else:
+        examples.append({"text": "A small red circle", "files": []})
+        labels.append("Text: A small red circle")
     return examples, labels
 
 

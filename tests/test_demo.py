@@ -27,6 +27,7 @@ from demo.app import (
     build_app,
     load_media,
     main,
+    make_examples,
 )
 from encoders.speech import load_audio
 from llama3mm import Llama3MM
@@ -274,6 +275,21 @@ def test_info_panel_names_the_loaded_parts(served):
     assert text_only.default_settings().prompt_format == "chat"  # no adapter prompts: a chat model
     answer = list(text_only.stream({"text": "hi", "files": [str(scene_png(served.files / "s.png"))]}, [], Settings()))
     assert answer == [ERROR_PREFIX + "s.png is image, but this model has no image parts (it takes: text only)"]
+
+
+def test_a_chat_model_offers_the_instruction_data_s_requests_and_a_base_model_a_completion(served, tmp_path):
+    """A post-trained LM (no adapter prompts, chat by default) is offered a scene question, a translation and a sum,
+    each labelled with the answer the grader accepts; a model with adapter prompts keeps the completion example."""
+    text_only = DemoChat(Llama3MM(served.mm.lm, lm_path="/somewhere/lm"))
+    examples, labels = make_examples(text_only, tmp_path / "chat")
+    assert [e["files"] for e in examples] == [[], [], []]
+    scene, translation, sum_ = (e["text"] for e in examples)
+    assert scene.startswith("Scene: ") and scene.endswith("?"), scene
+    assert translation.startswith("Translate into "), translation
+    assert "?" in sum_ and any(c.isdigit() for c in sum_), sum_
+    assert all(label.startswith("Text: ") and label.endswith(".") for label in labels), labels
+    _, base_labels = make_examples(served.chat, tmp_path / "base")
+    assert base_labels[-1] == "Text: A small red circle"
 
 
 def test_chat_history_becomes_one_llama3_dialog(served):
