@@ -160,8 +160,12 @@ def pack_dialogs(dialogs: Sequence[EncodedDialog], width: int, seed: int) -> lis
     """Rows of ``width`` tokens: ``(ids, labels, document ids)``, dialogs in a seeded order, first fit in order.
 
     A dialog that does not fit the open row starts the next; the rest of a row is padding (eot, unlabelled, its
-    own document). Document ids count up from 0 within each row.
+    own document). Document ids count up from 0 within each row. A dialog longer than a row is an error (the
+    readers refuse or skip those before: ``encode_checked``).
     """
+    too_long = next((i for i, dialog in enumerate(dialogs) if len(dialog.ids) > width), None)
+    if too_long is not None:
+        raise ValueError(f"dialog {too_long} is {len(dialogs[too_long].ids)} tokens, longer than a row of {width}")
     order = list(range(len(dialogs)))
     random.Random(seed).shuffle(order)
     rows, ids, labels, docs = [], [], [], []

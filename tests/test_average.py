@@ -132,6 +132,7 @@ def _sft_rows(count: int, seed: int, vocabulary: dict[int, int]) -> list[tuple[t
     """Packed instruction dialogs, token ids renumbered into the few hundred the dialogs use (a tiny vocabulary)."""
     chat = ChatFormat(Tokenizer())
     dialogs = [encode_dialog(d["messages"], chat) for d in make_dialogs(count, seed)]
+    dialogs = [d for d in dialogs if len(d.ids) <= 96]  # as the readers drop over-long dialogs
     rows = []
     for ids, labels, _ in pack_dialogs(dialogs, width=96, seed=seed):
         ids = [vocabulary.setdefault(i, len(vocabulary)) for i in ids]

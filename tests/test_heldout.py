@@ -27,7 +27,9 @@ def test_accuracy_per_kind(monkeypatch):
         "eval/accuracy/colour": 1.0,
         "eval/accuracy/shape": 1.0,
         "eval/accuracy/count": 1.0,
+        "eval/accuracy/relation": 1.0,
         "eval/accuracy/math": 0.0,
+        "eval/accuracy/translation": 1.0,
     }
     grader = HeldOutGrader.__new__(HeldOutGrader)  # the names only: no model needed
     grader.rows = [row for row in rows if row["kind"] in ("count", "math")]

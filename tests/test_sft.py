@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data import scenes
-from data.chat import IGNORE_INDEX, ChatDataError, PackedDialogs, encode_dialog, read_dialogs
+from data.chat import IGNORE_INDEX, ChatDataError, PackedDialogs, encode_dialog, pack_dialogs, read_dialogs
 from data.default import arithmetic_problem, sentence, word_problem
 from data.instruct import (
     HELDOUT_FILE,
@@ -120,6 +120,9 @@ def test_packing_keeps_dialogs_whole_and_data_parallel_shares_make_the_global_ba
     resumed = _packed(dialogs)
     resumed.load_state_dict(json.loads(json.dumps(_state_after(dialogs, 7))))
     assert torch.equal(next(resumed)["tokens"], batches[7]["tokens"])
+    longest = max(range(len(dialogs)), key=lambda i: len(dialogs[i].ids))
+    with pytest.raises(ValueError, match=f"dialog {longest} is {len(dialogs[longest].ids)} tokens, longer than a row"):
+        pack_dialogs(dialogs, width=len(dialogs[longest].ids) - 1, seed=0)
 
 
 def _state_after(dialogs, steps):
