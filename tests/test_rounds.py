@@ -112,7 +112,8 @@ def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_fi
     policy = (round1 / "policy" / "model.safetensors").read_bytes()
     for gone in ("policy", "dpo_seed0/hf"):
         subprocess.run(["rm", "-rf", str(round1 / gone)], check=True)
-    log = _rounds(config, "--pipeline.rounds=2").stderr
+    # Round 2's SFT goes on from round 1's policy (pipeline.sft_init), where round 1's started from the base LM.
+    log = _rounds(config, "--pipeline.rounds=2", "--pipeline.sft_init=policy").stderr
     stages = ("bootstrap SFT", "round 1 preference collection", "round 1 reward model", "round 1 rejection sampling")
     for stage in (*stages, "round 1 SFT"):
         assert f"{stage}: done" in log, log[-3000:]
@@ -124,6 +125,8 @@ def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_fi
     assert str(round1 / "policy") in (round2 / "rejection" / "config.toml").read_text()
     sft_files = (round2 / "sft" / "config.toml").read_text()
     assert str(round1 / "rejection" / "sft.jsonl") in sft_files and str(round2 / "rejection" / "sft.jsonl") in sft_files
+    assert f'init_from = "{round1 / "policy"}"' in sft_files
+    assert f'init_from = "{root / "base"}"' in (round1 / "sft" / "config.toml").read_text()
     reward_files = (round2 / "reward" / "config.toml").read_text()
     assert str(round1 / "rejection" / "preference.jsonl") in reward_files
     assert str(round1 / "preferences" / "preference.jsonl") in reward_files
@@ -131,7 +134,7 @@ def test_a_rerun_redoes_only_what_is_missing_and_a_second_round_builds_on_the_fi
     assert load_pretrained(round2 / "policy").config.num_labels == 0
 
 
-@pytest.mark.parametrize("key, value", [("reward_init", "random"), ("dpo_pairs", "newest")])
+@pytest.mark.parametrize("key, value", [("reward_init", "random"), ("sft_init", "pretrained"), ("dpo_pairs", "newest")])
 def test_an_unknown_choice_is_an_error_naming_its_key_and_value(key, value, capsys):
     from train.rounds import main
 

@@ -15,7 +15,8 @@ model finetuned on annotated data). Then, in round r (every stage a process of i
 2. ``rejection``: ``train/rejection.py`` draws K answers per training prompt from the current policy and keeps the
    reward model's best (``sft.jsonl``), the grader labelling right-vs-wrong pairs for later rounds
    (``preference.jsonl``) and every score recorded (``samples.jsonl``);
-3. ``sft``: ``train/sft.py`` from the base LM on the instruction data plus every round's chosen samples;
+3. ``sft``: ``train/sft.py`` on the instruction data plus every round's chosen samples, from the base LM (the
+   paper) or from the current policy (``pipeline.sft_init``);
 4. ``dpo``: ``train/dpo.py`` from that SFT model, once per seed of ``pipeline.dpo_seeds``, on the round's own
    pairs of the policy's answers (``pipeline.dpo_pairs``);
 5. ``policy``: the DPO models averaged (``train.average``; one seed: its export), the next round's policy.
@@ -51,7 +52,7 @@ class PipelineConfig:
     """Where the rounds live, what they start from and how many run."""
 
     dir: str = "runs/posttrain/rounds"
-    # The pretrained LM (Meta or HF layout): SFT starts from it in every round.
+    # The pretrained LM (Meta or HF layout): the bootstrap SFT starts from it.
     base: str = "runs/lm/debug/hf"
     # The embedded instruction and preference data (written there on first use).
     data_dir: str = "runs/data/instruct"
@@ -62,6 +63,10 @@ class PipelineConfig:
     # The reward model's trunk: "base" (the paper: the pretrained LM) or "policy" (the round's policy, which has
     # already seen the chat format: a tiny LM ranks answers far better from there).
     reward_init: str = "policy"
+    # Each round's SFT starts from "base" (the paper: the pretrained LM, every round) or "policy" (the round's
+    # policy, so the round goes on from what the SFT before it learnt: a tiny SFT that has not converged in one stage
+    # otherwise starts over, and two such runs land far apart).
+    sft_init: str = "base"
     # Held-out prompts graded for the base LM in the summary (0: not graded).
     heldout_samples: NonNegativeInt = 100
     # Each round first collects graded pairs of the policy's own answers to this many instruction prompts (the last
@@ -171,9 +176,10 @@ class Pipeline:
              f"--data.files={self.data_file('instruct')}"],
         )  # fmt: skip
         chats = ",".join([self.data_file("instruct"), *(str(d / "sft.jsonl") for d in [*earlier, samples])])
+        sft_trunk = cfg.pipeline.base if cfg.pipeline.sft_init == "base" else str(policy)
         sft = self.train(
             f"round {number} SFT", "train/sft.py", cfg.stage("sft"), here / "sft",
-            f"--model.init_from={cfg.pipeline.base}", f"--data.files={chats}",
+            f"--model.init_from={sft_trunk}", f"--data.files={chats}",
             f"--eval.file={Path(cfg.pipeline.data_dir) / 'heldout.jsonl'}",
         )  # fmt: skip
         dpo_files = [path for path in [*fresh, str(samples / "preference.jsonl")] if Path(path).stat().st_size]
@@ -299,8 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m train.rounds", description=__doc__.split("\n\n")[0])
     cfg, _ = parse_cli(RoundsConfig, argv, parser)
-    if cfg.pipeline.reward_init not in ("base", "policy"):
-        parser.error(f"pipeline.reward_init={cfg.pipeline.reward_init!r}: expected 'base' or 'policy'")
+    for key in ("reward_init", "sft_init"):
+        if getattr(cfg.pipeline, key) not in ("base", "policy"):
+            parser.error(f"pipeline.{key}={getattr(cfg.pipeline, key)!r}: expected 'base' or 'policy'")
     if cfg.pipeline.dpo_pairs not in ("recent", "all"):
         parser.error(f"pipeline.dpo_pairs={cfg.pipeline.dpo_pairs!r}: expected 'recent' or 'all'")
     for name in ("sft", "reward", "rejection", "dpo"):
