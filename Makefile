@@ -133,7 +133,8 @@ export ADAPTER_DEMO
 
 # Post-training (the paper's section 4) of the quickstart's LM: one tiny round of train.rounds (bootstrap SFT, the
 # collection of graded pairs of its answers, reward model, rejection sampling, SFT, two DPO seeds averaged) on the
-# embedded instruction and preference data, each stage skipped when its output exists: about 45 minutes on 2 cores. It prints each stage's held-out figures beside the base LM's and leaves a chat model in
+# embedded instruction and preference data, each stage skipped when its output exists: about 80 minutes on 2 cores.
+# It prints each stage's held-out figures beside the base LM's and leaves a chat model in
 # runs/posttrain/rounds/round1/policy, which the demo serves in the chat format (`make posttrain DEMO=0` stops before).
 posttrain: install
 	test -f runs/data/text/mixture.json || $(PY) -m data.default --out runs/data/text
