@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from data.chat import IGNORE_INDEX, ChatDataError, formatting_mask
-from data.instruct import HELDOUT_FILE, KINDS, grade, prompt_of
+from data.instruct import HELDOUT_FILE, KINDS, TRAIN_FILE, grade, prompt_of
 from data.preference import (
     HELDOUT_PREFERENCE_FILE,
     PREFERENCE_FILE,
     PreferenceBatches,
+    further_heldout,
     read_preferences,
     write_preference_data,
 )
@@ -118,6 +119,20 @@ def test_embedded_pairs_prefer_the_right_answer_and_hold_out_the_eval_prompts(tm
     assert {json.dumps(r["prompt_messages"]) for r in heldout_rows} == held
     for r in rows + heldout_rows:
         assert grade(r["kind"], r["chosen"], r["answer"]) and not grade(r["kind"], r["rejected"], r["answer"]), r
+
+
+def test_further_heldout_prompts_are_in_no_data_file_and_a_wider_draw_begins_with_them(tmp_path):
+    write_preference_data(tmp_path, pairs=300)
+    seen = set()
+    for name in (TRAIN_FILE, HELDOUT_FILE, PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE):
+        for line in (tmp_path / name).read_text().splitlines():
+            row = json.loads(line)
+            seen.add(json.dumps(row["messages"][:-1] if "messages" in row else row["prompt_messages"], sort_keys=True))
+    rows = further_heldout(tmp_path, 60)
+    assert len(rows) == 60 and not {json.dumps(prompt_of(r), sort_keys=True) for r in rows} & seen
+    assert {r["kind"] for r in rows} == set(KINDS)
+    assert all(grade(r["kind"], r["messages"][-1]["content"], r["answer"]) for r in rows)
+    assert further_heldout(tmp_path, 150)[:60] == rows
 
 
 def test_preference_batches_share_the_global_batch_and_resume(tmp_path, chat):

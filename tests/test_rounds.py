@@ -37,6 +37,7 @@ def _config(root, base) -> str:
         f'data_dir = "{root / "data"}"',
         "nproc_per_node = 1",
         "heldout_samples = 2",
+        "further_heldout = 3",
         "collect_prompts = 3",
     ]
     for stage, overrides in TINY.items():
@@ -100,6 +101,10 @@ def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary)[:2] == ["base LM", "bootstrap SFT"]
     assert "accuracy" in summary["base LM"] and "accuracy" in summary["round 1 SFT"]
+    # Every stage's model is graded on the further held-out prompts too, the base LM's and the policy's included.
+    graded = [stage for stage, figures in summary.items() if "further/accuracy" in figures]
+    assert graded == ["base LM", "bootstrap SFT", "round 1 SFT", "round 1 DPO (seed 0)"]
+    assert "on the further held-out prompts" in proc.stdout
     assert "pairwise_accuracy" in summary["round 1 reward model"]
     assert summary["round 1 rejection sampling"]["prompts"] == 3
     assert "demo --checkpoint" in proc.stdout and str(round1 / "policy") in proc.stdout
