@@ -4,6 +4,7 @@ initial policy, whose 2-rank FSDP losses equal one rank's, whose margins grow, a
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -175,7 +176,8 @@ def dpo_setup(tmp_path_factory):
     model = Transformer(LMConfig.from_preset("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
     model.init_weights()
     save_pretrained(model, root / "init", format="hf")
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # its checkpoints of the 128K-vocabulary LM: freed after the module
 
 
 def _dpo(root, run_dir, nproc, *extra):

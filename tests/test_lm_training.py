@@ -9,6 +9,7 @@ bits on every layout.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def fsdp2(setup):
     run_dir = setup / "fsdp2"
     ckpt = ("--checkpoint.enable=true", "--checkpoint.interval=6", "--checkpoint.keep=2")
     run(2, args(setup, run_dir, *ckpt, random_init=True))
-    return run_dir
+    yield run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints of the 128K-vocabulary LM: freed after the module
 
 
 def test_fsdp_matches_one_rank(reference, fsdp2):
@@ -52,17 +54,17 @@ def test_fsdp_matches_one_rank(reference, fsdp2):
     ],
     ids=["tp2", "hsdp2xtp2", "fsdp2-fused-loss", "fsdp2-accum2-selective-ac"],
 )
-def test_other_layouts_match_one_rank(setup, reference, nproc, layout, random_init, request):
+def test_other_layouts_match_one_rank(setup, reference, nproc, layout, random_init, tmp_path):
     """Tensor (+ sequence, vocabulary) parallel from random init; HSDP x TP, the chunked loss on FSDP-gathered
     weights, gradient accumulation with selective activation checkpointing, from the loaded checkpoint."""
-    run_dir = setup / request.node.callspec.id
+    run_dir = tmp_path / "run"
     run(nproc, args(setup, run_dir, "--train.steps=8", *layout, random_init=random_init))
     assert_same(losses(run_dir), reference, range(1, 9))
 
 
-def test_resume_onto_another_layout(setup, reference, fsdp2):
+def test_resume_onto_another_layout(setup, reference, fsdp2, tmp_path):
     """Saved by 2-rank FSDP at step 6, resumed with 2-rank TP: steps 7-12 continue as if nothing happened."""
-    run_dir = setup / "resharded"
+    run_dir = tmp_path / "resharded"
     ckpt = fsdp2 / "checkpoints" / "step-6"
     run(2, args(setup, run_dir, "--parallel.tp=2", f"--checkpoint.resume={ckpt}", "--checkpoint.enable=true"))
     got = losses(run_dir)
@@ -74,9 +76,9 @@ def test_resume_onto_another_layout(setup, reference, fsdp2):
     from lm import load_pretrained
     from train.export import main as export
 
-    assert export([str(fsdp2), "--out", str(setup / "export_fsdp")]) == 0
-    assert export([str(run_dir), "--out", str(setup / "export_tp")]) == 0
-    a, b = load_pretrained(setup / "export_fsdp"), load_pretrained(setup / "export_tp")
+    assert export([str(fsdp2), "--out", str(tmp_path / "export_fsdp")]) == 0
+    assert export([str(run_dir), "--out", str(tmp_path / "export_tp")]) == 0
+    a, b = load_pretrained(tmp_path / "export_fsdp"), load_pretrained(tmp_path / "export_tp")
     init = load_pretrained(setup / "init")
     states = a.state_dict().items(), b.state_dict().values(), init.state_dict().values()
     for (name, wa), wb, w0 in zip(*states, strict=True):
@@ -112,9 +114,9 @@ def kill_processes_naming(path, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_killed_run_resumes_exactly(setup, fsdp2):
+def test_killed_run_resumes_exactly(setup, fsdp2, tmp_path):
     """SIGKILL the whole job once step 6 is committed, run the same command again: the losses of an unbroken run."""
-    run_dir = setup / "killed"
+    run_dir = tmp_path / "killed"
     argv = args(setup, run_dir, "--checkpoint.enable=true", "--checkpoint.interval=6", "--checkpoint.keep=2")
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     cmd += ["--master-port", str(free_port()), SCRIPT, *argv]
@@ -137,9 +139,9 @@ def test_killed_run_resumes_exactly(setup, fsdp2):
     assert_same(losses(run_dir), losses(fsdp2), range(1, STEPS + 1))
 
 
-def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference):
+def test_crash_during_save_keeps_the_previous_checkpoint(setup, reference, tmp_path):
     """A crash while step 8 is being saved leaves step 4 loadable; the rerun resumes from it."""
-    run_dir = setup / "crashed_save"
+    run_dir = tmp_path / "crashed_save"
     argv = args(setup, run_dir, "--checkpoint.enable=true", "--checkpoint.interval=4", "--train.steps=8")
     crashed = run(2, argv, env={CRASH_BEFORE_COMMIT_ENV: "8"}, check=False)
     assert crashed.returncode != 0

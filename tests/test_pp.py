@@ -7,6 +7,7 @@ batches, so the losses of each step must agree with the 1-rank run up to fp32 su
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def pp2(root, init4) -> Path:
     """pp=2 with 1F1B (2 micro-batches), checkpoints at steps 4 and 8."""
     run_dir = root / "pp2_1f1b"
     run(2, pp_args(root, init4, run_dir, *PP2, "--checkpoint.enable=true", "--checkpoint.interval=4"))
-    return run_dir
+    yield run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoints of the 128K-vocabulary LM: freed after the module
 
 
 def test_pp2_1f1b_matches_one_rank(reference, pp2):
@@ -75,20 +77,20 @@ def test_pp2_1f1b_matches_one_rank(reference, pp2):
     ],
     ids=["pp2-interleaved1f1b-fused-loss", "dp2xpp2xtp2"],
 )
-def test_other_pipelines_match_one_rank(root, init4, reference, nproc, layout, request):
+def test_other_pipelines_match_one_rank(root, init4, reference, nproc, layout, tmp_path):
     """Interleaved 1F1B (2 stages per rank, the chunked loss on the last stage), and data x pipeline x tensor
     parallel on 8 ranks (sequence-sharded activations cross the stage boundary)."""
-    run_dir = root / request.node.callspec.id
+    run_dir = tmp_path / "run"
     run(nproc, pp_args(root, init4, run_dir, *layout))
     got = losses(run_dir)
     assert len(got) >= 4
     assert_same(got, reference, sorted(got))
 
 
-def test_pp_checkpoint_resumes_under_fsdp(root, init4, reference, pp2):
+def test_pp_checkpoint_resumes_under_fsdp(root, init4, reference, pp2, tmp_path):
     """Saved by pp=2 at step 4, resumed by 2-rank FSDP: steps 5-8 continue exactly, and both runs' last
     checkpoints export to the same model."""
-    run_dir = root / "pp2_resumed_dp2"
+    run_dir = tmp_path / "pp2_resumed_dp2"
     ckpt = pp2 / "checkpoints" / "step-4"
     run(2, pp_args(root, init4, run_dir, f"--checkpoint.resume={ckpt}", "--checkpoint.enable=true"))
     got = losses(run_dir)
@@ -98,9 +100,9 @@ def test_pp_checkpoint_resumes_under_fsdp(root, init4, reference, pp2):
     from lm import load_pretrained
     from train.export import main as export
 
-    assert export([str(pp2), "--out", str(root / "export_pp2")]) == 0
-    assert export([str(run_dir), "--out", str(root / "export_dp2")]) == 0
-    a, b = load_pretrained(root / "export_pp2"), load_pretrained(root / "export_dp2")
+    assert export([str(pp2), "--out", str(tmp_path / "export_pp2")]) == 0
+    assert export([str(run_dir), "--out", str(tmp_path / "export_dp2")]) == 0
+    a, b = load_pretrained(tmp_path / "export_pp2"), load_pretrained(tmp_path / "export_dp2")
     init = load_pretrained(init4)
     states = a.state_dict().items(), b.state_dict().values(), init.state_dict().values()
     for (name, wa), wb, w0 in zip(*states, strict=True):

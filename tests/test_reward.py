@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -104,7 +105,8 @@ def rm_setup(tmp_path_factory):
     model = Transformer(LMConfig.from_preset("debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
     model.init_weights()
     save_pretrained(model, root / "init", format="hf")
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # its checkpoints of the 128K-vocabulary LM: freed after the module
 
 
 def _reward(root, run_dir, nproc, *extra, check=True):

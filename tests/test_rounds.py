@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -69,7 +70,8 @@ def pipeline(tmp_path_factory):
     model.init_weights(seed=0)
     save_pretrained(model, root / "base", format="hf")
     config = _config(root, root / "base")
-    return root, config, _rounds(config)
+    yield root, config, _rounds(config)
+    shutil.rmtree(root, ignore_errors=True)  # its stages' checkpoints of the 128K-vocabulary LM: freed after the module
 
 
 def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
