@@ -103,7 +103,8 @@ def test_one_round_runs_every_stage_and_leaves_a_chat_model(pipeline):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary)[:2] == ["base LM", "bootstrap SFT"]
     assert "accuracy" in summary["base LM"] and "accuracy" in summary["round 1 SFT"]
-    # Every stage's model is graded on the further held-out prompts too, the base LM's and the policy's included.
+    # Every stage's model is graded on the further held-out prompts too, the base LM's included (one DPO seed: the
+    # policy is its copy, graded once).
     graded = [stage for stage, figures in summary.items() if "further/accuracy" in figures]
     assert graded == ["base LM", "bootstrap SFT", "round 1 SFT", "round 1 DPO (seed 0)"]
     assert "on the further held-out prompts" in proc.stdout
