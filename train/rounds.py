@@ -281,8 +281,10 @@ def summarize(cfg: RoundsConfig, base_accuracy: dict[str, float]) -> dict[str, d
         from data.preference import further_heldout
 
         rows = further_heldout(cfg.pipeline.data_dir, cfg.pipeline.further_heldout)
+        # Kept per count: figures on another number of prompts are never read back as these.
+        stored_dir = root / f"further_eval_{len(rows)}"
         for name, model in models.items():
-            stored = root / "further_eval" / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.json"
+            stored = stored_dir / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.json"
             figures = graded_checkpoint(model, stored, rows)
             summary[name].update({f"{FURTHER}/{key}": value for key, value in figures.items()})
     return summary
