@@ -198,6 +198,24 @@ def test_the_choice_skips_answers_that_did_not_stop_or_could_not_be_scored():
     assert choose(samples[:2], require_stop=True) is None
 
 
+def test_the_reward_models_ordering_of_right_against_wrong_answers_counts_each_distinct_answer_once():
+    def sample(text, reward, grade):
+        return {"text": text, "reward": reward, "grade": grade, "stopped": True, "tokens": 3}
+
+    records = [
+        # Distinct answers: right "a" (2.0); wrong "b" (1.0, drawn twice), "c" (3.0), "d" (2.0, a tie).
+        {"kind": "math", "chosen": 2, "samples": [sample("a", 2.0, True), sample("b", 1.0, False),
+                                                   sample("c", 3.0, False), sample("b", 1.0, False),
+                                                   sample("d", 2.0, False)]},
+        # Only right answers, and an unscored wrong one: no pair.
+        {"kind": "math", "chosen": 0, "samples": [sample("e", 0.0, True), sample("f", None, False)]},
+        {"kind": "math", "chosen": 0, "samples": [sample("g", 5.0, True), sample("h", -1.0, False)]},
+    ]  # fmt: skip
+    summary = rejection.summarize(records, samples=5)
+    assert summary["reward_pair_accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert rejection.summarize(records[1:2], samples=2)["reward_pair_accuracy"] is None
+
+
 def test_bad_input_names_file_and_line(setup, tmp_path, chat, capsys):
     good = {"messages": [{"role": "user", "content": "Hi"}]}
     for bad, reason in (

@@ -18,7 +18,8 @@ rewards, grades, whether they stopped, and the chosen index: the choice can be a
 chosen answer as ``{messages}``, for ``train/sft.py --data.files``), ``preference.jsonl`` (``data.preference``'s
 rows for the next round's reward model and DPO: on graded prompts, the right answer the reward model scored highest
 as chosen against the wrong answer it scored highest, the grader playing the annotator; prompts without both are
-left out) and, last, ``summary.json`` (one sample's accuracy, best-of-K by reward and by the grader, stop rate, ...).
+left out) and, last, ``summary.json`` (one sample's accuracy, best-of-K by reward and by the grader, the reward model's
+ordering of right against wrong answers, stop rate, ...).
 A run whose outputs exist is skipped (``--overwrite`` redoes it), so a rounds pipeline can rerun its steps.
 
 Ranks are data parallel only: the prompts are cut into generation batches, batch ``b`` is rank ``b % world``'s,
@@ -301,9 +302,23 @@ def rejection_sample(
     return records
 
 
+def reward_pair_accuracy(graded: Sequence[Mapping[str, Any]]) -> float | None:
+    """How often the reward model scores a right answer above a wrong one of the same prompt (ties count half), over
+    every pair of distinct scored answers of the graded prompts; None when no prompt has both."""
+    right_orderings, pairs = 0.0, 0
+    for record in graded:
+        scored = {s["text"]: (s["reward"], s["grade"]) for s in record["samples"] if s["reward"] is not None}
+        right = [reward for reward, grade in scored.values() if grade]
+        wrong = [reward for reward, grade in scored.values() if not grade]
+        pairs += len(right) * len(wrong)
+        right_orderings += sum(1.0 if r > w else 0.5 if r == w else 0.0 for r in right for w in wrong)
+    return right_orderings / pairs if pairs else None
+
+
 def summarize(records: Sequence[Mapping[str, Any]], samples: int) -> dict[str, Any]:
     """Over the graded prompts: the accuracy of one answer (the mean grade of all), of the reward model's choice (a
-    prompt without one counts as wrong) and of the grader's (any answer right); the stop rate, rewards, counts."""
+    prompt without one counts as wrong) and of the grader's (any answer right), and how often the reward model
+    orders a right answer above a wrong one; the stop rate, rewards, counts."""
     graded = [r for r in records if "kind" in r]
     every = [s for r in records for s in r["samples"]]
     rewards = [s["reward"] for s in every if s["reward"] is not None]
@@ -323,6 +338,8 @@ def summarize(records: Sequence[Mapping[str, Any]], samples: int) -> dict[str, A
         "accuracy_one_sample": mean([s["grade"] for r in graded for s in r["samples"]]),
         "accuracy_best_of_k_reward": mean(by_reward) if rewards else None,
         "accuracy_best_of_k_oracle": mean(oracle),
+        # The reward model on the policy's own answers, where best-of-K uses it: its held-out pairs are other text.
+        "reward_pair_accuracy": reward_pair_accuracy(graded),
         "stop_rate": mean([s["stopped"] for s in every]),
         "chosen_rate": len(chosen) / max(1, len(records)),
         "reward_mean": mean(rewards),
