@@ -151,3 +151,27 @@ def test_an_unknown_choice_is_an_error_naming_its_key_and_value(key, value, caps
         main(["--config", config, f"--pipeline.{key}={value}"])
     assert stopped.value.code == 2
     assert f"pipeline.{key}='{value}'" in capsys.readouterr().err
+
+
+def test_a_stored_grading_is_read_back_only_for_the_same_checkpoint_files_and_prompts(tmp_path, monkeypatch):
+    import lm
+    import train.posttrain.heldout as heldout
+    from train.rounds import graded_checkpoint
+
+    graded = []  # the prompts of each real grading (the model is never loaded: its figures are the prompt count)
+    monkeypatch.setattr(lm, "load_pretrained", lambda path: path)
+    monkeypatch.setattr(
+        heldout, "graded_accuracy", lambda model, chat, rows, **_: graded.append(rows) or {"eval/accuracy": len(rows)}
+    )
+    checkpoint, stored = tmp_path / "policy", tmp_path / "policy_eval.json"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights of the first run")
+    rows = [{"messages": [{"role": "user", "content": f"What is {n} + 1?"}], "answer": str(n + 1)} for n in range(3)]
+    assert graded_checkpoint(checkpoint, stored, rows) == {"accuracy": 3}
+    assert graded_checkpoint(checkpoint, stored, rows) == {"accuracy": 3} and len(graded) == 1  # read back
+    assert graded_checkpoint(checkpoint, stored, rows[:2]) == {"accuracy": 2}  # other prompts: graded again
+    (checkpoint / "model.safetensors").write_bytes(b"weights of a retrained run")
+    assert graded_checkpoint(checkpoint, stored, rows[:2]) == {"accuracy": 2} and len(graded) == 3  # retrained
+    stored.write_text(json.dumps({"accuracy": 0.5}))  # a file from before the key: graded again, not trusted
+    assert graded_checkpoint(checkpoint, stored, rows[:2]) == {"accuracy": 2} and len(graded) == 4
+    assert graded_checkpoint(checkpoint, stored, []) == {} and len(graded) == 4

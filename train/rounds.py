@@ -31,6 +31,7 @@ holds), and writes ``pipeline.dir/summary.json``; ``round{R}/policy`` is a chat 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import re
@@ -281,8 +282,7 @@ def summarize(cfg: RoundsConfig, base_accuracy: dict[str, float]) -> dict[str, d
         from data.preference import further_heldout
 
         rows = further_heldout(cfg.pipeline.data_dir, cfg.pipeline.further_heldout)
-        # Kept per count: figures on another number of prompts are never read back as these.
-        stored_dir = root / f"further_eval_{len(rows)}"
+        stored_dir = root / "further_eval"
         for name, model in models.items():
             stored = stored_dir / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.json"
             figures = graded_checkpoint(model, stored, rows)
@@ -298,12 +298,20 @@ def heldout_rows(cfg: RoundsConfig) -> list[dict]:
     return read_graded_rows(ensure_instruct_data(cfg.pipeline.data_dir) / HELDOUT_FILE, cfg.pipeline.heldout_samples)
 
 
+def grading_key(checkpoint: str | Path, rows: list[dict]) -> str:
+    """What a checkpoint's stored grading depends on: its files (name, size, modification time) and the prompts."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(checkpoint).iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps([files, rows], sort_keys=True).encode()).hexdigest()
+
+
 def graded_checkpoint(checkpoint: str | Path, stored: Path, rows: list[dict]) -> dict[str, float]:
-    """A checkpoint's greedy answers to ``rows``' prompts, graded; stored in ``stored`` (a rerun reads it)."""
-    if stored.is_file():
-        return json.loads(stored.read_text())
+    """A checkpoint's greedy answers to ``rows``' prompts, graded; stored in ``stored``, which a rerun reads back
+    while the checkpoint and the prompts are the ones it was graded on (a retrained stage is graded again)."""
     if not rows:
         return {}
+    key = grading_key(checkpoint, rows)
+    if stored.is_file() and (previous := json.loads(stored.read_text())).get("key") == key:
+        return previous["figures"]
     from lm import load_pretrained
     from lm.tokenizer import ChatFormat, Tokenizer
     from train.posttrain.heldout import graded_accuracy
@@ -312,7 +320,7 @@ def graded_checkpoint(checkpoint: str | Path, stored: Path, rows: list[dict]) ->
     result = graded_accuracy(load_pretrained(checkpoint), ChatFormat(Tokenizer()), rows, max_new_tokens=48)
     figures = {k.removeprefix("eval/"): v for k, v in result.items()}
     stored.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stored, json.dumps(figures))
+    atomic_write_text(stored, json.dumps({"key": key, "figures": figures}))
     return figures
 
 
