@@ -282,9 +282,8 @@ def summarize(cfg: RoundsConfig, base_accuracy: dict[str, float]) -> dict[str, d
         from data.preference import further_heldout
 
         rows = further_heldout(cfg.pipeline.data_dir, cfg.pipeline.further_heldout)
-        stored_dir = root / "further_eval"
         for name, model in models.items():
-            stored = stored_dir / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.json"
+            stored = root / "further_eval" / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.json"
             figures = graded_checkpoint(model, stored, rows)
             summary[name].update({f"{FURTHER}/{key}": value for key, value in figures.items()})
     return summary
@@ -300,7 +299,8 @@ def heldout_rows(cfg: RoundsConfig) -> list[dict]:
 
 def grading_key(checkpoint: str | Path, rows: list[dict]) -> str:
     """What a checkpoint's stored grading depends on: its files (name, size, modification time) and the prompts."""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(checkpoint).iterdir() if p.is_file())
+    stats = [(p.name, p.stat()) for p in Path(checkpoint).iterdir() if p.is_file()]
+    files = sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
     return hashlib.sha256(json.dumps([files, rows], sort_keys=True).encode()).hexdigest()
 
 
