@@ -18,7 +18,14 @@ from lm.reward import score_sequences
 from lm.tokenizer import ChatFormat, Tokenizer
 from tests.dist_utils import torchrun
 from train import rejection
-from train.rejection import RejectionSamplingConfig, choose, read_prompts, rejection_sample, write_outputs
+from train.rejection import (
+    RejectionSamplingConfig,
+    choose,
+    preference_rows,
+    read_prompts,
+    rejection_sample,
+    write_outputs,
+)
 
 K, NEW_TOKENS = 4, 6
 
@@ -184,6 +191,31 @@ def test_without_a_reward_model_the_answers_are_graded_into_pairs_and_skip_keeps
     for row, record in zip(rows, mixed, strict=True):
         assert row["chosen"] == next(s["text"] for s in record["samples"] if s["grade"])
         assert row["rejected"] == next(s["text"] for s in record["samples"] if not s["grade"])
+
+
+def test_every_pair_sets_each_distinct_right_answer_against_each_distinct_wrong_one():
+    """``sampling.pairs = "all"``: a repeated answer gives its pairs once, an answer that did not stop none, and a
+    prompt without a right answer none; "best" keeps one pair a prompt (the first of each, with no rewards)."""
+
+    def sample(text, grade, stopped=True):
+        return {"text": text, "grade": grade, "stopped": stopped, "reward": None}
+
+    prompt = [{"role": "user", "content": "2 + 2?"}]
+    records = [
+        {"prompt": prompt, "kind": "math", "answer": "4", "samples": [
+            sample("4", True), sample("5", False), sample("four", True), sample("5", False), sample("3", False),
+            sample("4", True), sample("6", False, stopped=False),
+        ]},
+        {"prompt": prompt, "kind": "math", "answer": "4", "samples": [sample("5", False), sample("3", False)]},
+        {"prompt": prompt, "samples": [sample("4", True), sample("5", False)]},  # ungraded: no kind
+    ]  # fmt: skip
+    rows = preference_rows(records, require_stop=True, every_pair=True)
+    pairs = [(row["chosen"], row["rejected"]) for row in rows]
+    assert pairs == [("4", "5"), ("4", "3"), ("four", "5"), ("four", "3")]
+    assert all(row["prompt_messages"] == prompt and row["kind"] == "math" and row["answer"] == "4" for row in rows)
+    assert [(r["chosen"], r["rejected"]) for r in preference_rows(records, require_stop=True)] == [("4", "5")]
+    everything = preference_rows(records, require_stop=False, every_pair=True)
+    assert len(everything) == 2 * 3 and ("four", "6") in [(r["chosen"], r["rejected"]) for r in everything]
 
 
 def test_the_choice_skips_answers_that_did_not_stop_or_could_not_be_scored():

@@ -17,8 +17,8 @@ Written into ``run.dir``, atomically, rank 0 only: ``samples.jsonl`` (each promp
 rewards, grades, whether they stopped, and the chosen index: the choice can be audited), ``sft.jsonl`` (prompt +
 chosen answer as ``{messages}``, for ``train/sft.py --data.files``), ``preference.jsonl`` (``data.preference``'s
 rows for the next round's reward model and DPO: on graded prompts, the right answer the reward model scored highest
-as chosen against the wrong answer it scored highest, the grader playing the annotator; prompts without both are
-left out) and, last, ``summary.json`` (one sample's accuracy, best-of-K by reward and by the grader, the reward model's
+as chosen against the wrong answer it scored highest, or with ``sampling.pairs = "all"`` every distinct right answer
+against every distinct wrong one, the grader playing the annotator; prompts without both are left out) and, last, ``summary.json`` (one sample's accuracy, best-of-K by reward and by the grader, the reward model's
 ordering of right against wrong answers, stop rate, ...).
 A run whose outputs exist is skipped (``--overwrite`` redoes it), so a rounds pipeline can rerun its steps.
 
@@ -42,6 +42,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
@@ -119,6 +120,11 @@ class RejectionSamplingConfig:
     seed: int = 0
     # Choose only among answers that ended with a stop token.
     require_stop: bool = True
+    # preference.jsonl's pairs of a graded prompt: "best", its best-rewarded right answer against its best-rewarded
+    # wrong one (without a reward model, the first of each); "all", every distinct right answer against every
+    # distinct wrong one. A tiny reward model trained on all of them orders the policy's answers better (0.597 of
+    # its right/wrong pairs against 0.513; bench/RESULTS.md, 2026-12-07).
+    pairs: Literal["best", "all"] = "best"
 
 
 @dataclass
@@ -358,10 +364,13 @@ def sft_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def preference_rows(records: Sequence[Mapping[str, Any]], require_stop: bool) -> list[dict[str, Any]]:
+def preference_rows(
+    records: Sequence[Mapping[str, Any]], require_stop: bool, every_pair: bool = False
+) -> list[dict[str, Any]]:
     """``data.preference`` rows from graded prompts: the right answer of highest reward against the wrong answer of
     highest reward (the one the reward model is most wrong about); without a reward model, the first right and the
-    first wrong answer drawn. Prompts without both are left out."""
+    first wrong answer drawn; with ``every_pair``, every distinct right answer against every distinct wrong one.
+    Prompts without both are left out."""
     rows = []
     for r in records:
         if "kind" not in r:
@@ -372,20 +381,22 @@ def preference_rows(records: Sequence[Mapping[str, Any]], require_stop: bool) ->
         ]
         right = [s for s in usable if s["grade"]]
         wrong = [s for s in usable if not s["grade"]]
-        if not (right and wrong):
-            continue
-        # max keeps the first of equals: with no rewards (all 0), the first answer drawn.
-        best_right, best_wrong = (max(group, key=lambda s: s["reward"] or 0.0) for group in (right, wrong))
-        rows.append(
-            {
-                "prompt_messages": r["prompt"],
-                "chosen": best_right["text"],
-                "rejected": best_wrong["text"],
-                "kind": r["kind"],
-                "answer": r["answer"],
-            }
-        )
+        if every_pair:
+            pairs = itertools.product(_distinct(right), _distinct(wrong))
+        elif right and wrong:
+            # max keeps the first of equals: with no rewards (all 0), the first answer drawn.
+            pairs = [tuple(max(group, key=lambda s: s["reward"] or 0.0) for group in (right, wrong))]
+        else:
+            pairs = []
+        for chosen, rejected in pairs:
+            row = {"prompt_messages": r["prompt"], "chosen": chosen["text"], "rejected": rejected["text"]}
+            rows.append({**row, "kind": r["kind"], "answer": r["answer"]})
     return rows
+
+
+def _distinct(samples: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One sample of each text, in the order the texts were first drawn (the same text has the same grade)."""
+    return list({s["text"]: s for s in samples}.values())
 
 
 def write_outputs(
@@ -398,7 +409,7 @@ def write_outputs(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = sorted(records, key=lambda r: r["index"])
-    sft, pairs = sft_rows(records), preference_rows(records, sampling.require_stop)
+    sft, pairs = sft_rows(records), preference_rows(records, sampling.require_stop, sampling.pairs == "all")
     for name, rows in ((SAMPLES_FILE, records), (SFT_FILE, sft), (PREFERENCE_FILE, pairs)):
         atomic_write_text(out / name, "".join(json.dumps(row) + "\n" for row in rows))
     counts = {"sft_rows": len(sft), "preference_pairs": len(pairs)}
