@@ -18,8 +18,9 @@ rewards, grades, whether they stopped, and the chosen index: the choice can be a
 chosen answer as ``{messages}``, for ``train/sft.py --data.files``), ``preference.jsonl`` (``data.preference``'s
 rows for the next round's reward model and DPO: on graded prompts, the right answer the reward model scored highest
 as chosen against the wrong answer it scored highest, or with ``sampling.pairs = "all"`` every distinct right answer
-against every distinct wrong one, the grader playing the annotator; prompts without both are left out) and, last, ``summary.json`` (one sample's accuracy, best-of-K by reward and by the grader, the reward model's
-ordering of right against wrong answers, stop rate, ...).
+against every distinct wrong one, the grader playing the annotator; prompts without both are left out) and, last,
+``summary.json`` (one sample's accuracy, best-of-K by reward and by the grader, the reward model's ordering of right
+against wrong answers, stop rate, ...).
 A run whose outputs exist is skipped (``--overwrite`` redoes it), so a rounds pipeline can rerun its steps.
 
 Ranks are data parallel only: the prompts are cut into generation batches, batch ``b`` is rank ``b % world``'s,
@@ -122,8 +123,8 @@ class RejectionSamplingConfig:
     require_stop: bool = True
     # preference.jsonl's pairs of a graded prompt: "best", its best-rewarded right answer against its best-rewarded
     # wrong one (without a reward model, the first of each); "all", every distinct right answer against every
-    # distinct wrong one. A tiny reward model trained on all of them orders the policy's answers better (0.597 of
-    # its right/wrong pairs against 0.513; bench/RESULTS.md, 2026-12-07).
+    # distinct wrong one. A tiny reward model trained on all of them orders the policy's answers better (0.58-0.60
+    # of its right/wrong pairs against 0.51; bench/RESULTS.md, 2026-12-07).
     pairs: Literal["best", "all"] = "best"
 
 
