@@ -314,9 +314,9 @@ def reward_pair_accuracy(graded: Sequence[Mapping[str, Any]]) -> float | None:
     every pair of distinct scored answers of the graded prompts; None when no prompt has both."""
     right_orderings, pairs = 0.0, 0
     for record in graded:
-        scored = {s["text"]: (s["reward"], s["grade"]) for s in record["samples"] if s["reward"] is not None}
-        right = [reward for reward, grade in scored.values() if grade]
-        wrong = [reward for reward, grade in scored.values() if not grade]
+        scored = _distinct([s for s in record["samples"] if s["reward"] is not None])
+        right = [s["reward"] for s in scored if s["grade"]]
+        wrong = [s["reward"] for s in scored if not s["grade"]]
         pairs += len(right) * len(wrong)
         right_orderings += sum(1.0 if r > w else 0.5 if r == w else 0.0 for r in right for w in wrong)
     return right_orderings / pairs if pairs else None
@@ -396,7 +396,8 @@ def preference_rows(
 
 
 def _distinct(samples: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """One sample of each text, in the order the texts were first drawn (the same text has the same grade)."""
+    """One sample of each text, in the order the texts were first drawn (the same text has the same grade and
+    reward)."""
     return list({s["text"]: s for s in samples}.values())
 
 
