@@ -269,8 +269,9 @@ def ensure_preference_data(out: str | Path, *, seed: int = 0) -> Path:
 
 def further_heldout(out: str | Path, count: int, seed: int = FURTHER_SEED) -> list[dict[str, Any]]:
     """The first ``count`` of ``make_dialogs``' dialogs from ``seed`` whose prompt no embedded file under ``out``
-    holds (written if missing): held-out prompts beyond ``heldout.jsonl``'s 200, whose 3.5 points of noise exceed
-    the effect of a tiny DPO run (1,000 give 1.5). They are the rarer prompts, as the common short ones are taken."""
+    holds (written if missing), each prompt once: held-out prompts beyond ``heldout.jsonl``'s 200, whose 3.5 points
+    of noise exceed the effect of a tiny DPO run (1,000 give 1.5). They are the rarer prompts, as the common short
+    ones are taken."""
     out = ensure_instruct_data(out)
     ensure_preference_data(out)
     seen = set()
@@ -281,7 +282,12 @@ def further_heldout(out: str | Path, count: int, seed: int = FURTHER_SEED) -> li
     # make_dialogs(n, seed) is a prefix of make_dialogs(2 * n, seed): drawing more never changes the first ones.
     drawn = 3 * count
     while True:
-        fresh = [d for d in make_dialogs(drawn, seed) if prompt_key(prompt_of(d)) not in seen]
+        fresh, taken = [], set(seen)
+        for dialog in make_dialogs(drawn, seed):
+            key = prompt_key(prompt_of(dialog))
+            if key not in taken:
+                fresh.append(dialog)
+                taken.add(key)
         if len(fresh) >= count:
             return fresh[:count]
         if drawn > 64 * count + 1_000:

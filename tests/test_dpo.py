@@ -122,18 +122,19 @@ def test_embedded_pairs_prefer_the_right_answer_and_hold_out_the_eval_prompts(tm
         assert grade(r["kind"], r["chosen"], r["answer"]) and not grade(r["kind"], r["rejected"], r["answer"]), r
 
 
-def test_further_heldout_prompts_are_in_no_data_file_and_a_wider_draw_begins_with_them(tmp_path):
+def test_further_heldout_prompts_are_distinct_in_no_data_file_and_a_wider_draw_begins_with_them(tmp_path):
     write_preference_data(tmp_path, pairs=300)
     seen = set()
     for name in (TRAIN_FILE, HELDOUT_FILE, PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE):
         for line in (tmp_path / name).read_text().splitlines():
             row = json.loads(line)
             seen.add(json.dumps(row["messages"][:-1] if "messages" in row else row["prompt_messages"], sort_keys=True))
-    rows = further_heldout(tmp_path, 60)
-    assert len(rows) == 60 and not {json.dumps(prompt_of(r), sort_keys=True) for r in rows} & seen
+    rows = further_heldout(tmp_path, 1000)  # the rounds' count; the draw repeats 3 of its prompts
+    prompts = {json.dumps(prompt_of(r), sort_keys=True) for r in rows}
+    assert len(rows) == len(prompts) == 1000 and not prompts & seen  # each prompt once, and in no file
     assert {r["kind"] for r in rows} == set(KINDS)
     assert all(grade(r["kind"], r["messages"][-1]["content"], r["answer"]) for r in rows)
-    assert further_heldout(tmp_path, 150)[:60] == rows
+    assert further_heldout(tmp_path, 1500)[:1000] == rows
 
 
 def test_preference_batches_share_the_global_batch_and_resume(tmp_path, chat):
