@@ -21,7 +21,8 @@ import argparse
 import json
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,62 @@ def encode_preference(row: Mapping[str, Any], chat: ChatFormat, max_tokens: int)
 
 
 def read_preferences(
-    paths: Sequence[str | Path], chat: ChatFormat, *, max_tokens: int, skip_bad: bool = False
+    paths: Sequence[str | Path],
+    chat: ChatFormat,
+    *,
+    max_tokens: int,
+    skip_bad: bool = False,
+    balance_kinds: Collection[str] = (),
+    seed: int = 0,
 ) -> tuple[list[PreferencePair], int]:
-    """Encode every preference row of JSONL/Parquet ``paths``; returns them and how many bad rows were skipped."""
-    return read_encoded_rows(
-        paths, lambda row: encode_preference(row, chat, max_tokens), columns=COLUMNS, skip_bad=skip_bad
+    """Encode every preference row of JSONL/Parquet ``paths``; returns them and how many bad rows were skipped.
+    With ``balance_kinds``, the rows of those kinds are first thinned by ``balance_answer_words`` (from ``seed``)."""
+    if not balance_kinds:
+        return read_encoded_rows(
+            paths, lambda row: encode_preference(row, chat, max_tokens), columns=COLUMNS, skip_bad=skip_bad
+        )
+    read, skipped = read_encoded_rows(
+        paths,
+        lambda row: (encode_preference(row, chat, max_tokens), answer_difference(row)),
+        columns=(*COLUMNS, "kind"),
+        skip_bad=skip_bad,
     )
+    keep = balance_answer_words([difference for _, difference in read], balance_kinds, seed)
+    return [pair for (pair, _), kept in zip(read, keep, strict=True) if kept], skipped
+
+
+def answer_difference(row: Mapping[str, Any]) -> tuple[Any, frozenset[str], frozenset[str]]:
+    """The row's ``kind``, the words (lower case) only its chosen answer holds and those only its rejected one holds."""
+    chosen, rejected = (set(re.findall(r"\w+", str(row.get(key, "")).lower())) for key in ("chosen", "rejected"))
+    return row.get("kind"), frozenset(chosen - rejected), frozenset(rejected - chosen)
+
+
+def balance_answer_words(
+    differences: Sequence[tuple[Any, frozenset[str], frozenset[str]]], kinds: Collection[str], seed: int = 0
+) -> list[bool]:
+    """Which rows to keep (``answer_difference`` of each) so that within each of ``kinds`` every word is about as
+    often in a kept row's chosen answer alone as in its rejected answer alone; rows of other kinds are all kept.
+
+    Pairs sampled from a policy reject the words it says too often: the tiny round's colour pairs reject "blue" 63
+    times and choose it 20. DPO learns that as a prior on the word, whatever the scene, and overshoots. A row of
+    ``kinds`` is kept with the probability of its most over-represented word: the least of C/R over the words its
+    rejected answer alone holds and R/C over those its chosen answer alone holds (C, R: how often the word is
+    chosen-only, rejected-only among the kind's rows), and 1 at most.
+    """
+    chosen, rejected = Counter(), Counter()
+    for kind, chosen_only, rejected_only in differences:
+        if kind in kinds:
+            chosen.update((kind, word) for word in chosen_only)
+            rejected.update((kind, word) for word in rejected_only)
+    rng = random.Random(seed)
+    keep = []
+    for kind, chosen_only, rejected_only in differences:
+        odds = [1.0]
+        if kind in kinds:
+            odds += [rejected[kind, word] / chosen[kind, word] for word in chosen_only]
+            odds += [chosen[kind, word] / rejected[kind, word] for word in rejected_only]
+        keep.append(rng.random() < min(odds))
+    return keep
 
 
 class PreferenceBatches(StepBatches):

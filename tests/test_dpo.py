@@ -15,6 +15,8 @@ from data.preference import (
     HELDOUT_PREFERENCE_FILE,
     PREFERENCE_FILE,
     PreferenceBatches,
+    answer_difference,
+    balance_answer_words,
     further_heldout,
     read_preferences,
     write_preference_data,
@@ -135,6 +137,29 @@ def test_further_heldout_prompts_are_distinct_in_no_data_file_and_a_wider_draw_b
     assert {r["kind"] for r in rows} == set(KINDS)
     assert all(grade(r["kind"], r["messages"][-1]["content"], r["answer"]) for r in rows)
     assert further_heldout(tmp_path, 1500)[:1000] == rows
+
+
+def _colour_row(chosen: str, rejected: str, kind: str = "colour") -> dict:
+    answers = {"chosen": f"The star is {chosen}.", "rejected": f"The star is {rejected}."}
+    return {"prompt": "What colour is the star?", **answers, **({"kind": kind} if kind else {})}
+
+
+def test_balancing_answer_words_keeps_each_word_about_as_often_chosen_as_rejected(tmp_path, chat):
+    """A policy that says "blue" too often: 300 pairs reject blue for red, 100 choose it over red. Kept, blue is
+    chosen about as often as rejected; other kinds, and rows without a kind, are all kept; reading balances alike."""
+    rows = [_colour_row("red", "blue")] * 300 + [_colour_row("blue", "red")] * 100
+    rows += [_colour_row("red", "blue", kind="math")] * 50 + [_colour_row("red", "blue", kind="")] * 20
+    assert answer_difference(rows[0]) == ("colour", frozenset({"red"}), frozenset({"blue"}))
+    keep = balance_answer_words([answer_difference(r) for r in rows], {"colour"}, seed=0)
+    rejecting_blue, choosing_blue = sum(keep[:300]), sum(keep[300:400])
+    assert choosing_blue == 100 and 75 <= rejecting_blue <= 125  # 1/3 of 300 kept, binomial spread
+    assert all(keep[400:])
+    assert keep == balance_answer_words([answer_difference(r) for r in rows], {"colour"}, seed=0)
+    assert keep != balance_answer_words([answer_difference(r) for r in rows], {"colour"}, seed=1)
+    assert all(balance_answer_words([answer_difference(r) for r in rows], {"shape"}, seed=0))
+    path = _write(tmp_path / "p.jsonl", rows)
+    pairs, _ = read_preferences([path], chat, max_tokens=64, balance_kinds=["colour"], seed=0)
+    assert len(pairs) == sum(keep) and len(read_preferences([path], chat, max_tokens=64)[0]) == len(rows)
 
 
 def test_preference_batches_share_the_global_batch_and_resume(tmp_path, chat):
