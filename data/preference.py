@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -44,6 +45,8 @@ from data.instruct import (
     prompt_of,
 )
 from lm.tokenizer import ChatFormat
+
+log = logging.getLogger(__name__)
 
 PREFERENCE_FILE, HELDOUT_PREFERENCE_FILE = "preference.jsonl", "preference_heldout.jsonl"
 COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected", "edited")
@@ -116,6 +119,13 @@ def read_preferences(
         skip_bad=skip_bad,
     )
     keep = balance_answer_words([difference for _, difference in read], balance_kinds, seed)
+    balanced = [kept for (_, (kind, _, _)), kept in zip(read, keep, strict=True) if kind in balance_kinds]
+    log.info(
+        "balancing the answer words of %s kept %d of their %d pairs",
+        ", ".join(balance_kinds),
+        sum(balanced),
+        len(balanced),
+    )
     return [pair for (pair, _), kept in zip(read, keep, strict=True) if kept], skipped
 
 

@@ -4,6 +4,7 @@ initial policy, whose 2-rank FSDP losses equal one rank's, whose margins grow, a
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -144,7 +145,7 @@ def _colour_row(chosen: str, rejected: str, kind: str = "colour") -> dict:
     return {"prompt": "What colour is the star?", **answers, **({"kind": kind} if kind else {})}
 
 
-def test_balancing_answer_words_keeps_each_word_about_as_often_chosen_as_rejected(tmp_path, chat):
+def test_balancing_answer_words_keeps_each_word_about_as_often_chosen_as_rejected(tmp_path, chat, caplog):
     """A policy that says "blue" too often: 300 pairs reject blue for red, 100 choose it over red. Kept, blue is
     chosen about as often as rejected; other kinds, and rows without a kind, are all kept; reading balances alike."""
     rows = [_colour_row("red", "blue")] * 300 + [_colour_row("blue", "red")] * 100
@@ -158,7 +159,9 @@ def test_balancing_answer_words_keeps_each_word_about_as_often_chosen_as_rejecte
     assert keep != balance_answer_words([answer_difference(r) for r in rows], {"colour"}, seed=1)
     assert all(balance_answer_words([answer_difference(r) for r in rows], {"shape"}, seed=0))
     path = _write(tmp_path / "p.jsonl", rows)
-    pairs, _ = read_preferences([path], chat, max_tokens=64, balance_kinds=["colour"], seed=0)
+    with caplog.at_level(logging.INFO, logger="data.preference"):
+        pairs, _ = read_preferences([path], chat, max_tokens=64, balance_kinds=["colour"], seed=0)
+    assert f"balancing the answer words of colour kept {sum(keep[:400])} of their 400 pairs" in caplog.text
     assert len(pairs) == sum(keep) and len(read_preferences([path], chat, max_tokens=64)[0]) == len(rows)
 
 
