@@ -357,13 +357,12 @@ def _run(cfg: DPOJobConfig, lm_config: LMConfig, ctx: RunContext) -> list[dict]:
     preferences = None if heldout is None else HeldOutPreferences(cfg, ctx, heldout, held_reference)
     if ctx.rank == 0:
         log.info(
-            "Llama 3 DPO: %.1fM parameters from %s, %d pairs (%d bad rows skipped%s) from %s, seq %d, global "
-            "batch %d pairs, beta %g, NLL weight %g",
+            "Llama 3 DPO: %.1fM parameters from %s, %d pairs (%d bad rows skipped) from %s, seq %d, global batch %d "
+            "pairs, beta %g, NLL weight %g",
             lm_config.num_params() / 1e6,
             cfg.model.init_from or f"a random preset {cfg.model.preset}",
             len(pairs),
             skipped,
-            f"; answer words balanced in {', '.join(cfg.data.balance_kinds)}" if cfg.data.balance_kinds else "",
             ", ".join(files),
             seq,
             cfg.train.batch_size,
