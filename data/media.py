@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.video import duration_frames
+from common.video import RGBFrames, duration_frames
 
 KINDS = ("image", "audio", "video")
 EXTENSIONS = {
@@ -141,8 +141,9 @@ def _decode_picks(container: Any, stream: Any, picks: list[int] | None) -> tuple
     picks None keeps every frame. A picked frame is copied into one preallocated array as soon as it is decoded,
     so PyAV's frame buffers are released at once and at most len(picks) frames are ever held.
     """
+    to_rgb = RGBFrames()
     if picks is None:
-        kept = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        kept = [to_rgb(frame) for frame in container.decode(stream)]
         return (np.ascontiguousarray(np.stack(kept).transpose(0, 3, 1, 2)) if kept else None), len(kept)
     slots: dict[int, list[int]] = {}
     for slot, index in enumerate(picks):
@@ -151,7 +152,7 @@ def _decode_picks(container: Any, stream: Any, picks: list[int] | None) -> tuple
     for index, frame in enumerate(container.decode(stream)):
         seen = index + 1
         if index in slots:
-            rgb = frame.to_ndarray(format="rgb24").transpose(2, 0, 1)
+            rgb = to_rgb(frame).transpose(2, 0, 1)
             if out is None:
                 out = np.empty((len(picks), *rgb.shape), dtype=np.uint8)
             out[slots[index]] = rgb

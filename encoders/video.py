@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.video import duration_frames
+from common.video import RGBFrames, duration_frames
 from encoders.tiling import tile_image
 from encoders.vision import VisionEncoder
 
@@ -67,11 +67,11 @@ def load_video(path: str | Path, max_frames: int = 64) -> torch.Tensor:
 
 def _keep_frames(decoded: Iterator[Any], wanted: set[int]) -> tuple[list[np.ndarray], int]:
     """(the RGB frames whose index is in `wanted`, in order; how many frames were decoded): the rest are dropped."""
-    kept, seen = [], 0
+    kept, seen, to_rgb = [], 0, RGBFrames()
     for index, frame in enumerate(decoded):
         seen = index + 1
         if index in wanted:
-            kept.append(frame.to_ndarray(format="rgb24"))
+            kept.append(to_rgb(frame))
     return kept, seen
 
 

@@ -138,6 +138,33 @@ def test_wrong_or_missing_counts_still_keep_the_same_frames(real_files: list[Pat
             assert torch.equal(video.load_video(mkv, num_frames), old_load_video(mkv, num_frames)), (wrong, num_frames)
 
 
+FORKED = """
+import faulthandler, os, sys
+import av
+import data.media as media
+import encoders.video as video
+
+path = sys.argv[1]
+with av.open(path) as container:  # PyAV's own conversion, as any code in the parent may have done
+    next(container.decode(video=0)).to_ndarray(format="rgb24")
+child = os.fork()
+if child == 0:
+    faulthandler.dump_traceback_later(20, exit=True)  # a hung decode prints where it hangs and exits 1
+    frames, _ = media.load_video(path, 8)
+    clip = video.load_video(path, 8)
+    os._exit(0 if frames.shape[0] == clip.shape[0] == 8 else 3)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
+"""
+
+
+def test_a_forked_worker_decodes_after_its_parent_converted_frames(real_files: list[Path]) -> None:
+    """A DataLoader worker is a fork: after the parent converted a frame the PyAV way (one scaler per thread, with a
+    pool of FFmpeg threads a fork does not copy), both readers still decode in the child (they hung on PyAV 18.1.1)."""
+    path = next(p for p in real_files if p.name == "carphone_pristine.mp4")
+    run = subprocess.run([sys.executable, "-c", FORKED, str(path)], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("frames", [16, 23])
 def test_synthetic_clips_keep_the_frames_they_kept(tmp_path: Path, frames: int) -> None:
     """The embedded clips (16 frames; 23 for an uneven spread), through decode_video and the indexed reader."""
