@@ -111,7 +111,7 @@ def _general(rng: random.Random) -> str:
 
 # ---------------------------------------------------------------- math: worked problems
 
-_NAMES = ("Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo", "Ines", "Jonas")
+NAMES = ("Anna", "Ben", "Carla", "David", "Eva", "Farid", "Grace", "Hugo", "Ines", "Jonas")
 
 
 def arithmetic_problem(rng: random.Random, small: bool = False) -> str:
@@ -138,7 +138,7 @@ def arithmetic_problem(rng: random.Random, small: bool = False) -> str:
 
 def word_problem(rng: random.Random, small: bool = False) -> str:
     """One worked word problem about the scenes' objects; ``small``: numbers below 20 (the instruction data's)."""
-    who, other = rng.sample(_NAMES, 2)
+    who, other = rng.sample(NAMES, 2)
     colour, shape = rng.choice(scenes.COLOURS), rng.choice(scenes.SHAPES)
     things = f"{colour} {shape}s"
     kind = rng.randrange(4)

@@ -93,7 +93,7 @@ def load_rows(name: str, **_: Any) -> dict:
 
 def grade_math(doc: dict, results: list[str]) -> dict[str, float]:
     """``acc``: whether the generated answer gives the problem's number (``data.instruct.grade``)."""
-    return {"acc": float(grade("math", results[0], doc["answer"]))}
+    return {"acc": float(grade("math", results[0], doc["answer"], doc["question"]))}
 
 
 def grade_translation(doc: dict, results: list[str]) -> dict[str, float]:

@@ -144,11 +144,20 @@ def test_sampling_is_seeded_per_prompt(setup, runs, chat, single_thread):
 
 def test_outputs_read_back_as_sft_and_preference_data(setup, chat, tmp_path, single_thread):
     """With a stand-in annotator marking some answers right, each graded prompt with a right and a wrong answer
-    gives a pair (the best-rewarded of each), and the chosen answers are SFT dialogs."""
+    gives a pair (the best-rewarded of each), and the chosen answers are SFT dialogs. The annotator is shown each
+    prompt's question."""
     policy, reward = load_pretrained(setup / "policy"), load_pretrained(setup / "reward")
     prompts = read_prompts([setup / "prompts.jsonl"], chat, max_prompt_tokens=2048)
     cfg = RejectionSamplingConfig(samples=K, max_new_tokens=NEW_TOKENS, require_stop=False, batch_size=4 * K)
-    records = rejection_sample(policy, reward, chat, prompts, cfg, grader=lambda kind, text, answer: "e" in text)
+    questions = []
+
+    def annotator(kind: str, text: str, answer: str, question: str) -> bool:
+        questions.append(question)
+        return "e" in text
+
+    records = rejection_sample(policy, reward, chat, prompts, cfg, grader=annotator)
+    graded = [p.messages[-1]["content"] for p in prompts if p.kind is not None]
+    assert questions == [q for q in graded for _ in range(K)]
     summary = write_outputs(tmp_path, records, cfg)
     _check_summary(summary)
     dialogs, _ = read_dialogs([tmp_path / rejection.SFT_FILE], chat, max_tokens=2048)
@@ -183,7 +192,7 @@ def test_without_a_reward_model_the_answers_are_graded_into_pairs_and_skip_keeps
     policy = load_pretrained(setup / "policy")
     prompts = read_prompts([setup / "prompts.jsonl"], chat, max_prompt_tokens=2048)
     cfg = RejectionSamplingConfig(samples=K, max_new_tokens=NEW_TOKENS, require_stop=False, batch_size=4 * K)
-    records = rejection_sample(policy, None, chat, prompts, cfg, grader=lambda kind, text, answer: "e" in text)
+    records = rejection_sample(policy, None, chat, prompts, cfg, grader=lambda *args: "e" in args[1])
     summary = write_outputs(tmp_path / "pairs", records, cfg)
     rows = [json.loads(line) for line in (tmp_path / "pairs" / rejection.PREFERENCE_FILE).read_text().splitlines()]
     mixed = [r for r in records if "kind" in r and len({s["grade"] for s in r["samples"]}) == 2]

@@ -143,7 +143,7 @@ def test_instruct_data_holds_out_its_prompts_and_grades_its_answers(tmp_path):
     assert not held & {json.dumps(prompt_of(d)) for d in rows[TRAIN_FILE]}
     assert {d["kind"] for d in rows[TRAIN_FILE]} == set(KINDS)
     for d in rows[HELDOUT_FILE]:
-        assert grade(d["kind"], d["messages"][-1]["content"], d["answer"])
+        assert grade(d["kind"], d["messages"][-1]["content"], d["answer"], prompt_of(d)[-1]["content"])
     assert not grade("colour", "The star is blue.", "red") and not grade("math", "The answer is 41.", "42")
 
 
@@ -181,8 +181,23 @@ def test_a_right_number_after_a_false_step_is_graded_wrong():
     rng = random.Random(0)
     for i in range(2_000):  # every worked answer of the corpus and the instruction data holds, of every size
         text = (word_problem if i % 2 else arithmetic_problem)(rng, small=i % 4 < 2)
-        answer = text.split("\nAnswer: ")[1]
-        assert grade("math", answer, answer.rsplit("The answer is ", 1)[1].rstrip(".")), answer
+        question, answer = text.removeprefix("Question: ").split("\nAnswer: ")
+        assert grade("math", answer, answer.rsplit("The answer is ", 1)[1].rstrip("."), question), answer
+
+
+def test_a_right_number_about_someone_else_or_from_other_numbers_is_graded_wrong():
+    """Given the question, a worked answer must keep to it: the policy's "Jonas starts with 11 and gives away 3, so
+    11 - 3 = 8" for Hugo's 11 circles, or a right number reached from numbers the question does not give, is wrong
+    (one right sum in twenty of a round's samples); the answer a step reaches may come first, as division's does."""
+    question = "Hugo has 11 orange circles and gives 3 to Anna. How many orange circles does Hugo have left?"
+    right = "Hugo starts with 11 and gives away 3, so 11 - 3 = 8. The answer is 8."
+    assert grade("math", right, "8", question)
+    assert not grade("math", right.replace("Hugo", "Jonas"), "8", question)
+    assert not grade("math", "Hugo starts with 10 and gives away 2, so 10 - 2 = 8. The answer is 8.", "8", question)
+    assert not grade("math", "Hugo starts with 12 and gives away 3, so 11 - 3 = 8. The answer is 8.", "8", question)
+    assert grade("math", right.replace("Hugo", "Jonas"), "8")  # no question: the number and the steps only
+    assert grade("math", "7 * 2 = 14, so 14 / 7 = 2. The answer is 2.", "2", "What is 14 / 7?")
+    assert not grade("math", "3 * 2 = 6, so 6 / 2 = 3. The answer is 2.", "2", "What is 6 / 3?")
 
 
 def test_embedded_data_of_an_earlier_version_is_written_again(tmp_path):

@@ -71,7 +71,7 @@ from train.sft import configured_or_embedded  # noqa: E402
 log = logging.getLogger("train.rejection")
 SAMPLES_FILE, SFT_FILE, PREFERENCE_FILE, SUMMARY_FILE = "samples.jsonl", "sft.jsonl", "preference.jsonl", "summary.json"
 OUTPUT_FILES = (SAMPLES_FILE, SFT_FILE, PREFERENCE_FILE, SUMMARY_FILE)
-Grader = Callable[[str, str, str], bool]
+Grader = Callable[[str, str, str, str], bool]  # (kind, answer given, key, question)
 
 
 @dataclass
@@ -266,7 +266,7 @@ def prompt_record(
     for (ids, stopped), text, reward in zip(answers, texts, rewards, strict=True):
         sample = {"text": text, "reward": reward, "stopped": stopped, "tokens": len(ids)}
         if prompt.kind is not None:
-            sample["grade"] = bool(grader(prompt.kind, text, prompt.answer))
+            sample["grade"] = bool(grader(prompt.kind, text, prompt.answer, prompt.messages[-1]["content"]))
         samples.append(sample)
     record: dict[str, Any] = {"index": prompt.index, "prompt": prompt.messages}
     if prompt.kind is not None:

@@ -298,10 +298,13 @@ def heldout_rows(cfg: RoundsConfig) -> list[dict]:
 
 
 def grading_key(checkpoint: str | Path, rows: list[dict]) -> str:
-    """What a checkpoint's stored grading depends on: its files (name, size, modification time) and the prompts."""
+    """What a checkpoint's stored grading depends on: its files (name, size, modification time), the prompts and
+    the grader's version."""
+    from data.instruct import GRADER_VERSION
+
     stats = [(p.name, p.stat()) for p in Path(checkpoint).iterdir() if p.is_file()]
     files = sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
-    return hashlib.sha256(json.dumps([files, rows], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([files, rows, GRADER_VERSION], sort_keys=True).encode()).hexdigest()
 
 
 def graded_checkpoint(checkpoint: str | Path, stored: Path, rows: list[dict]) -> dict[str, float]:

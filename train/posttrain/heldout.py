@@ -61,7 +61,8 @@ def graded_accuracy(
         prompts = [chat.encode_dialog_prompt(prompt_of(row)) for row in batch]
         outputs = generate(model, chat.tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
         for row, out in zip(batch, outputs, strict=True):
-            hits.setdefault(row["kind"], []).append(grade(row["kind"], chat.decode_assistant(out), row["answer"]))
+            right = grade(row["kind"], chat.decode_assistant(out), row["answer"], prompt_of(row)[-1]["content"])
+            hits.setdefault(row["kind"], []).append(right)
             stopped += len(out) < max_new_tokens  # the stop token is not returned: a full budget never stopped
     n = max(1, len(rows))
     chance = majority_rate([{row["answer"]} for row in rows])
