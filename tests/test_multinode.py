@@ -47,9 +47,12 @@ def test_two_launchers_match_one_launcher(setup):
         for node in nodes:
             if node.poll() is None:
                 node.kill()
-    logs = "\n".join((two / f"node{n}.log").read_text()[-3000:] for n in range(2))
-    assert codes == [0, 0], logs
-    assert "dp_shard2" in logs  # one job of two ranks (each alone would be dp_shard1)
+    logs = [(two / f"node{n}.log").read_text() for n in range(2)]
+    tails = "\n".join(log[-3000:] for log in logs)
+    assert codes == [0, 0], tails
+    # One job of two ranks (each alone would be dp_shard1). Read from the whole logs: the launcher that finishes last
+    # may end its log with a long note that the store had already closed (exit 0 all the same).
+    assert "dp_shard2" in "".join(logs), tails
     got = losses(two)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert_same(got, losses(one), range(1, STEPS + 1))
